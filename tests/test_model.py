@@ -233,3 +233,24 @@ def test_corrupt_weight_file(hf_qwen2_dir, tmp_path):
     (d / "model.safetensors").write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{bad}")
     with pytest.raises(WeightFileError, match="not a readable safetensors file"):
         load_hf(d)
+
+
+def test_nnx_module_matches_functional_and_trains(hf_qwen2_dir, tmp_path):
+    from flax import nnx
+
+    from poer_jax.model import QwenForCausalLM
+
+    model = QwenForCausalLM.from_pretrained(hf_qwen2_dir)
+    params, cfg = load_hf(hf_qwen2_dir)
+    tokens, mask = _batch("left")
+    m = jnp.asarray(mask)
+    logits = nnx.jit(lambda mod, t: mod(t, positions_from_mask(m), m))(model, jnp.asarray(tokens))
+    np.testing.assert_allclose(np.asarray(logits), _ours(params, cfg, tokens, mask), atol=1e-6)
+    grads = nnx.grad(lambda mod: mod(jnp.asarray(tokens)).mean())(model)
+    assert jax.tree.leaves(grads)[0].shape == jax.tree.leaves(nnx.state(model, nnx.Param))[0].shape
+    out = model.save_pretrained(tmp_path / "nnx_export")
+    back, _ = load_hf(out)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, back), jax.tree.map(np.asarray, params))
+    with pytest.raises(ValueError, match="rngs"):
+        QwenForCausalLM(cfg)
+    assert QwenForCausalLM(cfg, rngs=nnx.Rngs(0)).params["embed"].shape == (cfg.vocab_size, cfg.hidden_size)

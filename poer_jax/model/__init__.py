@@ -1,6 +1,7 @@
 """Qwen2/Qwen3 in JAX: config, pure-functional decoder, presets, HF weight I/O, mesh sharding."""
 
 from poer_jax.model.config import ModelConfigError, QwenConfig
+from poer_jax.model.module import QwenForCausalLM
 from poer_jax.model.presets import PRESET_PARAM_COUNTS, preset, preset_names
 from poer_jax.model.qwen import (
     Params,
@@ -17,7 +18,8 @@ from poer_jax.model.sharding import batch_sharding, make_mesh, param_shardings, 
 from poer_jax.model.weights import WEIGHT_TABLE, export_hf, load_hf
 
 __all__ = [
-    "PRESET_PARAM_COUNTS", "WEIGHT_TABLE", "ModelConfigError", "Params", "QwenConfig", "WeightFileError",
+    "PRESET_PARAM_COUNTS", "WEIGHT_TABLE", "ModelConfigError", "Params", "QwenConfig", "QwenForCausalLM",
+    "WeightFileError",
     "batch_sharding", "export_hf", "forward", "forward_logits", "init_params", "load_hf", "logits_from_hidden",
     "make_mesh", "param_count", "param_shapes", "param_shardings", "positions_from_mask", "preset",
     "preset_names", "shard_params",

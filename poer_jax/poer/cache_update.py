@@ -1,0 +1,138 @@
+"""Cache pool update after a rollout (paper Sec. 3.3, Eq. 9) and cache/* metrics.
+
+Eq. 9, per question q_k with group responses {o_i}_{i=1..G} (full responses: prefix || continuation) and
+rewards {R_i}, u ~ U(0, 1):
+    C^(t) = C^(t-1) u {(q_k, o_argmax R_i)} \\ {(q_k, a_k)}   if u <= epsilon
+    C^(t) = C^(t-1) u {(q_k, o_g')}         \\ {(q_k, a_k)}   otherwise,  g' a random OTHER response
+
+Modes:
+* ``"epsilon_greedy"`` (paper): best with probability epsilon, else g' uniform over the G - 1 responses
+  other than the argmax (for G = 1 the only response). The coin is drawn as u < epsilon, which has the
+  paper's probability and is exact at epsilon = 0 (never best) and 1 (always best). Ties in the reward go
+  to the first maximal response; NaN rewards count as -inf.
+* ``"none"``: the "no update" baseline of Table 9: the pool is returned unchanged, including
+  ``shortest_len``, so dynamic truncation keeps using len(a_k) of the initial answer.
+* ``"authors"``: the authors' code: with probability 0.5 (epsilon is ignored) the argmax, else
+  randint(0, G - 1), i.e. uniform over indices 0..G-2 — the last sample is never picked at random, and
+  the random pick may be the argmax. (As shipped, their update never fires; this mode is what it would do.)
+
+Every updated row also records last_reward = R_chosen and shortest_len = min_i len(o_i) (l of Eq. 4).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from poer_jax.poer.cache_pool import CachePool, fit_width, mask_beyond_length, scatter_rows, write_rows
+
+UpdateMode = Literal["epsilon_greedy", "none", "authors"]
+UPDATE_MODES = ("epsilon_greedy", "none", "authors")
+AUTHORS_BEST_PROB = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateResult:
+    """New pool plus per-group bookkeeping for metrics."""
+
+    pool: CachePool
+    chosen: jax.Array  # int32 [B]: response index stored, -1 when the row was not updated
+    took_best: jax.Array  # bool [B]: the stored response is the argmax-reward one
+    updated: jax.Array  # bool [B]: this group's row was written (valid index, not superseded, mode != none)
+
+
+jax.tree_util.register_dataclass(UpdateResult, data_fields=["pool", "chosen", "took_best", "updated"],
+                                 meta_fields=[])
+
+
+def choose_responses(rewards: jax.Array, key: jax.Array, epsilon: float | jax.Array,
+                     mode: UpdateMode = "epsilon_greedy") -> tuple[jax.Array, jax.Array]:
+    """Index of the response to cache per group (Eq. 9) and whether it is the argmax; rewards [B, G]."""
+    if mode not in ("epsilon_greedy", "authors"):
+        raise ValueError(f"cache update: choose_responses needs mode 'epsilon_greedy' or 'authors', "
+                         f"got {mode!r}")
+    batch, group = rewards.shape
+    rewards = jnp.where(jnp.isnan(rewards), -jnp.inf, rewards.astype(jnp.float32))
+    best = jnp.argmax(rewards, axis=1).astype(jnp.int32)
+    key_coin, key_other = jax.random.split(key)
+    prob_best = AUTHORS_BEST_PROB if mode == "authors" else epsilon
+    take_best = jax.random.uniform(key_coin, (batch,)) < prob_best
+    if group == 1:
+        other = jnp.zeros((batch,), jnp.int32)
+    elif mode == "authors":
+        other = jax.random.randint(key_other, (batch,), 0, group - 1, dtype=jnp.int32)
+    else:
+        # uniform over the G-1 non-argmax indices: draw from 0..G-2 and skip over the argmax
+        j = jax.random.randint(key_other, (batch,), 0, group - 1, dtype=jnp.int32)
+        other = j + (j >= best).astype(jnp.int32)
+    chosen = jnp.where(take_best, best, other)
+    return chosen, chosen == best
+
+
+def update(pool: CachePool, indices: jax.Array, tokens: jax.Array, lengths: jax.Array, rewards: jax.Array,
+           key: jax.Array, *, epsilon: float | jax.Array = 0.1, mode: UpdateMode = "epsilon_greedy",
+           ) -> UpdateResult:
+    """Eq. 9 for B groups: rows ``indices`` [B] get one of their group's responses.
+
+    tokens [B, G, T] / lengths [B, G] are the FULL responses (prefix + continuation; see
+    ``truncation.join_prefix_continuation``), rewards [B, G]. A response longer than max_len is cut.
+    Pure and jittable (``mode`` must be static; ``epsilon`` may be traced).
+    """
+    if mode not in UPDATE_MODES:
+        raise ValueError(f"cache update: mode must be one of {UPDATE_MODES}, got {mode!r}")
+    if isinstance(epsilon, (int, float)) and not 0.0 <= epsilon <= 1.0:
+        raise ValueError(f"cache update: epsilon must be in [0, 1], got {epsilon}")
+    tokens = jnp.asarray(tokens, jnp.int32)
+    lengths = jnp.asarray(lengths, jnp.int32)
+    rewards = jnp.asarray(rewards, jnp.float32)
+    indices = jnp.asarray(indices, jnp.int32)
+    if tokens.ndim != 3 or lengths.shape != tokens.shape[:2] or rewards.shape != lengths.shape \
+            or indices.shape != tokens.shape[:1]:
+        raise ValueError(f"cache update: expected indices [B], tokens [B, G, T], lengths [B, G], rewards "
+                         f"[B, G]; got {indices.shape}, {tokens.shape}, {lengths.shape}, {rewards.shape}")
+    batch = indices.shape[0]
+    if mode == "none":
+        return UpdateResult(pool=pool, chosen=jnp.full((batch,), -1, jnp.int32),
+                            took_best=jnp.zeros((batch,), jnp.bool_), updated=jnp.zeros((batch,), jnp.bool_))
+    chosen, took_best = choose_responses(rewards, key, epsilon, mode)
+    rows = jnp.arange(batch)
+    new_len = jnp.clip(lengths[rows, chosen], 0, pool.max_len)
+    new_tokens = mask_beyond_length(fit_width(tokens[rows, chosen], pool.max_len, pool.pad_id), new_len,
+                                    pool.pad_id)
+    shortest = jnp.min(jnp.maximum(lengths, 0), axis=1)
+    new_pool = write_rows(pool, indices, new_tokens, new_len, rewards[rows, chosen], shortest)
+    updated = scatter_rows(indices, pool.num_questions) < pool.num_questions
+    return UpdateResult(pool=new_pool, chosen=jnp.where(updated, chosen, -1), took_best=took_best & updated,
+                        updated=updated)
+
+
+def cache_metrics(pool: CachePool, result: UpdateResult | None = None) -> dict[str, jax.Array]:
+    """cache/* statistics as device scalars (fetch them when logging, not per step in a hot loop).
+
+    Means over filled rows; mean_last_reward only over rows whose answer came from a rollout (finite
+    reward). With ``result``: number of rows updated and the fraction of them that stored the argmax.
+    """
+    filled = pool.filled
+    n_filled = jnp.sum(filled)
+    denom = jnp.maximum(n_filled, 1).astype(jnp.float32)
+    rewarded = filled & jnp.isfinite(pool.last_reward)
+    def filled_mean(values: jax.Array) -> jax.Array:
+        return jnp.sum(jnp.where(filled, values, 0), dtype=jnp.float32) / denom
+
+    metrics = {
+        "cache/filled_frac": jnp.mean(filled.astype(jnp.float32)),
+        "cache/mean_length": filled_mean(pool.lengths),
+        "cache/mean_shortest_len": filled_mean(pool.shortest_len),
+        "cache/rewarded_frac": jnp.sum(rewarded).astype(jnp.float32) / denom,
+        "cache/mean_last_reward": jnp.sum(jnp.where(rewarded, pool.last_reward, 0.0))
+        / jnp.maximum(jnp.sum(rewarded), 1).astype(jnp.float32),
+    }
+    if result is not None:
+        n_updated = jnp.sum(result.updated)
+        metrics["cache/updates"] = n_updated.astype(jnp.float32)
+        metrics["cache/took_best_frac"] = (jnp.sum(result.took_best & result.updated).astype(jnp.float32)
+                                           / jnp.maximum(n_updated, 1).astype(jnp.float32))
+    return metrics

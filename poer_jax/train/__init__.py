@@ -1,0 +1,1 @@
+"""Training: data loading and iteration, reward functions and the reward worker pool."""

@@ -1,0 +1,47 @@
+"""Reward functions for tests/test_rewards.py, loaded by import path in the reward worker processes."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+
+def length_reward(
+    prompts: list[Any], completions: list[str], completion_ids: list[list[int]] | None, **columns: Any
+) -> list[float]:
+    """Number of characters of each completion (checks the TRL signature and the column plumbing)."""
+    bonus = columns.get("bonus", [0.0] * len(completions))
+    return [float(len(c)) + float(b) for c, b in zip(completions, bonus, strict=True)]
+
+
+def hang_on_marker(
+    prompts: list[Any], completions: list[str], completion_ids: list[list[int]] | None, **columns: Any
+) -> list[float | None]:
+    """Sleeps forever on a completion containing "HANG", None on "NONE", else 1.0."""
+    out: list[float | None] = []
+    for c in completions:
+        if "HANG" in c:
+            while True:
+                time.sleep(3600)
+        out.append(None if "NONE" in c else 1.0)
+    return out
+
+
+def crash_on_marker(
+    prompts: list[Any], completions: list[str], completion_ids: list[list[int]] | None, **columns: Any
+) -> list[float]:
+    """Kills its own process on "CRASH", raises on "RAISE", else 2.0."""
+    for c in completions:
+        if "CRASH" in c:
+            os._exit(3)
+        if "RAISE" in c:
+            raise ZeroDivisionError("deliberate failure")
+    return [2.0] * len(completions)
+
+
+def wrong_type(prompts: list[Any], completions: list[str], completion_ids: Any, **columns: Any) -> list[Any]:
+    return ["not a number"] * len(completions)
+
+
+NOT_CALLABLE = 3
