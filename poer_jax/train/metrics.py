@@ -1,0 +1,219 @@
+"""Per-step training metrics: ``workdir/metrics.jsonl`` (one JSON object per line) plus TensorBoard scalars.
+
+Line format: ``{"step": 12, "reward/mean": 0.4, ...}``. Values are JSON numbers; NaN and +-inf, which
+strict JSON cannot hold, are written as the strings ``"nan"``, ``"inf"``, ``"-inf"`` (``json.loads`` reads
+them back as strings and ``float()`` turns them back into floats; :func:`read_metrics` does that).
+
+Resume: ``MetricsWriter(workdir, resume_step=s)`` keeps the lines with ``step <= s`` (the state a checkpoint
+at step ``s`` has seen) and drops the rest, rewriting the file atomically, so the file of a run killed and
+resumed from its checkpoint equals that of an uninterrupted run. ``resume_step=None`` is a fresh start and
+drops every existing line. TensorBoard gets ``purge_step = s + 1`` so its viewer hides the dropped steps too.
+
+This module imports neither jax nor tensorboardX at import time, so scripts/plot_metrics.py stays light.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+TB_DIR = "tb"
+
+# Canonical metric names shared by the trainer, the progress line and scripts/plot_metrics.py.
+REWARD_KEYS = ("reward", "reward/mean", "rewards/mean")  # mean raw reward; the first present wins
+ACCURACY_KEY = "rewards/accuracy/mean"
+EVAL_ACCURACY_KEY = "eval/accuracy"
+LENGTH_KEY = "completions/mean_length"
+DECODED_KEY = "tokens/decoded"
+DECODED_FULL_KEY = "tokens/decoded_full_equiv"
+TOKENS_PER_S_KEY = "tokens/decoded_per_s"
+STEP_TIME_KEY = "time/step_s"
+
+_NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+_tb_missing_warned = False
+
+
+def encode_value(key: str, value: Any) -> int | float | str:
+    """A host scalar as a JSON value: int, float, or "nan" / "inf" / "-inf"."""
+    if isinstance(value, bool | np.bool_):
+        return int(value)
+    if isinstance(value, int | np.integer):
+        return int(value)
+    if isinstance(value, float | np.floating):
+        v = float(value)
+    else:
+        arr = np.asarray(value)  # 0-d numpy / jax arrays; one host read per metric per step
+        if arr.ndim != 0 or arr.dtype.kind not in "biuf":
+            raise ValueError(f"metrics: key {key!r} must be a scalar int or float, got {type(value).__name__} "
+                             f"with shape {arr.shape} and dtype {arr.dtype}")
+        return encode_value(key, arr.item())
+    if math.isnan(v):
+        return "nan"
+    if math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    return v
+
+
+def decode_value(value: Any) -> Any:
+    """Inverse of :func:`encode_value` for the non-finite strings; other values pass through."""
+    if isinstance(value, str) and value in _NONFINITE:
+        return _NONFINITE[value]
+    return value
+
+
+def parse_line(line: str, where: str) -> dict[str, Any]:
+    """One metrics.jsonl line as a dict with an int ``step`` and decoded values; ``where`` is ``file:line``."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: malformed JSON ({e.msg}): {line[:120]!r}") from e
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    step = row.get("step")
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise ValueError(f"{where}: missing or non-integer 'step' (got {step!r})")
+    return {k: decode_value(v) for k, v in row.items()}
+
+
+def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """All rows of a metrics.jsonl file, in file order.
+
+    A final line without its newline that does not parse is the tail of a write cut short by a kill; it
+    is skipped with a warning. Any other bad line raises ``ValueError`` naming ``file:line``.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"metrics: no such file {path}")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    lines = text.split("\n")
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(parse_line(line, f"{path}:{i + 1}"))
+        except ValueError:
+            if i == len(lines) - 1:  # the text did not end with "\n": an interrupted write
+                warnings.warn(f"{path}:{i + 1}: skipping an incomplete last line", stacklevel=2)
+                continue
+            raise
+    return rows
+
+
+def _rewrite_atomically(path: str, lines: list[str]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".metrics.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.writelines(line + "\n" for line in lines)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _make_tb_writer(logdir: str, purge_step: int | None) -> Any:
+    global _tb_missing_warned
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        if not _tb_missing_warned:
+            _tb_missing_warned = True
+            warnings.warn("tensorboardX is not installed: TensorBoard logging is off (metrics.jsonl is still "
+                          "written); pip install tensorboardX", stacklevel=3)
+        return None
+    return SummaryWriter(logdir=logdir, purge_step=purge_step)
+
+
+class MetricsWriter:
+    """Append ``{"step": step, **metrics}`` lines to ``workdir/metrics.jsonl`` and scalars to ``workdir/tb``.
+
+    Steps must be non-decreasing (several writes for one step, e.g. train then eval, are fine). Each line
+    is flushed as it is written, so a killed run loses at most the line being written.
+    """
+
+    def __init__(self, workdir: str | os.PathLike[str], resume_step: int | None = None,
+                 tensorboard: bool = True) -> None:
+        self.workdir = os.fspath(workdir)
+        os.makedirs(self.workdir, exist_ok=True)
+        self.path = os.path.join(self.workdir, METRICS_FILE)
+        self._last_step = -1 if resume_step is None else int(resume_step)
+        self._truncate_for_resume(resume_step)
+        self._file = open(self.path, "a", encoding="utf-8")  # closed in close()
+        self._tb = None
+        if tensorboard:
+            purge = None if resume_step is None else int(resume_step) + 1
+            self._tb = _make_tb_writer(os.path.join(self.workdir, TB_DIR), purge)
+
+    def _truncate_for_resume(self, resume_step: int | None) -> None:
+        if not os.path.exists(self.path):
+            return
+        with open(self.path, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+        keep, dropped = [], 0
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                row = parse_line(line, f"{self.path}:{i + 1}")
+            except ValueError:
+                if i == len(lines) - 1:  # cut short by the kill that we are resuming from
+                    dropped += 1
+                    continue
+                raise
+            if resume_step is not None and row["step"] <= resume_step:
+                keep.append(line)
+            else:
+                dropped += 1
+        if dropped:
+            log.warning("metrics: dropping %d line(s) of %s after step %s (resume)", dropped, self.path,
+                        resume_step)
+        if dropped or lines[-1] != "":
+            _rewrite_atomically(self.path, keep)
+
+    def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+        step = int(step)
+        if step < self._last_step:
+            raise ValueError(f"metrics: step {step} written after step {self._last_step} to {self.path}")
+        if "step" in metrics:
+            raise ValueError("metrics: 'step' is reserved for the step number; rename the metric")
+        row: dict[str, Any] = {"step": step}
+        for key, value in metrics.items():
+            if not isinstance(key, str):
+                raise ValueError(f"metrics: keys must be str, got {key!r}")
+            row[key] = encode_value(key, value)
+        self._file.write(json.dumps(row, allow_nan=False) + "\n")
+        self._file.flush()
+        self._last_step = step
+        if self._tb is not None:
+            for key, value in row.items():
+                if key != "step":
+                    self._tb.add_scalar(key, float(decode_value(value)), global_step=step)
+            self._tb.flush()
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,215 @@
+"""MetricsWriter (jsonl + TensorBoard, resume truncation), progress line formatting, scripts/plot_metrics.py."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from poer_jax.train import metrics as metrics_lib
+from poer_jax.train.metrics import MetricsWriter, read_metrics
+from poer_jax.train.progress import Progress, format_duration, format_step_line, tokens_per_second
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _row(step: int) -> dict[str, float | int]:
+    return {"reward/mean": 0.1 * step, "rewards/accuracy/mean": 0.05 * step, "completions/mean_length": 100 + step,
+            "tokens/decoded": 1000 * step, "count": step}
+
+
+def _run(workdir: Path, steps, resume_step=None, tensorboard=False) -> None:
+    with MetricsWriter(workdir, resume_step=resume_step, tensorboard=tensorboard) as w:
+        for s in steps:
+            w.write(s, _row(s))
+
+
+def test_jsonl_lines_and_nonfinite(tmp_path):
+    with MetricsWriter(tmp_path, tensorboard=False) as w:
+        w.write(0, {"a": 1.5, "n": 3, "flag": True, "np": np.float32(0.25), "arr": np.array(2, np.int64)})
+        w.write(1, {"nan": math.nan, "inf": float("inf"), "ninf": -np.inf})
+        # Flushed per line: readable before close.
+        lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+        assert len(lines) == 2
+        with pytest.raises(ValueError, match="'vec'"):
+            w.write(2, {"vec": np.ones(3)})
+        with pytest.raises(ValueError, match="reserved"):
+            w.write(2, {"step": 1})
+        with pytest.raises(ValueError, match="step 0 written after step 1"):
+            w.write(0, {"a": 1.0})
+    raw = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert raw[0] == {"step": 0, "a": 1.5, "n": 3, "flag": 1, "np": 0.25, "arr": 2}
+    assert isinstance(raw[0]["n"], int) and isinstance(raw[0]["a"], float)
+    assert raw[1] == {"step": 1, "nan": "nan", "inf": "inf", "ninf": "-inf"}  # strict JSON, no bare NaN
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert math.isnan(rows[1]["nan"]) and rows[1]["inf"] == math.inf and rows[1]["ninf"] == -math.inf
+
+
+def test_resume_truncation_equals_uninterrupted(tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    _run(straight, range(10))
+    _run(resumed, range(7))  # the first process got to step 6; its last checkpoint was step 4 ...
+    with open(resumed / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "reward/me')  # ... and it was killed in the middle of writing step 7
+    _run(resumed, range(5, 10), resume_step=4)
+    assert (resumed / "metrics.jsonl").read_bytes() == (straight / "metrics.jsonl").read_bytes()
+    assert [r["step"] for r in read_metrics(resumed / "metrics.jsonl")] == list(range(10))
+    # No checkpoint at all: a fresh start drops everything.
+    _run(resumed, range(3), resume_step=None)
+    assert [r["step"] for r in read_metrics(resumed / "metrics.jsonl")] == [0, 1, 2]
+    assert not [p for p in os.listdir(resumed) if p.endswith(".tmp")]
+
+
+def test_malformed_lines_named(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 0, "a": 1}\n{"step": 1, "a": \n{"step": 2}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: malformed JSON"):
+        read_metrics(path)
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: malformed JSON"):
+        MetricsWriter(tmp_path, resume_step=5, tensorboard=False)
+    path.write_text('{"step": 0}\n{"a": 1}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: missing or non-integer 'step'"):
+        read_metrics(path)
+    path.write_text('{"step": 0}\n[1, 2]\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: expected a JSON object"):
+        read_metrics(path)
+    with pytest.raises(FileNotFoundError, match="nope"):
+        read_metrics(tmp_path / "nope.jsonl")
+
+
+def test_tensorboard_event_file(tmp_path):
+    pytest.importorskip("tensorboardX")
+    _run(tmp_path, range(3), tensorboard=True)
+    events = list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    from tensorboardX.proto import event_pb2  # the proto tensorboardX itself writes
+
+    tags = _read_scalar_tags(events[0], event_pb2)
+    assert {"reward/mean", "tokens/decoded"} <= {tag for tag, _ in tags}
+    assert ("reward/mean", 2) in tags
+
+
+def _read_scalar_tags(path: Path, event_pb2) -> set[tuple[str, int]]:
+    """Parse a TFRecord event file (8-byte length, 4-byte crc, payload, 4-byte crc) without TensorFlow."""
+    data = path.read_bytes()
+    out, pos = set(), 0
+    while pos < len(data):
+        (length,) = np.frombuffer(data[pos:pos + 8], "<u8")
+        payload = data[pos + 12:pos + 12 + int(length)]
+        pos += 12 + int(length) + 4
+        event = event_pb2.Event.FromString(payload)
+        for value in event.summary.value:
+            out.add((value.tag, int(event.step)))
+    return out
+
+
+def test_tensorboard_missing_warns_once(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)  # makes the import raise ImportError
+    monkeypatch.setattr(metrics_lib, "_tb_missing_warned", False)
+    with pytest.warns(UserWarning, match="tensorboardX is not installed"):
+        _run(tmp_path / "a", range(2), tensorboard=True)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _run(tmp_path / "b", range(2), tensorboard=True)
+    assert len(read_metrics(tmp_path / "b" / "metrics.jsonl")) == 2
+
+
+# ------------------------------------------------------------------------------------------------ progress
+
+def test_format_step_line():
+    m = {"reward/mean": 0.51234, "rewards/accuracy/mean": 0.48, "completions/mean_length": 312.44,
+         "tokens/decoded": 24600.0, "time/step_s": 20.0}
+    line = format_step_line(50, 200, m, elapsed_s=100.0)
+    assert line == "step 50/200 (25.0%) | reward 0.512 | acc 0.480 | len 312.4 | tok/s 1.23k | 0:01:40 < 0:05:00"
+    # Resumed at step 40: 10 steps in 100 s -> 10 s/step, 150 left.
+    assert format_step_line(50, 200, {}, 100.0, initial_step=40) == "step 50/200 (25.0%) | 0:01:40 < 0:25:00"
+    line = format_step_line(0, 10, {"tokens/decoded_per_s": 2.5e6}, 0.0)
+    assert line == "step 0/10 (0.0%) | tok/s 2.5M | 0:00:00 < ?"
+    assert tokens_per_second({"tokens/decoded": 10.0, "time/step_s": 0.0}) is None
+    assert format_step_line(1, 2, {"reward": 0.25}, 1.0) == "step 1/2 (50.0%) | reward 0.250 | 0:00:01 < 0:00:01"
+    assert format_duration(90061) == "1d 1:01:01"
+    assert format_duration(math.inf) == "?"
+
+
+def test_progress_plain_mode_every_n():
+    stream = io.StringIO()  # not a TTY: plain lines
+    with Progress(total_steps=25, initial_step=0, every=10, stream=stream) as p:
+        for step in range(1, 26):
+            p.update(step, {"reward/mean": step / 25})
+    lines = stream.getvalue().splitlines()
+    assert [ln.split(" |")[0] for ln in lines] == ["step 10/25 (40.0%)", "step 20/25 (80.0%)", "step 25/25 (100.0%)"]
+    assert "reward 1.000" in lines[-1]
+    with pytest.raises(ValueError, match="initial_step"):
+        Progress(total_steps=5, initial_step=6)
+
+
+def test_progress_tqdm_mode():
+    stream = io.StringIO()
+    with Progress(total_steps=4, initial_step=1, stream=stream, use_tqdm=True) as p:
+        p.update(2, {"rewards/accuracy/mean": 0.25})
+        p.update(4, {"rewards/accuracy/mean": 0.75})
+    out = stream.getvalue()
+    assert "4/4" in out and "acc=0.750" in out
+
+
+# -------------------------------------------------------------------------------------------- plot script
+
+def _plot(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MPLBACKEND": "Agg"}
+    return subprocess.run([sys.executable, str(REPO / "scripts" / "plot_metrics.py"), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def _is_png(path: Path) -> bool:
+    return path.is_file() and path.read_bytes()[:8] == PNG_MAGIC and path.stat().st_size > 1000
+
+
+def test_plot_script(tmp_path):
+    poer, grpo = tmp_path / "poer", tmp_path / "grpo"
+    with MetricsWriter(poer, tensorboard=False) as w:
+        for s in range(12):
+            row = {"reward" if k == "reward/mean" else k: v for k, v in _row(s).items()}  # the loop's key
+            w.write(s, {**row, "tokens/decoded_full_equiv": 5000 * s, "time/step_s": 2.0 + s % 3})
+            if s % 4 == 0:
+                w.write(s, {"eval/accuracy": 0.3 + 0.01 * s})
+        w.write(12, {"reward": math.nan})
+    _run(grpo, range(10))  # no time/step_s: absent from the vs-time plots
+
+    proc = _plot(str(poer), "--out", str(tmp_path / "single"))
+    assert proc.returncode == 0, proc.stderr
+    names = {"reward", "accuracy", "response_length", "decoded_tokens"}
+    expected = {f"{n}.png" for n in names} | {f"{n}_vs_time.png" for n in names}
+    assert set(os.listdir(tmp_path / "single")) == expected
+    assert all(_is_png(tmp_path / "single" / f) for f in expected)
+
+    proc = _plot(str(poer), "--compare", str(grpo), "--smooth", "3")
+    assert proc.returncode == 0, proc.stderr
+    assert set(os.listdir(poer / "plots")) == expected
+    assert all(_is_png(poer / "plots" / f) for f in expected)
+
+    proc = _plot(str(grpo), "--out", str(tmp_path / "g"))
+    assert proc.returncode == 0, proc.stderr
+    assert set(os.listdir(tmp_path / "g")) == {f"{n}.png" for n in names}
+
+
+def test_plot_script_errors(tmp_path):
+    proc = _plot(str(tmp_path / "missing"))
+    assert proc.returncode == 2 and f"{tmp_path / 'missing' / 'metrics.jsonl'}" in proc.stderr
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "reward/mean": 1}\n{"step": 1, "reward/mean": }\n'
+                                            '{"step": 2}\n')
+    proc = _plot(str(tmp_path))
+    assert proc.returncode == 2
+    assert f"{tmp_path / 'metrics.jsonl'}:2: malformed JSON" in proc.stderr
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "other": 1}\n')
+    proc = _plot(str(tmp_path))
+    assert proc.returncode == 2 and "none of the plotted metrics" in proc.stderr
