@@ -28,7 +28,7 @@ def get_config():
     c.cache.init = "sample"
     c.cache.max_truncation = 300
     c.cache.budget = "max_length"
-    c.cache.update = "epsilon_greedy"
+    c.cache.update_mode = "epsilon_greedy"
     c.cache.epsilon = 0.1
     c.reward.functions = ("accuracy", "format")
     c.reward.length_aware = True

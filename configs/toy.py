@@ -23,7 +23,8 @@ def get_config():
     c.warm_start.learning_rate = 3e-3
     c.warm_start.batch_size = 32
     c.data.chat_template = "always"
-    c.data.max_prompt_len = 160
+    c.data.system_prompt = "Think step by step, then give the answer in \\boxed{}."
+    c.data.max_prompt_len = 200
     c.data.questions_per_step = 16
     c.rollout.strategy = "poer"
     c.rollout.group_size = 6
@@ -33,7 +34,7 @@ def get_config():
     c.cache.init = "sample"
     c.cache.max_truncation = 16
     c.cache.budget = "max_length"
-    c.cache.update = "epsilon_greedy"
+    c.cache.update_mode = "epsilon_greedy"
     c.cache.epsilon = 0.1
     c.reward.functions = ("accuracy",)
     c.reward.num_workers = 1
@@ -52,5 +53,4 @@ def get_config():
     c.eval.temperature = 0.6
     c.eval.top_p = 1.0
     c.eval.max_new_tokens = 64
-    c.mesh.fsdp = 1
     return c

@@ -45,3 +45,21 @@ def wrong_type(prompts: list[Any], completions: list[str], completion_ids: Any, 
 
 
 NOT_CALLABLE = 3
+
+
+def hang_sometimes(prompts: list[Any], completions: list[str], completion_ids: list[list[int]] | None,
+                   **columns: Any) -> list[float]:
+    """Sleeps forever on about one completion in five (sum of its token ids divisible by 5), else 0.0."""
+    out = []
+    for ids in completion_ids or [[0]] * len(completions):
+        if sum(ids) % 5 == 0:
+            while True:
+                time.sleep(3600)
+        out.append(0.0)
+    return out
+
+
+def infinite_reward(prompts: list[Any], completions: list[str], completion_ids: Any, **columns: Any) -> list[float]:
+    """inf for completions with an odd sum of token ids, else 0: a group mixing both has non-finite
+    advantages, so the loss is non-finite."""
+    return [float("inf") if sum(ids) % 2 else 0.0 for ids in completion_ids]

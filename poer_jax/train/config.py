@@ -84,7 +84,7 @@ SCHEMA: dict[str, Any] = {
                                   optional=True, min=0.0, max=1.0),
         "truncation_mode": _f("paper", str, choices=("paper", "authors")),
         "budget": _f("max_length", str, "continuation budget", choices=("removed", "max_length")),
-        "update": _f("epsilon_greedy", str, "Eq. 9", choices=("epsilon_greedy", "none", "authors")),
+        "update_mode": _f("epsilon_greedy", str, "Eq. 9", choices=("epsilon_greedy", "none", "authors")),
         "epsilon": _f(0.1, NUM, min=0.0, max=1.0),
     },
     "reward": {
@@ -146,6 +146,7 @@ SCHEMA: dict[str, Any] = {
         "data": _f(1, int, min=-1),
         "fsdp": _f(-1, int, min=-1),
         "tensor": _f(1, int, min=-1),
+        "num_devices": _f(0, int, "use the first N devices (0 = all)", min=0),
     },
     "warm_start": {
         "steps": _f(0, int, "supervised steps on the reference solutions before RL (toy demo); 0 = off", min=0),

@@ -1,0 +1,75 @@
+"""avg@k and pass@k of a policy on a set of problems: k samples each, graded with math-verify.
+
+Used by the training loop (held-out accuracy every N steps) and by ``python -m poer_jax.evaluate``.
+The answer extraction and grading are the training reward's (``poer_jax.eval.answers``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from poer_jax.eval.passk import avg_at_k, pass_at_k_from_matrix
+from poer_jax.sampler import GroupSampler, SamplingParams
+from poer_jax.train.reward_pool import RewardPool
+
+
+@dataclasses.dataclass
+class EvalResult:
+    correct: np.ndarray  # [num_problems, k] bool
+    completions: list[list[str]]  # [num_problems][k]
+    lengths: np.ndarray  # [num_problems, k] tokens
+    seconds: float
+
+    @property
+    def k(self) -> int:
+        return int(self.correct.shape[1])
+
+    def metrics(self, prefix: str = "eval/") -> dict[str, float]:
+        out = {f"{prefix}accuracy": float(avg_at_k(self.correct)),
+               f"{prefix}mean_length": float(self.lengths.mean()),
+               f"{prefix}time_s": self.seconds}
+        for k in sorted({1, self.k}):
+            out[f"{prefix}pass@{k}"] = float(pass_at_k_from_matrix(self.correct, k))
+        return out
+
+
+def evaluate(
+    sampler: GroupSampler,
+    tokenizer: Any,
+    prompt_ids: Sequence[np.ndarray],
+    solutions: Sequence[str | None],
+    answers: Sequence[str | None],
+    *,
+    k: int,
+    max_new_tokens: int,
+    sampling: SamplingParams,
+    key: jax.Array,
+    grader: RewardPool,
+    batch_size: int = 64,
+) -> EvalResult:
+    """Sample k completions per prompt (batches of ``batch_size`` prompts) and grade them."""
+    t0 = time.perf_counter()
+    n = len(prompt_ids)
+    texts: list[list[str]] = []
+    lengths = np.zeros((n, k), np.int32)
+    for start in range(0, n, batch_size):
+        chunk = [list(map(int, p)) for p in prompt_ids[start: start + batch_size]]
+        out = sampler.generate(chunk, k, max_new_tokens, jax.random.fold_in(key, start), sampling=sampling)
+        for g in range(len(chunk)):
+            row = []
+            for i in range(k):
+                s = g * k + i
+                row.append(tokenizer.decode(out.tokens[s, : out.lengths[s]].tolist(), skip_special_tokens=True))
+                lengths[start + g, i] = out.lengths[s]
+            texts.append(row)
+    flat = [t for row in texts for t in row]
+    rep = lambda xs: [x for x in xs for _ in range(k)]  # noqa: E731
+    res = grader.compute([""] * len(flat), flat, columns={"solution": rep(solutions), "answer": rep(answers)})
+    acc = np.nan_to_num(res["accuracy"], nan=0.0).reshape(n, k) > 0.5
+    return EvalResult(correct=acc, completions=texts, lengths=lengths, seconds=time.perf_counter() - t0)

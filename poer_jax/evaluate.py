@@ -1,0 +1,129 @@
+"""``python -m poer_jax.evaluate --model DIR_OR_CHECKPOINT --data FILE [--k K] [--temperature T]``
+
+avg@k and pass@k (unbiased estimator) with math-verify and the training reward's answer extraction.
+MODEL is an HF directory (e.g. a run's ``workdir/export``) or a training workdir / checkpoint directory
+(its latest checkpoint's parameters, with the model and tokenizer named in the run's config). DATA is a
+JSONL / Parquet file with a problem column and an answer (and/or solution) column: MATH-500, AIME and
+AMC files in their usual formats work as they are. Prints a table; ``--json PATH`` writes the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _model_from_checkpoint(path: Path, mesh: Any) -> tuple[Any, Any, str]:
+    """(params, QwenConfig, tokenizer dir) from a training workdir or its checkpoints directory."""
+    import ml_collections
+
+    from poer_jax.model import QwenConfig, init_params, load_hf, preset
+    from poer_jax.rl import LossConfig
+    from poer_jax.rl.optim import OptimConfig
+    from poer_jax.rl.update import Trainer, create_train_state
+    from poer_jax.train.checkpoint import Checkpointer
+
+    ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    ckpt = Checkpointer(ckpt_dir, keep=1000)
+    step = ckpt.latest_step()
+    if step is None:
+        raise SystemExit(f"error: {path}: no HF config.json and no checkpoint found")
+    extra = ckpt.restore_extra(step)
+    cfg = ml_collections.ConfigDict(extra["config"])
+    if cfg.model.path:
+        params, mcfg = load_hf(cfg.model.path, mesh=mesh, param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype)
+    else:
+        mcfg = preset(cfg.model.preset, param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype)
+        params = init_params(mcfg, __import__("jax").random.key(0))
+    assert isinstance(mcfg, QwenConfig)
+    trainer = Trainer(mcfg, LossConfig(), OptimConfig(learning_rate=1e-6, total_steps=1), mesh=mesh)
+    state, _, _ = ckpt.restore(step, abstract_state=create_train_state(params, trainer))
+    ckpt.close()
+    return state.params, mcfg, cfg.model.tokenizer_path or cfg.model.path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m poer_jax.evaluate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, type=Path, help="HF directory, training workdir or checkpoints dir")
+    ap.add_argument("--data", required=True, type=Path)
+    ap.add_argument("--k", type=int, default=1, help="samples per problem")
+    ap.add_argument("--temperature", type=float, default=0.6)
+    ap.add_argument("--top-p", type=float, default=0.95)
+    ap.add_argument("--max-new-tokens", type=int, default=4096)
+    ap.add_argument("--max-prompt-len", type=int, default=1024)
+    ap.add_argument("--chat-template", choices=("auto", "always", "never"), default="auto")
+    ap.add_argument("--problem-key", default="problem")
+    ap.add_argument("--answer-key", default="answer")
+    ap.add_argument("--solution-key", default="solution")
+    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=32, help="problems per sampler call")
+    ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--timeout-s", type=float, default=10.0, help="math-verify deadline per answer")
+    args = ap.parse_args(argv)
+    if args.k < 1:
+        ap.error("--k must be >= 1")
+
+    import jax
+
+    from poer_jax.eval.evaluator import evaluate
+    from poer_jax.model import load_hf
+    from poer_jax.model.sharding import make_mesh
+    from poer_jax.sampler import GroupSampler, SamplerConfig, SamplingParams
+    from poer_jax.train.data import ColumnMap, DataError, PromptConfig, load_dataset_file, tokenize_prompts
+    from poer_jax.train.reward_pool import RewardPool
+    from poer_jax.train.setup import eos_and_pad, load_tokenizer
+
+    mesh = make_mesh({"fsdp": -1})
+    try:
+        if (args.model / "config.json").is_file():
+            params, mcfg = load_hf(args.model, mesh=mesh, param_dtype=args.dtype, dtype=args.dtype)
+            tok_dir: str | Path = args.model
+        else:
+            params, mcfg, tok_dir = _model_from_checkpoint(args.model, mesh)
+        tokenizer = load_tokenizer(tok_dir)
+        eos_ids, pad_id = eos_and_pad(tokenizer, tok_dir)
+        data = load_dataset_file(args.data, ColumnMap(problem=args.problem_key, solution=args.solution_key,
+                                                      answer=args.answer_key), limit=args.limit)
+        prompts = tokenize_prompts(tokenizer, data, PromptConfig(chat_template=args.chat_template,
+                                                                 max_prompt_len=args.max_prompt_len))
+    except (DataError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    max_seq = args.max_prompt_len + args.max_new_tokens
+    pages_per_seq = -(-max_seq // args.page_size) + 1
+    slots = 1 << max(0, args.batch_size * args.k - 1).bit_length()
+    scfg = SamplerConfig(page_size=args.page_size, num_pages=(slots + args.batch_size) * pages_per_seq + 8,
+                         max_slots=slots, max_pages_per_seq=1 << (pages_per_seq - 1).bit_length(),
+                         max_prefill_length=max_seq, eos_ids=eos_ids, pad_id=pad_id)
+    sampler = GroupSampler(params, mcfg, scfg, mesh=mesh)
+    rows = prompts.rows(range(len(prompts)))
+    with RewardPool(["accuracy"], num_workers=2, timeout_s=args.timeout_s, on_error="default") as grader:
+        res = evaluate(sampler, tokenizer, list(prompts.ids), [r.get("solution") for r in rows],
+                       [r.get("answer") for r in rows], k=args.k, max_new_tokens=args.max_new_tokens,
+                       sampling=SamplingParams(temperature=args.temperature, top_p=args.top_p),
+                       key=jax.random.key(args.seed), grader=grader, batch_size=args.batch_size)
+    m = res.metrics(prefix="")
+    print(f"{'model':<14} {args.model}\n{'data':<14} {args.data} ({len(prompts)} problems, k={args.k}, "
+          f"T={args.temperature})")
+    for name in [f"avg@{args.k}"] + [k for k in m if k.startswith("pass@")] + ["mean_length", "time_s"]:
+        value = m["accuracy"] if name.startswith("avg@") else m[name]
+        print(f"{name:<14} {value:.4f}")
+    if args.json:
+        out = {"model": str(args.model), "data": str(args.data), "k": args.k, "temperature": args.temperature,
+               "num_problems": len(prompts), f"avg@{args.k}": m["accuracy"], **{k: v for k, v in m.items()
+                                                                                if k != "accuracy"},
+               "per_problem_correct": res.correct.astype(int).tolist()}
+        args.json.write_text(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""Everything a run needs before its first step: tokenizer, model, the built-in toy task, the warm start."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from poer_jax.model import QwenConfig, export_hf, init_params, load_hf, preset
+from poer_jax.model.sharding import shard_params
+from poer_jax.train.config import ConfigError
+from poer_jax.train.warm_start import supervised_warm_start
+
+log = logging.getLogger("poer_jax")
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """A transformers tokenizer from a local directory.
+
+    A directory whose tokenizer_config.json names ``PreTrainedTokenizerFast`` is loaded with that class:
+    ``AutoTokenizer`` would swap in Qwen's own tokenizer class when config.json says qwen2.
+    """
+    p = Path(path)
+    if not p.is_dir():
+        raise ConfigError(f"tokenizer directory {p} does not exist (config key 'model.tokenizer_path')")
+    tc = p / "tokenizer_config.json"
+    try:
+        from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+        if tc.is_file() and json.loads(tc.read_text()).get("tokenizer_class") == "PreTrainedTokenizerFast":
+            tok = PreTrainedTokenizerFast.from_pretrained(str(p))
+        else:
+            tok = AutoTokenizer.from_pretrained(str(p))
+    except (OSError, ValueError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{p}: cannot load a tokenizer ({e})") from e
+    if len(tok) == 0 or not tok("1 + 1")["input_ids"]:
+        raise ConfigError(f"{p}: the tokenizer is empty (no tokenizer.json / vocab files in the directory?)")
+    return tok
+
+
+def eos_and_pad(tokenizer: Any, model_dir: str | Path | None) -> tuple[tuple[int, ...], int]:
+    """EOS ids (tokenizer's plus generation_config.json's) and the pad id (pad token, else the first EOS)."""
+    eos: list[int] = []
+    if tokenizer.eos_token_id is not None:
+        eos.append(int(tokenizer.eos_token_id))
+    if model_dir is not None and (Path(model_dir) / "generation_config.json").is_file():
+        gen = json.loads((Path(model_dir) / "generation_config.json").read_text()).get("eos_token_id")
+        for e in gen if isinstance(gen, list) else [gen]:
+            if e is not None and int(e) not in eos:
+                eos.append(int(e))
+    if not eos:
+        raise ConfigError("the tokenizer has no EOS token and generation_config.json names none")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    return tuple(eos), int(pad)
+
+
+def load_model(cfg: ml_collections.ConfigDict, mesh: Mesh) -> tuple[Any, QwenConfig]:
+    """Parameters on the mesh, from ``model.path`` (HF directory) or ``model.preset`` (random weights)."""
+    dtypes = dict(param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype, remat=cfg.model.remat)
+    if cfg.model.path is not None:
+        return load_hf(cfg.model.path, mesh=mesh, **dtypes)
+    mcfg = preset(cfg.model.preset, **dtypes)
+    params = jax.jit(lambda k: init_params(mcfg, k))(jax.random.key(cfg.seed))
+    return shard_params(params, mcfg, mesh), mcfg
+
+
+def prepare_toy(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Generate the toy arithmetic task, its tokenizer and a tiny random Qwen2 in ``workdir/toy`` (once).
+
+    Returns a copy of cfg pointing ``data.*`` and ``model.path`` at them.
+    """
+    from poer_jax.tasks.tiny_tokenizer import make_tiny_tokenizer
+    from poer_jax.tasks.toy import make_toy_splits, toy_completion, write_jsonl
+
+    root = Path(cfg.workdir) / "toy"
+    model_dir = root / "model"
+    train_path, test_path = root / "train.jsonl", root / "test.jsonl"
+    if not (model_dir / "config.json").is_file():
+        train, test = make_toy_splits(cfg.toy.num_train, cfg.toy.num_test, seed=cfg.seed)
+        write_jsonl(train, train_path)
+        write_jsonl(test, test_path)
+        corpus = [r["problem"] for r in train] + [toy_completion(r) for r in train]
+        make_tiny_tokenizer(root / "tokenizer", corpus)
+        tok = load_tokenizer(root / "tokenizer")
+        h = cfg.toy.hidden_size
+        mcfg = QwenConfig(vocab_size=len(tok), hidden_size=h, intermediate_size=4 * h, num_layers=cfg.toy.num_layers,
+                          num_heads=4, num_kv_heads=2, head_dim=h // 4, max_position_embeddings=2048)
+        params = init_params(mcfg, jax.random.key(cfg.seed))
+        tmp = root / "model.tmp"
+        export_hf(params, mcfg, tmp, tokenizer_dir=root / "tokenizer")
+        hf = json.loads((tmp / "config.json").read_text())
+        hf.update(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2))
+        tmp.replace(model_dir)
+    out = ml_collections.ConfigDict(cfg.to_dict())
+    out.model.path = str(model_dir)
+    out.model.preset = None
+    out.model.tokenizer_path = str(model_dir)
+    out.data.train_path = str(train_path)
+    out.data.eval_path = str(test_path)
+    return out
+
+
+def warm_start_dir(cfg: ml_collections.ConfigDict) -> Path:
+    return Path(cfg.workdir) / "warm_start"
+
+
+def run_warm_start(cfg: ml_collections.ConfigDict, tokenizer: Any, prompt_ids: list[np.ndarray],
+                   targets: list[str], mesh: Mesh) -> ml_collections.ConfigDict:
+    """Supervised warm start on (prompt, reference solution) pairs, cached as an HF directory in workdir.
+
+    A second run finds ``workdir/warm_start/config.json`` and skips the training. Returns a config whose
+    ``model.path`` is the warm-started model.
+    """
+    out_dir = warm_start_dir(cfg)
+    if not (out_dir / "config.json").is_file():
+        params, mcfg = load_model(cfg, mesh)
+        eos_ids, pad_id = eos_and_pad(tokenizer, cfg.model.path)
+        eos = eos_ids[0]
+        target_ids = [np.asarray(tokenizer(t, add_special_tokens=False)["input_ids"] + [eos], np.int32)
+                      for t in targets]
+        log.info("warm start: %d supervised steps on %d examples", cfg.warm_start.steps, len(targets))
+        params, losses = supervised_warm_start(
+            params, mcfg, prompt_ids, target_ids, steps=cfg.warm_start.steps,
+            learning_rate=cfg.warm_start.learning_rate, batch_size=cfg.warm_start.batch_size, seed=cfg.seed,
+            pad_id=pad_id)
+        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        export_hf(params, mcfg, tmp, tokenizer_dir=cfg.model.tokenizer_path or cfg.model.path)
+        (tmp / "warm_start_losses.json").write_text(json.dumps([float(x) for x in losses]))
+        if cfg.model.path and (Path(cfg.model.path) / "generation_config.json").is_file():
+            (tmp / "generation_config.json").write_text((Path(cfg.model.path) / "generation_config.json").read_text())
+        tmp.replace(out_dir)
+    else:
+        log.info("warm start: reusing %s", out_dir)
+    out = ml_collections.ConfigDict(cfg.to_dict())
+    if out.model.tokenizer_path is None:
+        out.model.tokenizer_path = out.model.path
+    out.model.path = str(out_dir)
+    out.model.preset = None
+    return out

@@ -1,0 +1,238 @@
+"""The training entry point end to end on a tiny model and a tiny math dataset (CPU).
+
+Runs share one generated environment (tiny tokenizer, toy data, tiny random Qwen2) and, in-process,
+the sampler's compiled programs; the command line, SIGKILL and device-count checks run as subprocesses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from poer_jax.train.config import apply_overrides, default_config, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+HELPERS = Path(__file__).resolve().parent / "helpers_rewards.py"
+
+
+@pytest.fixture(scope="session")
+def toy_env(tmp_path_factory):
+    """Toy task files, tokenizer and a tiny random Qwen2, generated once."""
+    from poer_jax.train.setup import prepare_toy
+
+    work = tmp_path_factory.mktemp("toyenv")
+    c = default_config()
+    c.workdir = str(work)
+    c.toy.enabled = True
+    c.toy.num_train = 24
+    c.toy.num_test = 8
+    c.toy.hidden_size = 32
+    c.toy.num_layers = 1
+    prepared = prepare_toy(c)
+    return {"model": prepared.model.path, "train": prepared.data.train_path, "test": prepared.data.eval_path}
+
+
+def _overrides(env: dict, workdir: Path, **extra) -> list[str]:
+    base = {
+        "workdir": str(workdir), "model.path": env["model"], "data.train_path": env["train"],
+        "data.eval_path": env["test"], "data.chat_template": "never", "data.system_prompt": "Answer in \\boxed{}.",
+        "data.max_prompt_len": 128, "data.questions_per_step": 4, "rollout.group_size": 4,
+        "rollout.max_completion_len": 24, "rollout.temperature": 1.0, "rollout.page_size": 8,
+        "cache.max_truncation": 4, "reward.functions": "accuracy,format", "reward.num_workers": 1,
+        "reward.length_aware": True, "reward.length_variant": "correct_only", "loss.beta": 0.0,
+        "optim.learning_rate": 1e-3, "train.max_steps": 3, "train.checkpoint_every": 1, "eval.enabled": False,
+        "eval.max_new_tokens": 24, "mesh.num_devices": 1, "train.export_final": False,
+    }
+    base.update({k.replace("__", "."): v for k, v in extra.items()})
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def _config(env, workdir, **extra):
+    return validate(apply_overrides(default_config(), _overrides(env, workdir, **extra)))
+
+
+def _cli(env, workdir, timeout=600, **extra):
+    args = [sys.executable, "-m", "poer_jax.train", f"--config={ROOT / 'configs' / 'toy.py'}",
+            "--config.toy.enabled=false", "--config.warm_start.steps=0"]
+    args += [f"--config.{o}" for o in _overrides(env, workdir, **extra)]
+    env_vars = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    env_vars.pop("XLA_FLAGS", None)
+    return args, env_vars
+
+
+def _run_cli(env, workdir, timeout=600, **extra):
+    args, env_vars = _cli(env, workdir, **extra)
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env_vars, cwd=ROOT)
+
+
+def _metrics(workdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+TIME_KEYS = ("time/", "tokens/decoded_per_s", "eval/time_s")
+
+
+def _comparable(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith(TIME_KEYS)} for r in rows]
+
+
+REQUIRED = ["reward", "reward_std", "rewards/accuracy/mean", "rewards/format/mean", "completions/mean_length",
+            "clip_ratio/low_mean", "clip_ratio/high_mean", "entropy", "tokens/prefilled", "tokens/decoded",
+            "tokens/decoded_full_equiv", "time/rollout_s", "time/update_s", "cache/mean_length",
+            "logp_diff/sampler_vs_trainer"]
+
+
+def test_poer_and_grpo_from_the_command_line(toy_env, tmp_path):
+    r = _run_cli(toy_env, tmp_path / "poer", **{"eval.enabled": True, "eval.every": 3})
+    assert r.returncode == 0, r.stderr[-3000:]
+    g = _run_cli(toy_env, tmp_path / "grpo", **{"rollout.strategy": "full"})
+    assert g.returncode == 0, g.stderr[-3000:]
+    poer, grpo = _metrics(tmp_path / "poer"), _metrics(tmp_path / "grpo")
+    train_rows = [m for m in poer if m["step"] > 0]
+    assert [m["step"] for m in train_rows] == [1, 2, 3]
+    for key in REQUIRED:
+        assert all(key in m for m in train_rows), key
+    assert "kl" not in train_rows[0] or np.isfinite(train_rows[0]["kl"])
+    assert "eval/accuracy" in poer[0] and "eval/accuracy" in poer[-1]
+    dec_poer = sum(m["tokens/decoded"] for m in train_rows)
+    dec_grpo = sum(m["tokens/decoded"] for m in grpo)
+    assert dec_poer < 0.5 * dec_grpo, (dec_poer, dec_grpo)
+    assert all(m["tokens/decoded_full_equiv"] > m["tokens/decoded"] for m in train_rows)
+    assert (tmp_path / "poer" / "checkpoints").is_dir()
+    assert list((tmp_path / "poer" / "tb").glob("events*"))
+
+
+def test_exact_resume_after_sigkill(toy_env, tmp_path):
+    steps = 4
+    ref = _run_cli(toy_env, tmp_path / "ref", **{"train.max_steps": steps})
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    # kill a second run with SIGKILL once it has checkpointed a random step (fixed seed for the draw)
+    kill_after = int(np.random.default_rng(0).integers(1, steps))
+    args, env_vars = _cli(toy_env, tmp_path / "run", **{"train.max_steps": steps})
+    proc = subprocess.Popen(args, env=env_vars, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= kill_after:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = _run_cli(toy_env, tmp_path / "run", **{"train.max_steps": steps})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr
+    assert _comparable(_metrics(tmp_path / "run")) == _comparable(_metrics(tmp_path / "ref"))
+    from poer_jax.train.checkpoint import Checkpointer
+
+    sa, pa, _ = Checkpointer(tmp_path / "ref" / "checkpoints", keep=5).restore()
+    sb, pb, _ = Checkpointer(tmp_path / "run" / "checkpoints", keep=5).restore()
+    import jax
+
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(sa["params"]), jax.device_get(sb["params"]))
+    for k in pa:
+        np.testing.assert_array_equal(pa[k], pb[k])
+
+
+def test_eight_devices_equal_one_device(toy_env, tmp_path):
+    one = _run_cli(toy_env, tmp_path / "one", **{"train.max_steps": 2})
+    assert one.returncode == 0, one.stderr[-3000:]
+    args, env_vars = _cli(toy_env, tmp_path / "eight", **{"train.max_steps": 2, "mesh.num_devices": 0,
+                                                           "mesh.data": 2, "mesh.fsdp": -1})
+    env_vars["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    eight = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env_vars, cwd=ROOT)
+    assert eight.returncode == 0, eight.stderr[-3000:]
+    m1, m8 = _comparable(_metrics(tmp_path / "one")), _comparable(_metrics(tmp_path / "eight"))
+    assert [m["step"] for m in m1] == [m["step"] for m in m8]
+    for a, b in zip(m1, m8, strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_allclose(a[k], b[k], rtol=2e-3, atol=2e-4, err_msg=k)
+
+
+# ---- bad input: a clear message naming the file / line / key, a non-zero exit, nothing half-written ----
+def _write(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("case", ["malformed_jsonl", "missing_column", "empty", "too_long", "bad_model_dir"])
+def test_bad_input_exits_with_a_clear_message(toy_env, tmp_path, case):
+    extra: dict = {}
+    if case == "malformed_jsonl":
+        extra["data.train_path"] = _write(tmp_path / "d.jsonl", '{"problem": "1+1", "answer": "2"}\n{oops\n')
+        expect = "d.jsonl:2"
+    elif case == "missing_column":
+        extra["data.train_path"] = _write(tmp_path / "d.jsonl", '{"question": "1+1", "answer": "2"}\n')
+        expect = "missing column 'problem'"
+    elif case == "empty":
+        extra["data.train_path"] = _write(tmp_path / "d.jsonl", "")
+        expect = "no rows"
+    elif case == "too_long":
+        extra["data.max_prompt_len"] = 10
+        expect = "longer than max_prompt_len=10"
+    else:
+        (tmp_path / "m").mkdir()
+        _write(tmp_path / "m" / "config.json", "{not json")
+        extra["model.path"] = str(tmp_path / "m")
+        expect = "config.json"
+    r = _run_cli(toy_env, tmp_path / "w", **extra)
+    assert r.returncode != 0
+    assert expect in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "w" / "checkpoints").exists() or not any((tmp_path / "w" / "checkpoints").iterdir())
+
+
+@pytest.mark.parametrize("flag, expect", [
+    ("--config.rollout.group_sise=4", "unknown config key 'rollout.group_sise'"),
+    ("--config.train.max_steps=many", "'train.max_steps': cannot parse 'many' as int"),
+])
+def test_bad_config_fails_before_any_work(flag, expect, tmp_path):
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-m", "poer_jax.train", f"--config={ROOT / 'configs' / 'toy.py'}", flag,
+                        f"--config.workdir={tmp_path / 'w'}"], capture_output=True, text=True, timeout=120,
+                       cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"})
+    assert r.returncode == 2 and expect in r.stderr, r.stderr
+    assert not (tmp_path / "w").exists()
+    assert time.time() - t0 < 60
+
+
+def test_hanging_reward_is_cut_off_and_nonfinite_update_is_skipped(toy_env, tmp_path, caplog, monkeypatch):
+    """A user reward that hangs is cut off at its deadline; a non-finite loss (here: NaN advantages on the
+    first step) skips the update (logged, parameters unchanged) and nothing non-finite reaches a checkpoint."""
+    import jax
+
+    import poer_jax.train.loop as loop_mod
+    from poer_jax.train.checkpoint import Checkpointer
+
+    real = loop_mod.group_advantages
+    calls = []
+
+    def nan_first(rewards, **kw):
+        calls.append(1)
+        adv = real(rewards, **kw)
+        return adv * np.nan if len(calls) == 1 else adv
+
+    monkeypatch.setattr(loop_mod, "group_advantages", nan_first)
+    cfg = _config(toy_env, tmp_path / "w", **{
+        "reward.functions": f"accuracy,{HELPERS}:hang_sometimes,{HELPERS}:infinite_reward",
+        "reward.timeout_s": 1.0, "train.max_steps": 2})
+    trainer = loop_mod.PoerTrainer(cfg)
+    before = jax.device_get(trainer.state.params)
+    with caplog.at_level("WARNING", logger="poer_jax"):
+        first = trainer.train_step()
+    assert first["skipped"] == 1 and first["rewards/non_finite"] > 0
+    assert "non-finite loss or gradient" in caplog.text
+    jax.tree.map(np.testing.assert_array_equal, before, jax.device_get(trainer.state.params))
+    last = trainer.run()  # the second step trains normally and checkpoints
+    assert last["skipped"] == 0
+    assert first["rewards/hang_sometimes/timeouts"] + last["rewards/hang_sometimes/timeouts"] >= 1
+    state, _, _ = Checkpointer(tmp_path / "w" / "checkpoints", keep=2).restore()
+    assert all(np.isfinite(np.asarray(x, np.float32)).all() for x in jax.tree.leaves(state["params"]))
