@@ -1,0 +1,45 @@
+"""Paged-KV sampler: prefill each group's prompt (question + cached prefix) once, decode G continuations.
+
+Public API:
+  GroupSampler, SampleOutput                         batch_sampler.py (what the trainer calls)
+  PagedEngine, Prefix, DecodeState, ResultTokens     engine.py (JetStream-shaped prefill / insert / generate)
+  SamplerConfig, PageAllocator, SamplerError, PoolExhaustedError   pages.py (host-side planning)
+  SamplingParams, sample_tokens, top_p_threshold     sampling.py
+  paged_decode_attention                             paged_attention.py
+"""
+
+from poer_jax.sampler.batch_sampler import GroupSampler, SampleOutput
+from poer_jax.sampler.engine import (
+    FINISH_BUDGET,
+    FINISH_EOS,
+    FINISH_NONE,
+    FINISH_REASONS,
+    DecodeState,
+    PagedEngine,
+    Prefix,
+    ResultTokens,
+)
+from poer_jax.sampler.paged_attention import paged_decode_attention
+from poer_jax.sampler.pages import PageAllocator, PoolExhaustedError, SamplerConfig, SamplerError
+from poer_jax.sampler.sampling import SamplingParams, sample_tokens, top_p_threshold
+
+__all__ = [
+    "FINISH_BUDGET",
+    "FINISH_EOS",
+    "FINISH_NONE",
+    "FINISH_REASONS",
+    "DecodeState",
+    "GroupSampler",
+    "PageAllocator",
+    "PagedEngine",
+    "PoolExhaustedError",
+    "Prefix",
+    "ResultTokens",
+    "SampleOutput",
+    "SamplerConfig",
+    "SamplerError",
+    "SamplingParams",
+    "paged_decode_attention",
+    "sample_tokens",
+    "top_p_threshold",
+]

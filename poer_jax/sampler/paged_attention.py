@@ -1,0 +1,257 @@
+"""Attention over a paged KV cache and the page writes, in plain JAX (CPU, GPU and TPU alike).
+
+Pool layout: ``k_pages / v_pages [L, Hkv, num_pages, page_size, hd]`` (keys stored after RoPE, as the
+model's ``attention_inputs`` returns them). A sequence's token at position t lives in page
+``table[t // page_size]`` at offset ``t % page_size``. KV heads come before pages so that a gathered chunk is
+already [Hkv, B, tokens, hd], the operand layout of a batched matmul over (head, sequence): the KV bytes read
+per step are never transposed.
+
+Decode attention for one new token per sequence (query position = ``lengths[b]``, the cached token count):
+
+  out_b = sum_{t <= len_b} softmax_t(q_b . k_t / sqrt(hd)) v_t,   (k, v)_{len_b} = the new token's own k, v
+
+computed as an online (streaming) softmax over chunks of ``chunk_pages`` pages: running max m, normaliser l
+and accumulator a start from the new token's own score, and each chunk updates
+  m' = max(m, max_t s_t);  l' = l e^{m - m'} + sum_t e^{s_t - m'};  a' = a e^{m - m'} + sum_t e^{s_t - m'} v_t
+The loop runs ceil(max_b len_b / (chunk_pages * page_size)) times, a count decided on device, so attention
+reads only the pages that hold tokens (up to the longest sequence of the batch) and never materialises the
+whole table (on GPU a fixed count over the whole table is used instead, see ``dynamic_chunks``).
+GQA: query head h reads KV head h // (Hq / Hkv). Scores and softmax are float32, as in the model's
+``dense_attention``. With a ``SharedPrefix`` (cascade attention) a group's common prompt pages are read once
+for all its samples. A Pallas / Triton kernel can later replace this function behind the same signature.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from poer_jax.model.config import QwenConfig
+from poer_jax.sampler.pages import SamplerConfig
+
+_NEG_INF = -1e30
+Carry = tuple[jax.Array, jax.Array, jax.Array]  # running max m, normaliser l, accumulator a
+
+
+class SharedPrefix(NamedTuple):
+    """Group-level prefix pages for cascade attention (rows of the batch = G consecutive samples per group).
+
+    table [Ng, Ps]: the group's full prompt pages; lengths [Ng]: tokens in them (a multiple of page_size).
+    With it, ``page_table`` rows hold only each sample's private pages, starting at position lengths[g].
+    """
+
+    table: jax.Array
+    lengths: jax.Array
+
+
+def _accumulate(
+    qg: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    layer: jax.Array,
+    table: jax.Array,
+    start: jax.Array,
+    lengths: jax.Array,
+    chunk_pages: int,
+    dynamic_chunks: bool,
+    carry: Carry,
+) -> Carry:
+    """Online-softmax update of ``carry`` [Hkv, R, Gq(, hd)] with the keys of each row r's pages: page j of
+    ``table[r]`` holds positions start[r] + j * page .. + page - 1, of which those < lengths[r] are valid."""
+    Hkv, R, _, hd = qg.shape
+    page = k_pages.shape[3]
+    P = table.shape[1]
+    if P % chunk_pages:
+        raise ValueError(f"paged attention: table width {P} is not a multiple of chunk_pages {chunk_pages}")
+    span = chunk_pages * page
+    offsets = jnp.arange(span, dtype=jnp.int32)
+    heads = jnp.arange(Hkv, dtype=jnp.int32)[:, None, None]
+    scale = hd**-0.5
+
+    def chunk(c: jax.Array, carry: Carry) -> Carry:
+        m, l, acc = carry
+        pages = jax.lax.dynamic_slice_in_dim(table, c * chunk_pages, chunk_pages, axis=1)  # [R, C]
+        k = k_pages[layer, heads, pages[None]].reshape(Hkv, R, span, hd)  # one gather of whole pages
+        v = v_pages[layer, heads, pages[None]].reshape(Hkv, R, span, hd)
+        s = jnp.einsum("krgd,krsd->krgs", qg, k, preferred_element_type=jnp.float32) * scale
+        valid = (start[:, None] + c * span + offsets[None, :] < lengths[:, None])[None, :, None, :]
+        m_new = jnp.maximum(m, jnp.max(jnp.where(valid, s, _NEG_INF), axis=-1))
+        corr = jnp.exp(m - m_new)
+        p = jnp.where(valid, jnp.exp(s - m_new[..., None]), 0.0)  # explicit zeros: m may still be -inf-like
+        l = l * corr + jnp.sum(p, axis=-1)
+        pv = jnp.einsum("krgs,krsd->krgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return m_new, l, acc * corr[..., None] + pv
+
+    if P == chunk_pages:
+        return chunk(jnp.int32(0), carry)
+    if dynamic_chunks:
+        n_chunks = jnp.minimum((jnp.max(lengths - start) + span - 1) // span, P // chunk_pages)
+        return jax.lax.fori_loop(0, n_chunks, chunk, carry)
+    return jax.lax.fori_loop(0, P // chunk_pages, chunk, carry)
+
+
+def paged_decode_attention(
+    q: jax.Array,
+    k_cur: jax.Array,
+    v_cur: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    layer: jax.Array,
+    page_table: jax.Array,
+    lengths: jax.Array,
+    chunk_pages: int,
+    dynamic_chunks: bool = True,
+    shared: SharedPrefix | None = None,
+    shared_chunk_pages: int = 1,
+) -> jax.Array:
+    """One-token attention over cached pages plus the token itself.
+
+    q [B, Hq, hd]; k_cur/v_cur [B, Hkv, hd] (the new token, not yet in the pool); k_pages/v_pages
+    [L, Hkv, N, page, hd]; layer: scalar index into L; page_table [B, P] with P a multiple of ``chunk_pages``;
+    lengths [B] cached tokens per sequence. Returns [B, Hq, hd] in q's dtype.
+
+    ``shared`` (cascade attention): rows are groups of G = B / Ng consecutive samples; each group's prefix
+    pages are gathered once and attended by all G samples' queries in one matmul, the private pages per
+    sample, and the two partial softmaxes are merged exactly (m = max(m1, m2), l = l1 e^{m1-m} + l2 e^{m2-m}).
+
+    ``dynamic_chunks``: stop after the chunks that hold tokens (a data-dependent trip count: right on CPU and
+    TPU); otherwise read every chunk of the table with a fixed trip count, which XLA:GPU runs without the
+    per-iteration host round trip of a data-dependent while loop.
+    """
+    B, Hq, hd = q.shape
+    Hkv = k_cur.shape[1]
+    Gq = Hq // Hkv
+    qg = q.reshape(B, Hkv, Gq, hd).transpose(1, 0, 2, 3)  # [Hkv, B, Gq, hd]
+
+    s_cur = jnp.einsum("kbgd,bkd->kbg", qg, k_cur, preferred_element_type=jnp.float32) * hd**-0.5
+    acc0 = jnp.broadcast_to(v_cur.astype(jnp.float32).transpose(1, 0, 2)[:, :, None, :], qg.shape)
+    carry: Carry = (s_cur, jnp.ones_like(s_cur), acc0)
+    start = jnp.zeros((B,), jnp.int32)
+    if shared is not None:
+        Ng = shared.table.shape[0]
+        G = B // Ng
+        qs = qg.reshape(Hkv, Ng, G * Gq, hd)  # slot g * G + i -> row g, query (i, head)
+        empty: Carry = (
+            jnp.full((Hkv, Ng, G * Gq), _NEG_INF, jnp.float32),
+            jnp.zeros((Hkv, Ng, G * Gq), jnp.float32),
+            jnp.zeros((Hkv, Ng, G * Gq, hd), jnp.float32),
+        )
+        zeros = jnp.zeros((Ng,), jnp.int32)
+        m1, l1, a1 = _accumulate(
+            qs,
+            k_pages,
+            v_pages,
+            layer,
+            shared.table,
+            zeros,
+            shared.lengths,
+            shared_chunk_pages,
+            dynamic_chunks,
+            empty,
+        )
+        m1, l1, a1 = m1.reshape(Hkv, B, Gq), l1.reshape(Hkv, B, Gq), a1.reshape(Hkv, B, Gq, hd)
+        m2, l2, a2 = carry
+        m = jnp.maximum(m1, m2)
+        c1, c2 = jnp.exp(m1 - m), jnp.exp(m2 - m)
+        carry = (m, l1 * c1 + l2 * c2, a1 * c1[..., None] + a2 * c2[..., None])
+        start = jnp.repeat(shared.lengths, G)
+    _, l, acc = _accumulate(
+        qg, k_pages, v_pages, layer, page_table, start, lengths, chunk_pages, dynamic_chunks, carry
+    )
+    return (acc / l[..., None]).transpose(1, 0, 2, 3).reshape(B, Hq, hd).astype(q.dtype)
+
+
+def write_decode_kv(
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    k_new: jax.Array,
+    v_new: jax.Array,
+    page_table: jax.Array,
+    positions: jax.Array,
+    active: jax.Array,
+    start: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Store each active sequence's new k/v [L, Hkv, B, hd] at its position [B]; inactive rows write nothing.
+
+    ``start`` [B]: position of each table's first page (the shared prefix length in cascade mode; 0 else).
+    Inactive rows are pointed past the pool (page id = num_pages) and dropped, so a finished sequence can
+    never touch a page it shares with others.
+    """
+    N, page = k_pages.shape[2], k_pages.shape[3]
+    rel = positions if start is None else positions - start
+    idx = jnp.clip(rel // page, 0, page_table.shape[1] - 1)
+    dest = jnp.where(active, jnp.take_along_axis(page_table, idx[:, None], axis=1)[:, 0], N)
+    off = positions % page
+    k_pages = k_pages.at[:, :, dest, off].set(k_new.astype(k_pages.dtype), mode="drop")
+    v_pages = v_pages.at[:, :, dest, off].set(v_new.astype(v_pages.dtype), mode="drop")
+    return k_pages, v_pages
+
+
+def write_prefill_pages(
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    true_lengths: jax.Array,
+    shared_dest: jax.Array,
+    entry_prefix: jax.Array,
+    partial_dest: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """Copy prefilled KV [L, N, T, Hkv, hd] (T a multiple of page_size) into the pool.
+
+    Full prompt pages go once to ``shared_dest [N, T/page]`` (shared by the whole group); the partial last
+    page of prompt ``entry_prefix[e]`` is copied to each entry's own ``partial_dest[e]`` (copy on write).
+    Out-of-range destinations are dropped. Slots past a prompt's end in the copied page hold padding KV:
+    masked by length until the sample's own tokens overwrite them.
+    """
+    L, N, T, Hkv, hd = k.shape
+    page = k_pages.shape[3]
+    J = T // page
+    # to the pool layout [L, Hkv, N*J, page, hd]
+    kp = k.reshape(L, N * J, page, Hkv, hd).transpose(0, 3, 1, 2, 4).astype(k_pages.dtype)
+    vp = v.reshape(L, N * J, page, Hkv, hd).transpose(0, 3, 1, 2, 4).astype(v_pages.dtype)
+    flat = shared_dest.reshape(N * J)
+    k_pages = k_pages.at[:, :, flat].set(kp, mode="drop")
+    v_pages = v_pages.at[:, :, flat].set(vp, mode="drop")
+    src = entry_prefix * J + jnp.minimum(true_lengths[entry_prefix] // page, J - 1)  # [M] page of the copy
+    k_pages = k_pages.at[:, :, partial_dest].set(kp[:, :, src], mode="drop")
+    v_pages = v_pages.at[:, :, partial_dest].set(vp[:, :, src], mode="drop")
+    return k_pages, v_pages
+
+
+# ---- pool layout and attention settings ----------------------------------------------------------------
+def kv_sharding(cfg: QwenConfig, mesh: Mesh | None) -> NamedSharding | None:
+    """Pool sharding: KV heads over ``tensor`` when they divide it, otherwise replicated."""
+    if mesh is None:
+        return None
+    tp = mesh.shape.get("tensor", 1)
+    head_axis = "tensor" if tp > 1 and cfg.num_kv_heads % tp == 0 else None
+    return NamedSharding(mesh, P(None, head_axis, None, None, None))
+
+
+def pool_shape(cfg: QwenConfig, scfg: SamplerConfig) -> tuple[int, ...]:
+    """KV pool shape per K and V: [L, Hkv, num_pages, page_size, hd] (module docstring)."""
+    return (cfg.num_layers, cfg.num_kv_heads, scfg.num_pages, scfg.page_size, cfg.head_dim)
+
+
+CHUNK_TOKENS = {"cpu": 64, "tpu": 512, "gpu": 1024}  # measured on CPU; GPU: few fixed-count iterations
+
+
+def attention_chunk_pages(scfg: SamplerConfig, mesh: Mesh | None) -> int:
+    """``SamplerConfig.attn_chunk_pages``, or by default ``CHUNK_TOKENS[platform] // page_size`` pages."""
+    if scfg.attn_chunk_pages is not None:
+        return scfg.attn_chunk_pages
+    device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
+    return max(1, CHUNK_TOKENS.get(device.platform, 512) // scfg.page_size)
+
+
+def dynamic_attention_chunks(scfg: SamplerConfig, mesh: Mesh | None) -> bool:
+    """``SamplerConfig.attn_dynamic_chunks``, or by default: data-dependent chunk loop except on GPUs."""
+    if scfg.attn_dynamic_chunks is not None:
+        return scfg.attn_dynamic_chunks
+    device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
+    return device.platform != "gpu"
