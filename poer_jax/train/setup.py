@@ -73,16 +73,19 @@ def load_model(cfg: ml_collections.ConfigDict, mesh: Mesh) -> tuple[Any, QwenCon
 def prepare_toy(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Generate the toy arithmetic task, its tokenizer and a tiny random Qwen2 in ``workdir/toy`` (once).
 
-    Returns a copy of cfg pointing ``data.*`` and ``model.path`` at them.
+    Returns a copy of cfg pointing ``model.path`` and (where not set) ``data.train_path`` /
+    ``data.eval_path`` at them.
     """
     from poer_jax.tasks.tiny_tokenizer import make_tiny_tokenizer
-    from poer_jax.tasks.toy import make_toy_splits, toy_completion, write_jsonl
+    from poer_jax.tasks.toy import ToyTaskConfig, make_toy_splits, toy_completion, write_jsonl
 
     root = Path(cfg.workdir) / "toy"
     model_dir = root / "model"
     train_path, test_path = root / "train.jsonl", root / "test.jsonl"
     if not (model_dir / "config.json").is_file():
-        train, test = make_toy_splits(cfg.toy.num_train, cfg.toy.num_test, seed=cfg.seed)
+        task = ToyTaskConfig(min_value=0, max_value=cfg.toy.max_value, max_operands=cfg.toy.max_operands,
+                             word_problem_fraction=cfg.toy.word_problem_fraction)
+        train, test = make_toy_splits(cfg.toy.num_train, cfg.toy.num_test, seed=cfg.seed, cfg=task)
         write_jsonl(train, train_path)
         write_jsonl(test, test_path)
         corpus = [r["problem"] for r in train] + [toy_completion(r) for r in train]
@@ -102,8 +105,8 @@ def prepare_toy(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     out.model.path = str(model_dir)
     out.model.preset = None
     out.model.tokenizer_path = str(model_dir)
-    out.data.train_path = str(train_path)
-    out.data.eval_path = str(test_path)
+    out.data.train_path = out.data.train_path or str(train_path)
+    out.data.eval_path = out.data.eval_path or str(test_path)
     return out
 
 
