@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=4096)
     ap.add_argument("--max-prompt-len", type=int, default=1024)
     ap.add_argument("--chat-template", choices=("auto", "always", "never"), default="auto")
+    ap.add_argument("--system-prompt", default=None, help="default: the open-rs system prompt (as in training)")
     ap.add_argument("--problem-key", default="problem")
     ap.add_argument("--answer-key", default="answer")
     ap.add_argument("--solution-key", default="solution")
@@ -91,8 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         eos_ids, pad_id = eos_and_pad(tokenizer, tok_dir)
         data = load_dataset_file(args.data, ColumnMap(problem=args.problem_key, solution=args.solution_key,
                                                       answer=args.answer_key), limit=args.limit)
-        prompts = tokenize_prompts(tokenizer, data, PromptConfig(chat_template=args.chat_template,
-                                                                 max_prompt_len=args.max_prompt_len))
+        pcfg = PromptConfig(chat_template=args.chat_template, max_prompt_len=args.max_prompt_len,
+                            **({"system_prompt": args.system_prompt} if args.system_prompt is not None else {}))
+        prompts = tokenize_prompts(tokenizer, data, pcfg)
     except (DataError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

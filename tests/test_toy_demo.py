@@ -33,7 +33,8 @@ def test_toy_config_learns(tmp_path):
 
     cfg = validate(apply_overrides(load_config_file(ROOT / "configs" / "toy.py"), [
         f"workdir={tmp_path / 'toy'}", "toy.num_train=1000", "toy.num_test=160", "train.max_steps=40",
-        "eval.every=0", "train.checkpoint_every=1000", "train.export_final=false"]))
+        "eval.every=0", "train.checkpoint_every=1000", "train.export_final=false",
+        "mesh.num_devices=1"]))  # conftest fakes 8 CPU devices; the demo runs on one
     trainer = PoerTrainer(cfg)
     try:
         before = _held_out(trainer, k=8)

@@ -108,6 +108,14 @@ def test_poer_and_grpo_from_the_command_line(toy_env, tmp_path):
     assert all(m["tokens/decoded_full_equiv"] > m["tokens/decoded"] for m in train_rows)
     assert (tmp_path / "poer" / "checkpoints").is_dir()
     assert list((tmp_path / "poer" / "tb").glob("events*"))
+    # the evaluator reads a training workdir's latest checkpoint (model and tokenizer from its config)
+    ev = subprocess.run([sys.executable, "-m", "poer_jax.evaluate", "--model", str(tmp_path / "poer"), "--data",
+                         toy_env["test"], "--k", "2", "--max-new-tokens", "8", "--chat-template", "never",
+                         "--system-prompt", "Answer in \\boxed{}.", "--json", str(tmp_path / "ev.json")],
+                        capture_output=True, text=True, timeout=300, cwd=ROOT,
+                        env={**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    assert json.loads((tmp_path / "ev.json").read_text())["num_problems"] == 8
 
 
 def test_exact_resume_after_sigkill(toy_env, tmp_path):

@@ -68,8 +68,20 @@ def evaluate(
                 row.append(tokenizer.decode(out.tokens[s, : out.lengths[s]].tolist(), skip_special_tokens=True))
                 lengths[start + g, i] = out.lengths[s]
             texts.append(row)
-    flat = [t for row in texts for t in row]
+    acc = grade(grader, texts, solutions, answers)
+    return EvalResult(correct=acc, completions=texts, lengths=lengths, seconds=time.perf_counter() - t0)
+
+
+def grade(grader: RewardPool, completions: Sequence[Sequence[str]], solutions: Sequence[str | None],
+          answers: Sequence[str | None]) -> np.ndarray:
+    """[problems, k] bool: completion j of problem i is right (math-verify, the training reward's grading).
+
+    A completion whose grading times out or fails counts as wrong; so does a problem whose gold cannot be
+    parsed."""
+    k = len(completions[0]) if completions else 0
+    if any(len(row) != k for row in completions):
+        raise ValueError("grade: every problem needs the same number of completions")
+    flat = [t for row in completions for t in row]
     rep = lambda xs: [x for x in xs for _ in range(k)]  # noqa: E731
     res = grader.compute([""] * len(flat), flat, columns={"solution": rep(solutions), "answer": rep(answers)})
-    acc = np.nan_to_num(res["accuracy"], nan=0.0).reshape(n, k) > 0.5
-    return EvalResult(correct=acc, completions=texts, lengths=lengths, seconds=time.perf_counter() - t0)
+    return np.nan_to_num(res["accuracy"], nan=0.0).reshape(len(completions), k) > 0.5

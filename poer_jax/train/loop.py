@@ -280,6 +280,7 @@ class PoerTrainer:
             self.state, batch, ref_params=self.ref_params, num_iterations=cfg.optim.num_iterations,
             num_minibatches=cfg.optim.num_minibatches)
         self.sampler.update_params(self.state.params)
+        jax.block_until_ready(self.state.params)  # one sync per step, so update time is not billed to the rollout
         update_s = time.perf_counter() - t_up
 
         cache_metrics: dict[str, Any] = {}

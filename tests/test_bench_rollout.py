@@ -1,0 +1,37 @@
+"""scripts/bench_rollout.py: POER vs GRPO on the toy config with paper-style truncation (L about 11 % of an
+answer, as 300 of ~2700 tokens); ratios come from counted tokens and measured times."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import bench_rollout  # noqa: E402
+
+
+@pytest.mark.slow
+def test_poer_decodes_under_ten_percent_of_grpo(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc = bench_rollout.main([
+        f"--config={ROOT / 'configs' / 'toy.py'}", "--steps", "2", "--workdir", str(tmp_path / "w"), "--json", str(out),
+        "--sweep-L", "16", "--config.toy.num_train=64", "--config.toy.num_test=8", "--config.warm_start.steps=30",
+        "--config.data.questions_per_step=8", "--config.cache.max_truncation=4", "--config.cache.budget=removed",
+        "--config.mesh.num_devices=1"])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    poer, grpo = res["poer"], res["grpo"]
+    assert poer["samples"] == grpo["samples"] == 2 * 8 * 6
+    assert res["decoded_tokens_ratio"] < 0.10
+    assert res["decoded_tokens_ratio"] == poer["decoded_tokens_per_sample"] / grpo["decoded_tokens_per_sample"]
+    assert res["rollout_time_ratio"] == poer["rollout_s"] / grpo["rollout_s"]
+    assert res["step_time_ratio"] == poer["step_s"] / grpo["step_s"]
+    assert all(v > 0 for v in (poer["rollout_s"], grpo["rollout_s"], poer["step_s"], grpo["step_s"]))
+    # POER decodes at most m <= L = 4 new tokens a sample with the "removed" budget; GRPO decodes whole answers
+    assert poer["decoded_tokens_per_sample"] <= 4 < grpo["decoded_tokens_per_sample"]
+    assert res["sweep_L"][0]["decoded_tokens_per_sample"] > poer["decoded_tokens_per_sample"]
+    assert "decoded tokens" in capsys.readouterr().out
