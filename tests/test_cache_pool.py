@@ -463,7 +463,7 @@ def test_load_answers_file_by_index_and_problem(tmp_path: Path) -> None:
             load_answers_file(path, tokenize, num_questions=3, **kw)  # type: ignore[arg-type]
 
     ok = json.dumps({"index": 0, "answer_text": "x"})
-    bad([ok, "{not json"], r"answers.jsonl:2: invalid JSON")
+    bad([ok, "{not json"], r"answers.jsonl:2: malformed JSON")
     bad([ok, json.dumps({"index": 0})], r"answers.jsonl:2: needs a string field 'answer_text'")
     bad([json.dumps({"index": 3, "answer_text": "x"})], r"jsonl:1: 'index' must be an integer in \[0, 3")
     bad([json.dumps({"answer_text": "x"})], r"answers.jsonl:1: needs an 'index' or a 'problem'")

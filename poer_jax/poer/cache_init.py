@@ -11,7 +11,6 @@ All host-side work happens once here, the result is a single device transfer.
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from os import PathLike
@@ -20,6 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from poer_jax.jsonl import parse_json_object
 from poer_jax.poer.cache_pool import CachePool, insert
 
 TokenList = Sequence[int] | np.ndarray
@@ -123,12 +123,7 @@ def load_answers_file(path: str | PathLike[str], tokenize: Callable[[str], Seque
             where = f"{path}:{lineno}"
             if not line.strip():
                 continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: invalid JSON ({exc.msg})") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+            rec = parse_json_object(line, where)
             text = rec.get("answer_text", rec.get("completion"))
             if not isinstance(text, str):
                 raise ValueError(f"{where}: needs a string field 'answer_text' or 'completion'")

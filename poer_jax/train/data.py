@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from poer_jax.jsonl import parse_json_object
+
 __all__ = [
     "OPEN_RS_SYSTEM_PROMPT",
     "PLAIN_TEMPLATE",
@@ -139,13 +141,7 @@ def _read_json(p: Path) -> tuple[list[dict[str, Any]], list[str]]:
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{p}:{lineno}: malformed JSON: {e.msg} (column {e.colno})") from e
-        if not isinstance(record, dict):
-            raise DataError(f"{p}:{lineno}: expected a JSON object, got {type(record).__name__}")
-        records.append(record)
+        records.append(parse_json_object(line, f"{p}:{lineno}", DataError))
         locations.append(f"{p}:{lineno}")
     return records, locations
 

@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from poer_jax.jsonl import parse_json_object
+
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
@@ -74,12 +76,7 @@ def decode_value(value: Any) -> Any:
 
 def parse_line(line: str, where: str) -> dict[str, Any]:
     """One metrics.jsonl line as a dict with an int ``step`` and decoded values; ``where`` is ``file:line``."""
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: malformed JSON ({e.msg}): {line[:120]!r}") from e
-    if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    row = parse_json_object(line, where)
     step = row.get("step")
     if isinstance(step, bool) or not isinstance(step, int):
         raise ValueError(f"{where}: missing or non-integer 'step' (got {step!r})")
