@@ -63,3 +63,9 @@ def infinite_reward(prompts: list[Any], completions: list[str], completion_ids: 
     """inf for completions with an odd sum of token ids, else 0: a group mixing both has non-finite
     advantages, so the loss is non-finite."""
     return [float("inf") if sum(ids) % 2 else 0.0 for ids in completion_ids]
+
+
+def spread_on_even_answers(prompts: list[Any], completions: list[str], completion_ids: Any, **columns: Any
+                           ) -> list[float]:
+    """Completion length for problems with an even answer, 0 otherwise: only those groups have a spread."""
+    return [float(len(c)) if int(a) % 2 == 0 else 0.0 for c, a in zip(completions, columns["answer"], strict=True)]

@@ -244,3 +244,28 @@ def test_hanging_reward_is_cut_off_and_nonfinite_update_is_skipped(toy_env, tmp_
     assert first["rewards/hang_sometimes/timeouts"] + last["rewards/hang_sometimes/timeouts"] >= 1
     state, _, _ = Checkpointer(tmp_path / "w" / "checkpoints", keep=2).restore()
     assert all(np.isfinite(np.asarray(x, np.float32)).all() for x in jax.tree.leaves(state["params"]))
+
+
+def test_dynamic_sampling_keeps_groups_with_spread_and_fails_clearly(toy_env, tmp_path):
+    from poer_jax.rl import DynamicSamplingError
+    from poer_jax.train.loop import PoerTrainer
+
+    cfg = _config(toy_env, tmp_path / "w", **{
+        "reward.functions": f"{HELPERS}:spread_on_even_answers", "reward.dynamic_sampling": True,
+        "reward.max_sampling_attempts": 8, "train.max_steps": 1, "reward.length_aware": False})
+    trainer = PoerTrainer(cfg)
+    try:
+        m = trainer.train_step()
+        assert m["dynamic_sampling/attempts"] >= 1 and m["frac_reward_zero_std"] == 0.0
+        assert m["completions/mean_length"] > 0
+        bad = _config(toy_env, tmp_path / "w2", **{
+            "reward.functions": "accuracy", "reward.dynamic_sampling": True, "reward.max_sampling_attempts": 2,
+            "reward.length_aware": False})
+        t2 = PoerTrainer(bad)  # an untrained model answers nothing right: no group ever has a spread
+        try:
+            with pytest.raises(DynamicSamplingError, match="2"):
+                t2.train_step()
+        finally:
+            t2.rewards.close()
+    finally:
+        trainer.rewards.close()

@@ -34,13 +34,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from poer_jax.model.config import ModelConfigError
     from poer_jax.model.safetensors_io import WeightFileError
+    from poer_jax.rl.dynamic_sampling import DynamicSamplingError
     from poer_jax.train.data import DataError
     from poer_jax.train.loop import PoerTrainer
 
     try:
         trainer = PoerTrainer(cfg)
         trainer.run()
-    except (ConfigError, DataError, ModelConfigError, WeightFileError) as e:
+    except (ConfigError, DataError, ModelConfigError, WeightFileError, DynamicSamplingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -258,7 +258,7 @@ class PoerTrainer:
                 kept, kept_shaped = dyn.result()
                 r, raw = _select_groups(cache_updates, kept["attempt"], kept["row"], G)
                 info["cache_updates"] = cache_updates
-                info.update({f"dynamic_sampling/{k}": v for k, v in dyn.metrics().items()})
+                info.update(dyn.metrics())  # "dynamic_sampling/attempts", ".../kept_fraction"
                 return r, raw, kept_shaped, rmetrics, info
 
     def train_step(self) -> dict[str, float]:
