@@ -147,6 +147,12 @@ def shard_batch(batch: RolloutBatch, mesh: Mesh | None) -> RolloutBatch:
     when ``mesh`` is None). Rows must divide evenly over data x fsdp."""
     if mesh is None:
         return jax.tree.map(jax.numpy.asarray, batch)
+    if isinstance(batch.tokens, jax.Array) and not batch.tokens.is_fully_addressable:
+        return batch  # already a global array (multi-host)
+    if jax.process_count() > 1:
+        # multi-host: each process holds its own rows; together they form the global batch
+        return jax.tree.map(
+            lambda x: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(x)), np.asarray(x)), batch)
     n = mesh.shape["data"] * mesh.shape["fsdp"]
     if batch.num_rows % n:
         raise ValueError(f"batch.py: {batch.num_rows} rows do not divide over data x fsdp = {n} devices")
