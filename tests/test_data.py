@@ -87,7 +87,7 @@ def test_parquet_happy_path(tmp_path: Path) -> None:
 
 
 def test_saved_hf_dataset_directory(tmp_path: Path) -> None:
-    datasets = pytest.importorskip("datasets")
+    datasets = pytest.importorskip("datasets")  # optional at run time; the test extra installs it, so CI runs this
     datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS)}).save_to_disk(str(tmp_path / "hf"))
     ds = load_dataset_file(tmp_path / "hf")
     assert ds.rows == ROWS
