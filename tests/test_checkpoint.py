@@ -110,6 +110,24 @@ def test_round_trip_sharded(tmp_path, mesh8, abstract):
     ckpt.close()
 
 
+def test_pool_restores_onto_the_mesh_from_numpy_or_sharded_saves(tmp_path, mesh8):
+    """The loop saves the pool as its (sharded) jax arrays and restores it with a template, so no process needs
+    the whole pool on its host; a checkpoint whose pool was saved as host numpy restores the same way."""
+    host = _pool_state()
+    placed = cache_pool.shard_pool(cache_pool.from_state_dict(host), mesh8, "tensor")  # 6 rows over 2
+    sharded = {**{f: getattr(placed, f) for f in cache_pool.ARRAY_FIELDS}, "pad_id": host["pad_id"]}
+    assert placed.tokens.sharding.spec[0] is not None  # the rows really are split over devices
+    state = _make_state(mesh8)
+    for name, saved in (("numpy", host), ("sharded", sharded)):
+        with Checkpointer(tmp_path / name, keep=1) as ckpt:
+            ckpt.save(0, state, saved, {})
+            _, got, _ = ckpt.restore(0, state, abstract_pool=sharded)
+        for f in cache_pool.ARRAY_FIELDS:
+            assert isinstance(got[f], jax.Array) and got[f].sharding == sharded[f].sharding, (name, f)
+            np.testing.assert_array_equal(np.asarray(got[f]), host[f])
+        assert int(got["pad_id"]) == int(host["pad_id"])
+
+
 def test_restore_onto_other_sharding_and_without_pool(tmp_path, mesh8):
     """A checkpoint from an 8-device mesh restores onto a single device; pool_state=None round trips."""
     state = _make_state(mesh8)

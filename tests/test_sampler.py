@@ -217,6 +217,24 @@ def test_chunked_prefill_changes_nothing(params2: dict) -> None:
     assert res.prefilled_tokens == sum(PROMPT_LENS)
 
 
+def test_group_offset_gives_a_split_batch_the_samples_of_the_whole(params2: dict) -> None:
+    """Multi-host: a process sampling prompts [k:] of a batch with group_offset=k draws what one call on the
+    whole batch draws for them."""
+    sp = SamplingParams(temperature=1.0)
+    prompts = _prompts(PROMPT_LENS, QWEN2.vocab_size, seed=2)
+    whole = _sampler(params2, QWEN2, 4, sp).generate(prompts, 4, list(BUDGETS), jax.random.key(7))
+    k = 2
+    part = _sampler(params2, QWEN2, 4, sp).generate(prompts[k:], 4, list(BUDGETS)[k:], jax.random.key(7),
+                                                    group_offset=k)
+    np.testing.assert_array_equal(part.tokens, whole.tokens[k * 4:, : part.tokens.shape[1]])
+    np.testing.assert_allclose(part.policy_logprobs, whole.policy_logprobs[k * 4:, : part.tokens.shape[1]],
+                               atol=1e-5)
+    plain = _sampler(params2, QWEN2, 4, sp).generate(prompts[k:], 4, list(BUDGETS)[k:], jax.random.key(7))
+    assert not np.array_equal(plain.tokens, part.tokens)  # the offset is what lines the streams up
+    with pytest.raises(SamplerError, match="group_offset"):
+        _sampler(params2, QWEN2, 4, sp).generate(prompts, 4, 4, jax.random.key(7), group_offset=-1)
+
+
 # ---- 4. EOS and budget -----------------------------------------------------------------------------------
 def test_eos_and_budget_stops(params2: dict) -> None:
     prompts = _prompts(PROMPT_LENS, QWEN2.vocab_size)

@@ -149,20 +149,81 @@ def test_exact_resume_after_sigkill(toy_env, tmp_path):
         np.testing.assert_array_equal(pa[k], pb[k])
 
 
-def test_eight_devices_equal_one_device(toy_env, tmp_path):
-    one = _run_cli(toy_env, tmp_path / "one", **{"train.max_steps": 2})
+def _assert_same_metrics(a_rows: list[dict], b_rows: list[dict]) -> None:
+    a_rows, b_rows = _comparable(a_rows), _comparable(b_rows)
+    assert [m["step"] for m in a_rows] == [m["step"] for m in b_rows]
+    for a, b in zip(a_rows, b_rows, strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_allclose(a[k], b[k], rtol=2e-3, atol=2e-4, err_msg=f"step {a['step']}: {k}")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _run_two_processes(env, workdir, **extra) -> list[subprocess.CompletedProcess]:
+    """The same command as two JAX processes with 4 CPU devices each (a 2-host job on one machine)."""
+    args, env_vars = _cli(env, workdir, **extra)
+    port = _free_port()
+    procs = [subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={
+        **env_vars, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_NUM_PROCESSES": "2",
+        "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_PROCESS_ID": str(i)}) for i in range(2)]
+    out = []
+    try:
+        for p in procs:
+            stdout, stderr = p.communicate(timeout=600)
+            out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    finally:
+        for p in procs:
+            p.kill()
+    return out
+
+
+def test_eight_devices_and_two_processes_equal_one_device(toy_env, tmp_path):
+    """Must show 5 (mesh data x fsdp on 8 devices) and the multi-host path: two processes x 4 devices, each
+    sampling its own questions on its own devices, give the metrics of one device; so does a two-process
+    run resumed after losing its last checkpoint."""
+    run = {"train.max_steps": 2, "eval.enabled": True, "eval.every": 2, "train.export_final": True}
+    mesh = {"mesh.num_devices": 0, "mesh.data": 2, "mesh.fsdp": -1}
+    one = _run_cli(toy_env, tmp_path / "one", **run)
     assert one.returncode == 0, one.stderr[-3000:]
-    args, env_vars = _cli(toy_env, tmp_path / "eight", **{"train.max_steps": 2, "mesh.num_devices": 0,
-                                                           "mesh.data": 2, "mesh.fsdp": -1})
+    args, env_vars = _cli(toy_env, tmp_path / "eight", **run, **mesh)
     env_vars["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     eight = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env_vars, cwd=ROOT)
     assert eight.returncode == 0, eight.stderr[-3000:]
-    m1, m8 = _comparable(_metrics(tmp_path / "one")), _comparable(_metrics(tmp_path / "eight"))
-    assert [m["step"] for m in m1] == [m["step"] for m in m8]
-    for a, b in zip(m1, m8, strict=True):
-        assert a.keys() == b.keys()
-        for k in a:
-            np.testing.assert_allclose(a[k], b[k], rtol=2e-3, atol=2e-4, err_msg=k)
+    m1 = _metrics(tmp_path / "one")
+    assert "eval/accuracy" in m1[0] and "eval/accuracy" in m1[-1]
+    _assert_same_metrics(m1, _metrics(tmp_path / "eight"))
+
+    two = tmp_path / "two"
+    for i, r in enumerate(_run_two_processes(toy_env, two, **run, **mesh)):
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert f"process {i} of 2: samples 2 of the 4 questions of a step on its 4 devices" in r.stderr
+    _assert_same_metrics(m1, _metrics(two))
+    from safetensors.numpy import load_file
+
+    w1 = load_file(tmp_path / "one" / "export" / "model.safetensors")
+    w2 = load_file(two / "export" / "model.safetensors")
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        np.testing.assert_allclose(w1[k], w2[k], rtol=1e-4, atol=1e-5, err_msg=k)
+    # lose the last checkpoint (a crash before it was committed): the resumed run redoes step 2 identically
+    import shutil
+
+    shutil.rmtree(two / "checkpoints" / "2")
+    resumed = _run_two_processes(toy_env, two, **run, **mesh)
+    for r in resumed:
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "resumed from" in r.stderr and "at step 1" in r.stderr
+    _assert_same_metrics(m1, _metrics(two))
+    # a batch that does not split over the processes: a clear error on each, no hang
+    for r in _run_two_processes(toy_env, tmp_path / "bad", **{**run, **mesh, "data.questions_per_step": 3}):
+        assert r.returncode == 2 and "data.questions_per_step" in r.stderr, r.stderr[-3000:]
 
 
 # ---- bad input: a clear message naming the file / line / key, a non-zero exit, nothing half-written ----

@@ -52,15 +52,20 @@ def evaluate(
     key: jax.Array,
     grader: RewardPool,
     batch_size: int = 64,
+    first_index: int = 0,
 ) -> EvalResult:
-    """Sample k completions per prompt (batches of ``batch_size`` prompts) and grade them."""
+    """Sample k completions per prompt (batches of ``batch_size`` prompts) and grade them.
+
+    Prompt j's samples come from fold_in(key, first_index + j) (see ``GroupSampler.generate``): the same
+    whatever the batch size, and, with ``first_index`` its position in a larger set, however that set is
+    split (over processes)."""
     t0 = time.perf_counter()
     n = len(prompt_ids)
     texts: list[list[str]] = []
     lengths = np.zeros((n, k), np.int32)
     for start in range(0, n, batch_size):
         chunk = [list(map(int, p)) for p in prompt_ids[start: start + batch_size]]
-        out = sampler.generate(chunk, k, max_new_tokens, jax.random.fold_in(key, start), sampling=sampling)
+        out = sampler.generate(chunk, k, max_new_tokens, key, sampling=sampling, group_offset=first_index + start)
         for g in range(len(chunk)):
             row = []
             for i in range(k):

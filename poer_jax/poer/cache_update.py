@@ -50,24 +50,33 @@ jax.tree_util.register_dataclass(UpdateResult, data_fields=["pool", "chosen", "t
 
 def choose_responses(rewards: jax.Array, key: jax.Array, epsilon: float | jax.Array,
                      mode: UpdateMode = "epsilon_greedy") -> tuple[jax.Array, jax.Array]:
-    """Index of the response to cache per group (Eq. 9) and whether it is the argmax; rewards [B, G]."""
+    """Index of the response to cache per group (Eq. 9) and whether it is the argmax; rewards [B, G].
+
+    ``key``: one PRNG key (split into one per group) or [B] keys, one per group."""
     if mode not in ("epsilon_greedy", "authors"):
         raise ValueError(f"cache update: choose_responses needs mode 'epsilon_greedy' or 'authors', "
                          f"got {mode!r}")
     batch, group = rewards.shape
     rewards = jnp.where(jnp.isnan(rewards), -jnp.inf, rewards.astype(jnp.float32))
     best = jnp.argmax(rewards, axis=1).astype(jnp.int32)
-    key_coin, key_other = jax.random.split(key)
+    keys = jax.random.split(key, batch) if jnp.ndim(key) == 0 else key
+    if keys.shape != (batch,):
+        raise ValueError(f"cache update: expected one key or {batch} keys, got key shape {keys.shape}")
+
+    def draw(k: jax.Array) -> tuple[jax.Array, jax.Array]:
+        key_coin, key_other = jax.random.split(k)
+        return (jax.random.uniform(key_coin, ()),
+                jax.random.randint(key_other, (), 0, max(group - 1, 1), dtype=jnp.int32))
+
+    u, j = jax.vmap(draw)(keys)
     prob_best = AUTHORS_BEST_PROB if mode == "authors" else epsilon
-    take_best = jax.random.uniform(key_coin, (batch,)) < prob_best
+    take_best = u < prob_best
     if group == 1:
         other = jnp.zeros((batch,), jnp.int32)
     elif mode == "authors":
-        other = jax.random.randint(key_other, (batch,), 0, group - 1, dtype=jnp.int32)
+        other = j  # randint(0, G - 1): indices 0..G-2
     else:
-        # uniform over the G-1 non-argmax indices: draw from 0..G-2 and skip over the argmax
-        j = jax.random.randint(key_other, (batch,), 0, group - 1, dtype=jnp.int32)
-        other = j + (j >= best).astype(jnp.int32)
+        other = j + (j >= best).astype(jnp.int32)  # uniform over the G-1 non-argmax indices: skip the argmax
     chosen = jnp.where(take_best, best, other)
     return chosen, chosen == best
 
@@ -97,7 +106,9 @@ def update(pool: CachePool, indices: jax.Array, tokens: jax.Array, lengths: jax.
     if mode == "none":
         return UpdateResult(pool=pool, chosen=jnp.full((batch,), -1, jnp.int32),
                             took_best=jnp.zeros((batch,), jnp.bool_), updated=jnp.zeros((batch,), jnp.bool_))
-    chosen, took_best = choose_responses(rewards, key, epsilon, mode)
+    # one key per question row: the draws do not depend on batch position, padding or process count
+    row_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, indices.astype(jnp.uint32))
+    chosen, took_best = choose_responses(rewards, row_keys, epsilon, mode)
     rows = jnp.arange(batch)
     new_len = jnp.clip(lengths[rows, chosen], 0, pool.max_len)
     new_tokens = mask_beyond_length(fit_width(tokens[rows, chosen], pool.max_len, pool.pad_id), new_len,

@@ -131,7 +131,10 @@ def truncate(pool: CachePool, indices: jax.Array, key: jax.Array, config: Trunca
     batch = n.shape[0]
     if config.mode == "paper":
         L = max_truncation_per_group(config, shortest)
-        m = jax.random.randint(key, (batch,), 0, L + 1, dtype=jnp.int32)  # U{0..L}, both ends included
+        # U{0..L}, both ends included; one key per question row, so a group's m does not depend on where
+        # it sits in the batch (padding, process count, batch size)
+        row_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.asarray(indices).astype(jnp.uint32))
+        m = jax.vmap(lambda k, hi: jax.random.randint(k, (), 0, hi + 1, dtype=jnp.int32))(row_keys, L)
     else:
         L = jnp.full((batch,), config.max_truncation, jnp.int32)
         m = jnp.broadcast_to(jax.random.randint(key, (), 1, config.max_truncation, dtype=jnp.int32), (batch,))

@@ -78,6 +78,7 @@ def build_rollout_batch(
     pad_id: int,
     prefix_in_loss: bool = False,
     bucket: int = 64,
+    min_length: int = 0,
 ) -> RolloutBatch:
     """Lay out B sampled rows as a ``RolloutBatch`` of numpy arrays (see the module docstring).
 
@@ -92,6 +93,8 @@ def build_rollout_batch(
       pad_id: token written into padding slots (never attended, never trained).
       prefix_in_loss: train the prefix tokens too (authors' code) instead of treating them as prompt.
       bucket: T is rounded up to a multiple of this.
+      min_length: T is at least this (multi-host: every process passes the longest row of all processes,
+        so their local batches have one width).
     """
     B = len(prompt_ids)
     if B == 0:
@@ -121,7 +124,7 @@ def build_rollout_batch(
             )
         rows.append((prompt, prefix, cont))
 
-    T = bucket_length(max(p.size + x.size + c.size for p, x, c in rows), bucket)
+    T = bucket_length(max(max(p.size + x.size + c.size for p, x, c in rows), int(min_length)), bucket)
     tokens = np.full((B, T), pad_id, np.int32)
     attention = np.zeros((B, T), bool)
     loss = np.zeros((B, T), bool)

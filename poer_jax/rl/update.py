@@ -369,12 +369,15 @@ class Trainer:
         if num_iterations < 1 or num_minibatches < 1:
             raise ValueError(f"update.py: num_iterations ({num_iterations}) and num_minibatches "
                              f"({num_minibatches}) must be >= 1")
-        if batch.num_rows % num_minibatches:
-            raise ValueError(f"update.py: {batch.num_rows} rows do not split into {num_minibatches} mini-batches")
+        # multi-host: ``batch`` holds this process's rows; the global batch is all processes' rows together
+        is_global = isinstance(batch.tokens, jax.Array) and not batch.tokens.is_fully_addressable
+        rows = batch.num_rows if is_global or self.mesh is None else batch.num_rows * jax.process_count()
+        if rows % num_minibatches:
+            raise ValueError(f"update.py: {rows} rows do not split into {num_minibatches} mini-batches")
         if self.mesh is not None:
             n_dev = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-            if (batch.num_rows // num_minibatches) % n_dev:
-                raise ValueError(f"update.py: mini-batches of {batch.num_rows // num_minibatches} rows do not "
+            if (rows // num_minibatches) % n_dev:
+                raise ValueError(f"update.py: mini-batches of {rows // num_minibatches} rows do not "
                                  f"divide over data x fsdp = {n_dev} devices")
         batch = self.shard_batch(batch)
         if batch.ref_logp is None and (self.loss_cfg.beta > 0 or ref_params is not None):

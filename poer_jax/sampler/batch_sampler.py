@@ -284,13 +284,18 @@ class GroupSampler:
         key: jax.Array,
         sampling: SamplingParams | None = None,
         timing: dict[str, float] | None = None,
+        group_offset: int = 0,
     ) -> SampleOutput:
         """Sample ``group_size`` continuations of each prompt (token ids; see the module docstring).
 
-        ``key``: a PRNG key for this call (sample i of prompt g uses fold_in(fold_in(key, g), i), token t
-        of it fold_in(that, t)). ``sampling`` overrides ``sampler_cfg.sampling`` for this call. With a
-        ``timing`` dict, prefill and decode are synchronised and timed ('prefill_s', 'decode_s'; benchmarks).
+        ``key``: a PRNG key for this call (sample i of prompt g uses fold_in(fold_in(key, group_offset + g),
+        i), token t of it fold_in(that, t)). ``group_offset``: the first prompt's index in a larger batch
+        split over calls or processes, so each prompt draws the same samples however the batch is split.
+        ``sampling`` overrides ``sampler_cfg.sampling`` for this call. With a ``timing`` dict, prefill and
+        decode are synchronised and timed ('prefill_s', 'decode_s'; benchmarks).
         """
+        if int(group_offset) != group_offset or not 0 <= group_offset < 2**31:
+            raise SamplerError(f"group_offset must be an int in [0, 2**31), got {group_offset!r}")
         s = self.scfg
         sp = sampling or s.sampling
         plan, arrs = self.plan(prompts, group_size, max_new_tokens)
@@ -320,7 +325,7 @@ class GroupSampler:
                     put(jnp.asarray(tokens)),
                     put(jnp.asarray(true_lens)),
                     key,
-                    put(jnp.uint32(first_group)),
+                    put(jnp.uint32(int(group_offset) + first_group)),
                     put(InsertArrays.from_host(arrays)),
                     cfg=self.cfg,
                     sp=sp,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
 from poer_jax.train.config import ConfigError, config_from_argv, describe
@@ -27,10 +26,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("POER_JAX_DISTRIBUTED"):
-        import jax
+    from poer_jax.train.multihost import initialize_from_env
 
-        jax.distributed.initialize()  # multi-host: one process per host, same command everywhere
+    try:
+        initialize_from_env()  # multi-host: one process per host, the same command everywhere
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     from poer_jax.model.config import ModelConfigError
     from poer_jax.model.safetensors_io import WeightFileError

@@ -4,8 +4,9 @@ One checkpoint is a step directory ``<directory>/<step>/`` with three Orbax item
 
   state  the train-state pytree (params, optimizer state, step counter, PRNG key data); jax arrays, possibly
          sharded, restored with the target shardings of ``abstract_state``
-  pool   the cache pool C (paper Sec. 3.1, Eq. 1) as the host dict of :func:`poer.cache_pool.to_state_dict`;
-         absent when the run has no pool (GRPO baseline)
+  pool   the cache pool C (paper Sec. 3.1, Eq. 1): a dict of its arrays, host numpy
+         (:func:`poer.cache_pool.to_state_dict`) or jax arrays, possibly sharded over several processes;
+         absent when the run has no pool
   extra  a JSON object: data-iterator position (:meth:`EpochIterator.get_state`), host RNG state, config...
 
 Crash safety comes from Orbax: a step is written into ``<step>.orbax-checkpoint-tmp`` and renamed into place
@@ -79,7 +80,7 @@ def _check_pool(pool_state: Mapping[str, Any]) -> dict[str, np.ndarray]:
     for key, value in pool_state.items():
         if not isinstance(key, str):
             raise TypeError(f"checkpoint: pool_state keys must be str, got {key!r}")
-        out[key] = np.asarray(value)
+        out[key] = value if isinstance(value, jax.Array) else np.asarray(value)  # jax arrays: saved per shard
     return out
 
 
@@ -165,8 +166,8 @@ class Checkpointer:
             log.info("checkpoint: saving step %d to %s", step, self.directory)
         return saved
 
-    def restore(self, step: int | None = None, abstract_state: Any = None
-                ) -> tuple[Any, dict[str, np.ndarray] | None, dict[str, Any]]:
+    def restore(self, step: int | None = None, abstract_state: Any = None,
+                abstract_pool: Mapping[str, Any] | None = None) -> tuple[Any, dict[str, Any] | None, dict[str, Any]]:
         """Load ``(train_state, pool_state, extra)`` of ``step`` (default: the latest).
 
         ``abstract_state`` is the target pytree: ``jax.ShapeDtypeStruct`` leaves (with ``.sharding``) or
@@ -174,7 +175,9 @@ class Checkpointer:
         those shardings, and container types (optax NamedTuple states) come back as in the template. With
         ``abstract_state=None`` the state is restored as stored: NamedTuples become dicts/lists and arrays
         take the shardings recorded at save time, which only works on the same device set; use it for
-        inspection, not to resume. ``pool_state`` is None when the checkpoint has no pool.
+        inspection, not to resume. ``pool_state`` is None when the checkpoint has no pool; it is a dict of
+        numpy arrays, or, given ``abstract_pool`` (a template dict, as for ``abstract_state``), of arrays placed
+        like the template's (needed on several processes, where no process holds the whole pool).
         """
         self.wait()
         steps = self.all_steps()
@@ -189,13 +192,17 @@ class Checkpointer:
         items: dict[str, Any] = {"state": ocp.args.StandardRestore(target), "extra": ocp.args.JsonRestore()}
         has_pool = (self._mngr.directory / str(step) / "pool").exists()
         if has_pool:
-            items["pool"] = ocp.args.StandardRestore()
+            items["pool"] = ocp.args.StandardRestore(
+                None if abstract_pool is None else jax.tree.map(_as_abstract, dict(abstract_pool)))
         try:
             out = self._mngr.restore(step, args=ocp.args.Composite(**items))
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"checkpoint: cannot restore step {step} from {self.directory} into the given "
                              f"abstract_state: {e}") from e
-        pool = {k: np.asarray(v) for k, v in out["pool"].items()} if has_pool else None
+        pool = None
+        if has_pool:
+            restored = dict(out["pool"])
+            pool = restored if abstract_pool is not None else {k: np.asarray(v) for k, v in restored.items()}
         return out["state"], pool, dict(out["extra"])
 
     def restore_extra(self, step: int | None = None) -> dict[str, Any]:

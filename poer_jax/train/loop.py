@@ -22,8 +22,10 @@ import numpy as np
 
 from poer_jax import poer
 from poer_jax.model.sharding import make_mesh
+from poer_jax.poer.cache_pool import ARRAY_FIELDS
 from poer_jax.rl import (
     DynamicSampler,
+    DynamicSamplingError,
     LossConfig,
     apply_overlong_penalty,
     build_rollout_batch,
@@ -36,9 +38,11 @@ from poer_jax.train import setup
 from poer_jax.train.checkpoint import Checkpointer
 from poer_jax.train.data import ColumnMap, EpochIterator, PromptConfig, load_dataset_file, tokenize_prompts
 from poer_jax.train.metrics import MetricsWriter
+from poer_jax.train.multihost import ProcessLocalParams, ProcessRows, is_main_process
 from poer_jax.train.progress import Progress
-from poer_jax.train.reward_pool import RewardPool, RewardSpec
+from poer_jax.train.reward_pool import RewardPool, RewardResult, RewardSpec
 from poer_jax.train.rollout import Rollout, responses_array, rollout
+from poer_jax.train.step_metrics import gather_reward_result, rollout_metrics
 
 log = logging.getLogger("poer_jax")
 
@@ -73,6 +77,7 @@ class PoerTrainer:
             self.mesh = make_mesh({"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp, "tensor": cfg.mesh.tensor}, devices)
         except ValueError as e:
             raise setup.ConfigError(f"config section 'mesh': {e}") from e
+        self.rows = ProcessRows(self.mesh)  # this process's rows <-> global arrays (identity on one process)
         tok_path = cfg.model.tokenizer_path or cfg.model.path
         if tok_path is None:
             raise setup.ConfigError("config key 'model.tokenizer_path' is required with model.preset")
@@ -133,23 +138,36 @@ class PoerTrainer:
                              max_pages_per_seq=_pow2(pages_per_seq), max_prefill_length=max_seq,
                              eos_ids=self.eos_ids, pad_id=self.pad_id, sampling=self.sampling,
                              kv_dtype=cfg.model.dtype)
-        self.sampler = GroupSampler(self.state.params, self.mcfg, scfg, mesh=self.mesh)
+        # multi-host: each process samples its own questions on its own devices
+        self.sampler_params = ProcessLocalParams(self.mesh, self.mcfg)
+        self.sampler = GroupSampler(self.sampler_params(self.state.params), self.mcfg, scfg,
+                                    mesh=self.sampler_params.mesh)
 
+        if self.rows.multihost:
+            log.info("process %d of %d: samples %d of the %d questions of a step on its %d devices",
+                     self.rows.index, self.rows.count, q // self.rows.count, q, self.sampler_params.mesh.size)
         self.rewards = RewardPool(_reward_specs(cfg), num_workers=cfg.reward.num_workers,
                                   timeout_s=cfg.reward.timeout_s, on_error="default")
         self.grader = self.rewards if "accuracy" in self.rewards.names else RewardPool(
             ["accuracy"], num_workers=1, timeout_s=cfg.reward.timeout_s, on_error="default")
-        self.iterator = EpochIterator(len(self.prompts), q, seed=cfg.seed, process_index=jax.process_index(),
-                                      process_count=jax.process_count())
+        try:  # each process iterates over its share of every global batch
+            self.iterator = EpochIterator(len(self.prompts), q, seed=cfg.seed, process_index=jax.process_index(),
+                                          process_count=jax.process_count())
+        except ValueError as e:
+            raise setup.ConfigError(f"config key 'data.questions_per_step': {e}") from e
         self.truncation = poer.TruncationConfig(
             max_completion_len=R.max_completion_len, max_truncation=cfg.cache.max_truncation,
             fraction=cfg.cache.truncation_fraction, mode=cfg.cache.truncation_mode, budget=cfg.cache.budget)
-        self.pool = poer.shard_pool(poer.create(len(self.prompts), R.max_completion_len, self.pad_id), self.mesh)
+        def empty_pool() -> poer.CachePool:
+            return poer.create(len(self.prompts), R.max_completion_len, self.pad_id)
+
+        self.pool = jax.jit(empty_pool, out_shardings=poer.pool_sharding(jax.eval_shape(empty_pool), self.mesh))()
         self.key = jax.random.key(cfg.seed)
         self.step = 0
         if resuming:
             self._restore()
-        self.metrics = MetricsWriter(self.workdir, resume_step=self.step if resuming else None)
+        self.metrics = MetricsWriter(self.workdir, resume_step=self.step if resuming else None) \
+            if is_main_process() else None  # one writer for the run
         if self.step == 0 and R.strategy == "poer":
             self._init_cache()
 
@@ -169,34 +187,46 @@ class PoerTrainer:
                 num_questions=n, problems=problems)
             self.pool = poer.from_token_lists(mapping, self.pool.max_len, self.pad_id, self.eos_ids[0],
                                               num_questions=n, sharding=poer.pool_sharding(self.pool, self.mesh))
-        else:  # one sample per question from the initial policy
+        else:  # one sample per question from the initial policy; each process samples its share of a chunk
             t0 = time.perf_counter()
             chunk = self.cfg.data.questions_per_step * self.cfg.rollout.group_size
             key = jax.random.fold_in(self.key, -1 & 0x7FFFFFFF)
+            width, P, p = self.pool.max_len, self.rows.count, self.rows.index
             for start in range(0, n, chunk):
                 idx = np.arange(start, min(n, start + chunk))
-                out = self.sampler.generate([self.prompts.ids[i].tolist() for i in idx], 1,
-                                            self.cfg.rollout.max_completion_len, jax.random.fold_in(key, start))
-                self.pool = poer.insert(self.pool, jnp.asarray(idx, jnp.int32), jnp.asarray(out.tokens),
-                                        jnp.asarray(out.lengths))
+                share = _cdiv(len(idx), P)
+                mine = idx[p * share: (p + 1) * share]
+                tokens = np.full((share, width), self.pad_id, np.int32)
+                lengths = np.zeros((share,), np.int32)
+                if mine.size:
+                    out = self.sampler.generate([self.prompts.ids[i].tolist() for i in mine], 1, width,
+                                                jax.random.fold_in(key, start), group_offset=p * share)
+                    tokens[: mine.size, : out.tokens.shape[1]] = out.tokens[:, :width]
+                    lengths[: mine.size] = out.lengths
+                rows = np.full((share,), -1, np.int32)  # -1: a padding row, dropped by the pool's writers
+                rows[: mine.size] = mine
+                self.pool = _insert(self.pool, self.rows.to_global(rows, fill=-1),
+                                    self.rows.to_global(tokens, fill=self.pad_id), self.rows.to_global(lengths))
             log.info("cache pool: %d answers sampled in %.1fs", n, time.perf_counter() - t0)
 
     # ---- checkpoints ------------------------------------------------------------------------------------
     def _restore(self) -> None:
-        state, pool_state, extra = self.checkpointer.restore(abstract_state=self.state)
+        state, pool_state, extra = self.checkpointer.restore(abstract_state=self.state,
+                                                             abstract_pool=_pool_items(self.pool))
         self.state = state
-        self.pool = poer.from_state_dict(pool_state, poer.pool_sharding(self.pool, self.mesh))
+        if pool_state is not None:
+            self.pool = _pool_from_items(pool_state)
         self.iterator.set_state(extra["data"])
         self.step = int(extra["step"])
-        self.sampler.update_params(self.state.params)
+        self.sampler.update_params(self.sampler_params(self.state.params))
         log.info("resumed from %s at step %d", self.checkpointer.directory, self.step)
 
     def _save(self, force: bool = False) -> None:
         extra = {"step": self.step, "data": self.iterator.get_state(), "config": self.cfg.to_dict()}
-        self.checkpointer.save(self.step, self.state, poer.to_state_dict(self.pool), extra, force=force)
+        self.checkpointer.save(self.step, self.state, _pool_items(self.pool), extra, force=force)
 
     # ---- one step ---------------------------------------------------------------------------------------
-    def _rewards(self, r: Rollout) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    def _rewards(self, r: Rollout) -> tuple[np.ndarray, np.ndarray | None, RewardResult]:
         G = r.group_size
         n = r.num_samples
         rows = self.prompts.rows(r.indices)
@@ -210,7 +240,7 @@ class PoerTrainer:
         finite = np.isfinite(res.total)
         raw = np.where(finite, res.total, 0.0).reshape(-1, G)  # an inf / NaN reward counts as 0, and is counted
         correct = (np.nan_to_num(res["accuracy"], nan=0.0) > 0.5).reshape(-1, G) if "accuracy" in res.names else None
-        return raw, correct, {**res.metrics(), "rewards/non_finite": float((~finite).sum())}
+        return raw, correct, res
 
     def _shape(self, raw: np.ndarray, correct: np.ndarray | None, lengths: np.ndarray) -> np.ndarray:
         rc = self.cfg.reward
@@ -224,42 +254,59 @@ class PoerTrainer:
                 variant=rc.length_variant, correct=None if correct is None else jnp.asarray(correct))
         return np.asarray(shaped)
 
-    def _sample_groups(self, key: jax.Array) -> tuple[Rollout, np.ndarray, np.ndarray, dict[str, float], dict]:
-        """Rollout + rewards; with dynamic sampling, more batches until enough groups have reward spread."""
+    def _sample_groups(self, key: jax.Array) -> tuple[Rollout, np.ndarray, np.ndarray, RewardResult, dict]:
+        """Rollout + rewards of this process's questions; with dynamic sampling, more batches until enough
+        groups have reward spread."""
         cfg = self.cfg
         G = cfg.rollout.group_size
-        dyn = DynamicSampler(cfg.data.questions_per_step, G, cfg.reward.max_sampling_attempts) \
-            if cfg.reward.dynamic_sampling else None
-        info = {"prefilled": 0, "decoded": 0, "full_equiv": 0, "rollout_s": 0.0, "reward_s": 0.0, "attempts": 0}
+        dyn: DynamicSampler | None = None
+        info: dict[str, Any] = {"prefilled": 0, "decoded": 0, "full_equiv": 0, "rollout_s": 0.0, "reward_s": 0.0,
+                                "attempts": 0}
         cache_updates = []
         while True:
             batch = next(self.iterator)
             idx = np.asarray(batch.indices)
+            if dyn is None and cfg.reward.dynamic_sampling:  # target: this process's share of the groups
+                dyn = DynamicSampler(len(idx), G, cfg.reward.max_sampling_attempts)
             r, _ = rollout(self.sampler, idx, [self.prompts.ids[i] for i in idx], G,
                            jax.random.fold_in(key, info["attempts"]), strategy=cfg.rollout.strategy,
                            max_completion_len=cfg.rollout.max_completion_len, pool=self.pool,
-                           truncation=self.truncation, eos_ids=self.eos_ids)
+                           truncation=self.truncation, eos_ids=self.eos_ids, rows=self.rows,
+                           group_offset=self.rows.index * len(idx))
             info["attempts"] += 1
             info["prefilled"] += r.prefilled_tokens
             info["decoded"] += r.decoded_tokens
             info["full_equiv"] += r.full_equivalent_decoded()
             info["rollout_s"] += r.seconds
             t0 = time.perf_counter()
-            raw, correct, rmetrics = self._rewards(r)
+            raw, correct, res = self._rewards(r)
             info["reward_s"] += time.perf_counter() - t0
             lengths = r.response_lengths.reshape(-1, G)
             shaped = self._shape(raw, correct, lengths)
             cache_updates.append((r, shaped, raw))
             if dyn is None:
                 info["cache_updates"] = cache_updates
-                return r, raw, shaped, rmetrics, info
-            done = dyn.add({"row": np.arange(len(idx)), "attempt": np.full(len(idx), len(cache_updates) - 1)}, shaped)
-            if done:
+                return r, raw, shaped, res, info
+            if self._dynamic_done(dyn, len(idx), shaped, len(cache_updates) - 1):
                 kept, kept_shaped = dyn.result()
                 r, raw = _select_groups(cache_updates, kept["attempt"], kept["row"], G)
                 info["cache_updates"] = cache_updates
                 info.update(dyn.metrics())  # "dynamic_sampling/attempts", ".../kept_fraction"
-                return r, raw, kept_shaped, rmetrics, info
+                return r, raw, kept_shaped, res, info
+
+    def _dynamic_done(self, dyn: DynamicSampler, num_groups: int, shaped: np.ndarray, attempt: int) -> bool:
+        """Offer one batch to dynamic sampling. On several processes each batch is a collective (the cache
+        pool truncation), so every process samples until all have their groups, and all fail together."""
+        error: DynamicSamplingError | None = None
+        if not dyn.done:
+            try:
+                dyn.add({"row": np.arange(num_groups), "attempt": np.full(num_groups, attempt)}, shaped)
+            except DynamicSamplingError as e:
+                error = e
+        if not self.rows.all(error is None):
+            raise error or DynamicSamplingError(
+                "dynamic sampling: another process reached reward.max_sampling_attempts without enough groups")
+        return self.rows.all(dyn.done)
 
     def train_step(self) -> dict[str, float]:
         cfg = self.cfg
@@ -267,56 +314,39 @@ class PoerTrainer:
         t_step = time.perf_counter()
         key = jax.random.fold_in(self.key, self.step)
         k_roll, k_cache = jax.random.split(key)
-        r, raw, shaped, rmetrics, info = self._sample_groups(k_roll)
+        r, raw, shaped, res, info = self._sample_groups(k_roll)
 
         adv = np.asarray(group_advantages(jnp.asarray(shaped), scale=cfg.reward.advantage_scale)).reshape(-1)
         rows = np.arange(r.num_samples) // G
+        prompts, prefixes = [r.prompt_ids[g] for g in rows], [r.prefix_ids[g] for g in rows]
+        width = max(p.size + x.size + c.size for p, x, c in zip(prompts, prefixes, r.continuation_ids, strict=True))
         batch = build_rollout_batch(
-            [r.prompt_ids[g] for g in rows], [r.prefix_ids[g] for g in rows], r.continuation_ids, adv,
+            prompts, prefixes, r.continuation_ids, adv,
             old_logps=r.sampler_logprobs if cfg.optim.num_iterations == 1 else None, pad_id=self.pad_id,
-            prefix_in_loss=cfg.loss.prefix_in_loss, bucket=64)
+            prefix_in_loss=cfg.loss.prefix_in_loss, bucket=64, min_length=self.rows.max(width))
         t_up = time.perf_counter()
         self.state, umetrics = self.trainer.train_on_rollout(
             self.state, batch, ref_params=self.ref_params, num_iterations=cfg.optim.num_iterations,
             num_minibatches=cfg.optim.num_minibatches)
-        self.sampler.update_params(self.state.params)
+        self.sampler.update_params(self.sampler_params(self.state.params))
         jax.block_until_ready(self.state.params)  # one sync per step, so update time is not billed to the rollout
         update_s = time.perf_counter() - t_up
 
         cache_metrics: dict[str, Any] = {}
         if cfg.rollout.strategy == "poer":
+            put = self.rows.to_global
             for j, (ru, sh, _) in enumerate(info["cache_updates"]):
                 toks, lens = responses_array(ru, self.pool.max_len, self.pad_id)
-                res = _cache_update(self.pool, jnp.asarray(ru.indices, jnp.int32), jnp.asarray(toks), jnp.asarray(lens),
-                                    jnp.asarray(sh, jnp.float32), jax.random.fold_in(k_cache, j),
-                                    epsilon=float(cfg.cache.epsilon), mode=cfg.cache.update_mode)
-                self.pool = res.pool
-            cache_metrics = poer.cache_metrics(self.pool, res)
+                res_u = _cache_update(self.pool, put(np.asarray(ru.indices, np.int32), fill=-1),
+                                      put(toks, fill=self.pad_id), put(lens), put(np.asarray(sh, np.float32)),
+                                      jax.random.fold_in(k_cache, j), epsilon=float(cfg.cache.epsilon),
+                                      mode=cfg.cache.update_mode)
+                self.pool = res_u.pool
+            cache_metrics = poer.cache_metrics(self.pool, res_u)
         self.step += 1
 
-        lengths = r.response_lengths
-        m: dict[str, Any] = dict(rmetrics)
-        m.update({
-            "reward": float(raw.mean()),
-            "reward_std": float(raw.std(axis=1, ddof=1).mean()) if G > 1 else 0.0,
-            "reward_shaped": float(shaped.mean()),
-            "frac_reward_zero_std": float((shaped.std(axis=1) == 0).mean()),
-            "completions/mean_length": float(lengths.mean()),
-            "completions/min_length": float(lengths.min()),
-            "completions/max_length": float(lengths.max()),
-            "completions/clipped_ratio": float((r.finish_reason == 2).mean()),
-            "completions/mean_continuation_length": float(np.mean([len(c) for c in r.continuation_ids])),
-            "tokens/prefilled": info["prefilled"],
-            "tokens/decoded": info["decoded"],
-            "tokens/decoded_full_equiv": info["full_equiv"],
-            "truncation/mean_m": float(r.truncation_m.mean()),
-            "truncation/mean_L": float(r.truncation_L.mean()),
-            "time/rollout_s": info["rollout_s"],
-            "time/reward_s": info["reward_s"],
-            "time/update_s": update_s,
-            "tokens/decoded_per_s": info["decoded"] / max(info["rollout_s"], 1e-9),
-        })
-        m.update({k: v for k, v in info.items() if k.startswith("dynamic_sampling/")})
+        m = rollout_metrics(r, raw, shaped, gather_reward_result(res, self.rows), info, self.rows)
+        m["time/update_s"] = self.rows.max(update_s)
         umetrics = {k: float(v) for k, v in jax.device_get(umetrics).items()}
         if umetrics.get("skipped", 0.0) > 0:
             log.warning("step %d: non-finite loss or gradient in %d update(s): skipped, parameters unchanged",
@@ -325,54 +355,73 @@ class PoerTrainer:
         m.update({k: float(v) for k, v in jax.device_get(cache_metrics).items()})
         if self.eval_prompts is not None and cfg.eval.every and self.step % cfg.eval.every == 0:
             m.update(self.evaluate())
-        m["time/step_s"] = time.perf_counter() - t_step
+        m["time/step_s"] = self.rows.max(time.perf_counter() - t_step)
         return m
 
     def evaluate(self) -> dict[str, float]:
-        from poer_jax.eval.evaluator import evaluate
+        """Held-out avg@k / pass@k; on several processes each samples and grades its share of the problems."""
+        from poer_jax.eval.evaluator import EvalResult, evaluate
 
         ep = self.eval_prompts
         assert ep is not None
-        rows = ep.rows(range(len(ep)))
-        res = evaluate(self.sampler, self.tokenizer, list(ep.ids), [r.get("solution") for r in rows],
-                       [r.get("answer") for r in rows], k=self.cfg.eval.num_samples,
-                       max_new_tokens=self.cfg.eval.max_new_tokens or self.cfg.rollout.max_completion_len,
-                       sampling=self.eval_sampling, key=jax.random.fold_in(self.key, 1 << 30), grader=self.grader)
-        return res.metrics()
+        n, k = len(ep), self.cfg.eval.num_samples
+        share = _cdiv(n, self.rows.count)
+        mine = np.arange(self.rows.index * share, min(n, (self.rows.index + 1) * share))
+        correct, lengths, seconds = np.zeros((share, k), bool), np.zeros((share, k), np.int32), 0.0
+        if mine.size:
+            rows = ep.rows(mine)
+            res = evaluate(self.sampler, self.tokenizer, [ep.ids[i] for i in mine], [r.get("solution") for r in rows],
+                           [r.get("answer") for r in rows], k=k,
+                           max_new_tokens=self.cfg.eval.max_new_tokens or self.cfg.rollout.max_completion_len,
+                           sampling=self.eval_sampling, key=jax.random.fold_in(self.key, 1 << 30), grader=self.grader,
+                           first_index=int(mine[0]))
+            correct[: mine.size], lengths[: mine.size], seconds = res.correct, res.lengths, res.seconds
+        # padding rows sit after the last problem: process p holds problems [p * share, (p + 1) * share)
+        return EvalResult(correct=self.rows.gather(correct)[:n], completions=[], lengths=self.rows.gather(lengths)[:n],
+                          seconds=self.rows.max(seconds)).metrics()
 
     def run(self) -> dict[str, float]:
         cfg = self.cfg
-        progress = Progress(cfg.train.max_steps, self.step)
+        progress = Progress(cfg.train.max_steps, self.step) if is_main_process() else None
         last: dict[str, float] = {}
         try:
             if self.step == 0 and self.eval_prompts is not None:
                 first = self.evaluate()
                 log.info("initial held-out accuracy %.3f", first["eval/accuracy"])
-                self.metrics.write(0, {f"{k}": v for k, v in first.items()})
+                self._write_metrics(0, first)
             while self.step < cfg.train.max_steps:
                 m = self.train_step()
                 last_step = self.step == cfg.train.max_steps
                 if last_step and self.eval_prompts is not None and "eval/accuracy" not in m:
                     m.update(self.evaluate())
-                self.metrics.write(self.step, m)
-                progress.update(self.step, m)
+                self._write_metrics(self.step, m)
+                if progress is not None:
+                    progress.update(self.step, m)
                 last = m
                 if self.step % cfg.train.checkpoint_every == 0 or last_step:
                     self._save(force=last_step)
             self.checkpointer.wait()
-            if cfg.train.export_final and jax.process_index() == 0:
+            if cfg.train.export_final:
                 from poer_jax.model import export_hf
 
-                export_hf(self.state.params, self.mcfg, self.workdir / "export",
-                          tokenizer_dir=cfg.model.tokenizer_path or cfg.model.path)
+                params = jax.device_get(self.sampler.params)  # a whole copy on each process's sampler mesh
+                if is_main_process():
+                    export_hf(params, self.mcfg, self.workdir / "export",
+                              tokenizer_dir=cfg.model.tokenizer_path or cfg.model.path)
         finally:
-            progress.close()
-            self.metrics.close()
+            if progress is not None:
+                progress.close()
+            if self.metrics is not None:
+                self.metrics.close()
             self.rewards.close()
             if self.grader is not self.rewards:
                 self.grader.close()
             self.checkpointer.close()
         return last
+
+    def _write_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        if self.metrics is not None:
+            self.metrics.write(step, metrics)
 
 
 def _warm_start_target(row: dict[str, Any], cfg: ml_collections.ConfigDict) -> str:
@@ -411,3 +460,13 @@ def _select_groups(parts: list[tuple[Rollout, np.ndarray, np.ndarray]], attempt:
 
 
 _cache_update = jax.jit(poer.update, static_argnames=("mode",))
+_insert = jax.jit(poer.insert)
+
+
+def _pool_items(pool: poer.CachePool) -> dict[str, Any]:
+    """The pool as checkpoint items: its (possibly multi-host sharded) arrays and its pad id."""
+    return {**{f: getattr(pool, f) for f in ARRAY_FIELDS}, "pad_id": np.asarray(pool.pad_id, np.int32)}
+
+
+def _pool_from_items(items: dict[str, Any]) -> poer.CachePool:
+    return poer.CachePool(**{f: items[f] for f in ARRAY_FIELDS}, pad_id=int(np.asarray(items["pad_id"])))

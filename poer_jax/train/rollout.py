@@ -19,6 +19,7 @@ import numpy as np
 
 from poer_jax.poer import CachePool, TruncationConfig, prefix_tokens, truncate
 from poer_jax.sampler import GroupSampler, SampleOutput
+from poer_jax.train.multihost import ProcessRows
 
 
 @dataclasses.dataclass
@@ -76,16 +77,26 @@ def rollout(
     pool: CachePool | None = None,
     truncation: TruncationConfig | None = None,
     eos_ids: tuple[int, ...] = (),
+    rows: ProcessRows | None = None,
+    group_offset: int = 0,
 ) -> tuple[Rollout, SampleOutput]:
-    """Sample the step's groups. ``prompt_ids[b]`` is the prompt of question ``indices[b]``."""
+    """Sample the step's groups. ``prompt_ids[b]`` is the prompt of question ``indices[b]``.
+
+    Multi-host: ``indices`` are this process's questions, ``rows`` moves them to and from the (global)
+    cache pool, and ``group_offset`` is the position of this process's first question in the global batch,
+    so a question draws the same samples however the batch is split over processes.
+    """
     t0 = time.perf_counter()
     k_trunc, k_sample = jax.random.split(key)
     B = len(indices)
     if strategy == "poer":
         if pool is None or truncation is None:
             raise ValueError("rollout: strategy 'poer' needs the cache pool and a TruncationConfig")
-        pre, plen, budget, m, L = jax.device_get(
-            _truncate(pool, jnp.asarray(indices, jnp.int32), k_trunc, truncation, tuple(eos_ids)))
+        idx = np.asarray(indices, np.int32)
+        out_t = _truncate(pool, jnp.asarray(idx) if rows is None else rows.to_global(idx, fill=-1), k_trunc,
+                          truncation, tuple(eos_ids))
+        pre, plen, budget, m, L = (jax.device_get(out_t) if rows is None
+                                   else [rows.to_local(x, B) for x in out_t])
         prefixes = [np.asarray(pre[b, : plen[b]], np.int32) for b in range(B)]
         budgets = [int(x) for x in budget]
         m, L = np.asarray(m, np.int32), np.asarray(L, np.int32)
@@ -96,7 +107,7 @@ def rollout(
     else:
         raise ValueError(f"rollout: unknown strategy {strategy!r}")
     prompts = [np.concatenate([np.asarray(prompt_ids[b], np.int32), prefixes[b]]) for b in range(B)]
-    out = sampler.generate([p.tolist() for p in prompts], group_size, budgets, k_sample)
+    out = sampler.generate([p.tolist() for p in prompts], group_size, budgets, k_sample, group_offset=group_offset)
     n = B * group_size
     cont = [out.tokens[i, : out.lengths[i]].astype(np.int32) for i in range(n)]
     lps = [out.policy_logprobs[i, : out.lengths[i]].astype(np.float32) for i in range(n)]

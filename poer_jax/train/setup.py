@@ -13,8 +13,9 @@ import numpy as np
 from jax.sharding import Mesh
 
 from poer_jax.model import QwenConfig, export_hf, init_params, load_hf, preset
-from poer_jax.model.sharding import shard_params
+from poer_jax.model.sharding import param_shardings
 from poer_jax.train.config import ConfigError
+from poer_jax.train.multihost import barrier, host_copy, is_main_process
 from poer_jax.train.warm_start import supervised_warm_start
 
 log = logging.getLogger("poer_jax")
@@ -66,15 +67,16 @@ def load_model(cfg: ml_collections.ConfigDict, mesh: Mesh) -> tuple[Any, QwenCon
     if cfg.model.path is not None:
         return load_hf(cfg.model.path, mesh=mesh, **dtypes)
     mcfg = preset(cfg.model.preset, **dtypes)
-    params = jax.jit(lambda k: init_params(mcfg, k))(jax.random.key(cfg.seed))
-    return shard_params(params, mcfg, mesh), mcfg
+    # created in place on the mesh: no process holds the whole model, none builds it on one device first
+    init = jax.jit(lambda k: init_params(mcfg, k), out_shardings=param_shardings(mcfg, mesh))
+    return init(jax.random.key(cfg.seed)), mcfg
 
 
 def prepare_toy(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Generate the toy arithmetic task, its tokenizer and a tiny random Qwen2 in ``workdir/toy`` (once).
 
     Returns a copy of cfg pointing ``model.path`` and (where not set) ``data.train_path`` /
-    ``data.eval_path`` at them.
+    ``data.eval_path`` at them. Multi-host: process 0 writes them (``workdir`` is shared), the others wait.
     """
     from poer_jax.tasks.tiny_tokenizer import make_tiny_tokenizer
     from poer_jax.tasks.toy import ToyTaskConfig, make_toy_splits, toy_completion, write_jsonl
@@ -82,7 +84,7 @@ def prepare_toy(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     root = Path(cfg.workdir) / "toy"
     model_dir = root / "model"
     train_path, test_path = root / "train.jsonl", root / "test.jsonl"
-    if not (model_dir / "config.json").is_file():
+    if not (model_dir / "config.json").is_file() and is_main_process():
         task = ToyTaskConfig(min_value=0, max_value=cfg.toy.max_value, max_operands=cfg.toy.max_operands,
                              word_problem_fraction=cfg.toy.word_problem_fraction)
         train, test = make_toy_splits(cfg.toy.num_train, cfg.toy.num_test, seed=cfg.seed, cfg=task)
@@ -101,6 +103,7 @@ def prepare_toy(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         hf.update(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
         (tmp / "config.json").write_text(json.dumps(hf, indent=2))
         tmp.replace(model_dir)
+    barrier("poer_jax.prepare_toy")
     out = ml_collections.ConfigDict(cfg.to_dict())
     out.model.path = str(model_dir)
     out.model.preset = None
@@ -119,7 +122,7 @@ def run_warm_start(cfg: ml_collections.ConfigDict, tokenizer: Any, prompt_ids: l
     """Supervised warm start on (prompt, reference solution) pairs, cached as an HF directory in workdir.
 
     A second run finds ``workdir/warm_start/config.json`` and skips the training. Returns a config whose
-    ``model.path`` is the warm-started model.
+    ``model.path`` is the warm-started model. Multi-host: every process trains, process 0 writes.
     """
     out_dir = warm_start_dir(cfg)
     if not (out_dir / "config.json").is_file():
@@ -133,12 +136,16 @@ def run_warm_start(cfg: ml_collections.ConfigDict, tokenizer: Any, prompt_ids: l
             params, mcfg, prompt_ids, target_ids, steps=cfg.warm_start.steps,
             learning_rate=cfg.warm_start.learning_rate, batch_size=cfg.warm_start.batch_size, seed=cfg.seed,
             pad_id=pad_id)
-        tmp = out_dir.with_name(out_dir.name + ".tmp")
-        export_hf(params, mcfg, tmp, tokenizer_dir=cfg.model.tokenizer_path or cfg.model.path)
-        (tmp / "warm_start_losses.json").write_text(json.dumps([float(x) for x in losses]))
-        if cfg.model.path and (Path(cfg.model.path) / "generation_config.json").is_file():
-            (tmp / "generation_config.json").write_text((Path(cfg.model.path) / "generation_config.json").read_text())
-        tmp.replace(out_dir)
+        params = host_copy(params)  # a collective: every process takes part
+        if is_main_process():
+            tmp = out_dir.with_name(out_dir.name + ".tmp")
+            export_hf(params, mcfg, tmp, tokenizer_dir=cfg.model.tokenizer_path or cfg.model.path)
+            (tmp / "warm_start_losses.json").write_text(json.dumps([float(x) for x in losses]))
+            if cfg.model.path and (Path(cfg.model.path) / "generation_config.json").is_file():
+                (tmp / "generation_config.json").write_text(
+                    (Path(cfg.model.path) / "generation_config.json").read_text())
+            tmp.replace(out_dir)
+        barrier("poer_jax.warm_start")
     else:
         log.info("warm start: reusing %s", out_dir)
     out = ml_collections.ConfigDict(cfg.to_dict())
