@@ -147,6 +147,9 @@ def test_exact_resume_after_sigkill(toy_env, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(sa["params"]), jax.device_get(sb["params"]))
     for k in pa:
         np.testing.assert_array_equal(pa[k], pb[k])
+    # resuming with another dataset (so another cache pool) is refused before anything is restored
+    other = _run_cli(toy_env, tmp_path / "ref", **{"train.max_steps": steps + 1, "data.limit": 20})
+    assert other.returncode == 2 and "holds a cache pool of shape (24, 24)" in other.stderr, other.stderr[-3000:]
 
 
 def _assert_same_metrics(a_rows: list[dict], b_rows: list[dict]) -> None:

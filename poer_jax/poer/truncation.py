@@ -126,6 +126,8 @@ def truncate(pool: CachePool, indices: jax.Array, key: jax.Array, config: Trunca
     """Sample m per group (Eq. 3, L fixed or from Eq. 4) and derive prefix length and budget.
 
     ``indices`` [B] are the dataset rows of the B groups. Pure and jittable (``config`` is static).
+    In "paper" mode group b's m comes from fold_in(key, indices[b]), so it does not depend on the batch
+    layout (a row named twice in one batch gets the same m).
     """
     tokens, n, shortest = _gather_rows(pool, indices)
     batch = n.shape[0]

@@ -211,8 +211,19 @@ class PoerTrainer:
 
     # ---- checkpoints ------------------------------------------------------------------------------------
     def _restore(self) -> None:
-        state, pool_state, extra = self.checkpointer.restore(abstract_state=self.state,
-                                                             abstract_pool=_pool_items(self.pool))
+        saved = self.checkpointer.restore_extra().get("pool_shape")
+        if saved is not None and tuple(saved) != tuple(self.pool.tokens.shape):
+            raise setup.ConfigError(
+                f"the checkpoint in workdir {self.workdir} holds a cache pool of shape {tuple(saved)} (questions, "
+                f"max length), this run needs {tuple(self.pool.tokens.shape)}: another dataset or "
+                "rollout.max_completion_len. Use another 'workdir' or --config.resume=false")
+        try:
+            state, pool_state, extra = self.checkpointer.restore(abstract_state=self.state,
+                                                                 abstract_pool=_pool_items(self.pool))
+        except ValueError as e:  # e.g. another model, or a dataset of another size (the pool has a row each)
+            raise setup.ConfigError(
+                f"{e}\nThe checkpoint in workdir {self.workdir} is from a different run: use another "
+                "'workdir' or --config.resume=false") from e
         self.state = state
         if pool_state is not None:
             self.pool = _pool_from_items(pool_state)
@@ -222,7 +233,8 @@ class PoerTrainer:
         log.info("resumed from %s at step %d", self.checkpointer.directory, self.step)
 
     def _save(self, force: bool = False) -> None:
-        extra = {"step": self.step, "data": self.iterator.get_state(), "config": self.cfg.to_dict()}
+        extra = {"step": self.step, "data": self.iterator.get_state(), "config": self.cfg.to_dict(),
+                 "pool_shape": list(self.pool.tokens.shape)}
         self.checkpointer.save(self.step, self.state, _pool_items(self.pool), extra, force=force)
 
     # ---- one step ---------------------------------------------------------------------------------------

@@ -95,8 +95,8 @@ def rollout(
         idx = np.asarray(indices, np.int32)
         out_t = _truncate(pool, jnp.asarray(idx) if rows is None else rows.to_global(idx, fill=-1), k_trunc,
                           truncation, tuple(eos_ids))
-        pre, plen, budget, m, L = (jax.device_get(out_t) if rows is None
-                                   else [rows.to_local(x, B) for x in out_t])
+        pre, plen, budget, m, L = (jax.device_get(out_t) if rows is None or not rows.multihost
+                                   else [rows.to_local(x, B) for x in out_t])  # one transfer on one host
         prefixes = [np.asarray(pre[b, : plen[b]], np.int32) for b in range(B)]
         budgets = [int(x) for x in budget]
         m, L = np.asarray(m, np.int32), np.asarray(L, np.int32)
