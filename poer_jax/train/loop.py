@@ -129,9 +129,11 @@ class PoerTrainer:
         max_seq = cfg.data.max_prompt_len + R.max_completion_len
         pages_per_seq = _cdiv(max_seq, R.page_size) + 1
         q = cfg.data.questions_per_step
-        eval_groups = min(64, len(self.eval_prompts)) if self.eval_prompts is not None else 0
-        slots = _pow2(max(q * G, eval_groups * cfg.eval.num_samples, 1))
-        num_pages = R.num_pages or (slots * pages_per_seq + _pow2(max(q, eval_groups, 1)) * pages_per_seq + 8)
+        # each process samples its share of a step's questions and of the evaluation problems
+        q_local = _cdiv(q, self.rows.count)
+        eval_groups = min(64, _cdiv(len(self.eval_prompts), self.rows.count)) if self.eval_prompts is not None else 0
+        slots = _pow2(max(q_local * G, eval_groups * cfg.eval.num_samples, 1))
+        num_pages = R.num_pages or (slots * pages_per_seq + _pow2(max(q_local, eval_groups, 1)) * pages_per_seq + 8)
         self.sampling = SamplingParams(temperature=R.temperature, top_k=R.top_k, top_p=R.top_p)
         self.eval_sampling = SamplingParams(temperature=cfg.eval.temperature, top_p=cfg.eval.top_p)
         scfg = SamplerConfig(page_size=R.page_size, num_pages=num_pages, max_slots=slots,
@@ -145,7 +147,7 @@ class PoerTrainer:
 
         if self.rows.multihost:
             log.info("process %d of %d: samples %d of the %d questions of a step on its %d devices",
-                     self.rows.index, self.rows.count, q // self.rows.count, q, self.sampler_params.mesh.size)
+                     self.rows.index, self.rows.count, q_local, q, self.sampler_params.mesh.size)
         self.rewards = RewardPool(_reward_specs(cfg), num_workers=cfg.reward.num_workers,
                                   timeout_s=cfg.reward.timeout_s, on_error="default")
         self.grader = self.rewards if "accuracy" in self.rewards.names else RewardPool(
