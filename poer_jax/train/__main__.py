@@ -26,21 +26,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from poer_jax.train.multihost import initialize_from_env
-
-    try:
-        initialize_from_env()  # multi-host: one process per host, the same command everywhere
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
     from poer_jax.model.config import ModelConfigError
     from poer_jax.model.safetensors_io import WeightFileError
     from poer_jax.rl.dynamic_sampling import DynamicSamplingError
     from poer_jax.train.data import DataError
     from poer_jax.train.loop import PoerTrainer
+    from poer_jax.train.multihost import initialize_from_env
 
     try:
+        initialize_from_env()  # multi-host: one process per host, the same command everywhere
         trainer = PoerTrainer(cfg)
         trainer.run()
     except (ConfigError, DataError, ModelConfigError, WeightFileError, DynamicSamplingError) as e:

@@ -73,7 +73,7 @@ def _as_abstract(x: Any) -> Any:
     return x
 
 
-def _check_pool(pool_state: Mapping[str, Any]) -> dict[str, np.ndarray]:
+def _check_pool(pool_state: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(pool_state, Mapping):
         raise TypeError(f"checkpoint: pool_state must be a dict of arrays, got {type(pool_state).__name__}")
     out = {}

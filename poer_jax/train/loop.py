@@ -415,13 +415,12 @@ class PoerTrainer:
                 if self.step % cfg.train.checkpoint_every == 0 or last_step:
                     self._save(force=last_step)
             self.checkpointer.wait()
-            if cfg.train.export_final:
+            if cfg.train.export_final and is_main_process():
                 from poer_jax.model import export_hf
 
-                params = jax.device_get(self.sampler.params)  # a whole copy on each process's sampler mesh
-                if is_main_process():
-                    export_hf(params, self.mcfg, self.workdir / "export",
-                              tokenizer_dir=cfg.model.tokenizer_path or cfg.model.path)
+                # the sampler holds a whole copy on this process's devices: no collective needed
+                export_hf(jax.device_get(self.sampler.params), self.mcfg, self.workdir / "export",
+                          tokenizer_dir=cfg.model.tokenizer_path or cfg.model.path)
         finally:
             if progress is not None:
                 progress.close()

@@ -172,7 +172,7 @@ class ProcessLocalParams:
     """
 
     def __init__(self, mesh: Mesh, cfg: QwenConfig):
-        self.cfg, self.global_mesh = cfg, mesh
+        self.cfg = cfg
         if jax.process_count() == 1:
             self.mesh, self.bridge = mesh, None
             return
