@@ -21,26 +21,21 @@ import ml_collections
 import numpy as np
 
 from poer_jax import poer
-from poer_jax.model.sharding import make_mesh
 from poer_jax.poer.cache_pool import ARRAY_FIELDS
 from poer_jax.rl import (
     DynamicSampler,
     DynamicSamplingError,
-    LossConfig,
     apply_overlong_penalty,
     build_rollout_batch,
     group_advantages,
 )
-from poer_jax.rl.optim import OptimConfig
-from poer_jax.rl.update import Trainer, TrainState, create_train_state
-from poer_jax.sampler import GroupSampler, SamplerConfig, SamplingParams
-from poer_jax.train import setup
+from poer_jax.rl.update import TrainState, create_train_state
+from poer_jax.train import builders, setup
 from poer_jax.train.checkpoint import Checkpointer
-from poer_jax.train.data import ColumnMap, EpochIterator, PromptConfig, load_dataset_file, tokenize_prompts
 from poer_jax.train.metrics import MetricsWriter
-from poer_jax.train.multihost import ProcessLocalParams, ProcessRows, is_main_process
+from poer_jax.train.multihost import is_main_process
 from poer_jax.train.progress import Progress
-from poer_jax.train.reward_pool import RewardPool, RewardResult, RewardSpec
+from poer_jax.train.reward_pool import RewardResult
 from poer_jax.train.rollout import Rollout, responses_array, rollout
 from poer_jax.train.step_metrics import gather_reward_result, rollout_metrics
 
@@ -51,126 +46,58 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
-def _reward_specs(cfg: ml_collections.ConfigDict) -> list[RewardSpec]:
-    weights = cfg.reward.weights or [1.0] * len(cfg.reward.functions)
-    specs = []
-    for name, w in zip(cfg.reward.functions, weights, strict=True):
-        kwargs = {"max_len": cfg.reward.cosine_max_len} if name == "cosine" else {}
-        specs.append(RewardSpec(name, float(w), kwargs))
-    return specs
-
-
 class PoerTrainer:
-    """Builds everything from a validated config; ``run()`` trains to ``train.max_steps``."""
+    """Builds everything from a validated config (``builders.py``, one named builder per part);
+    ``run()`` trains to ``train.max_steps``."""
 
     def __init__(self, cfg: ml_collections.ConfigDict):
         if cfg.toy.enabled:
             cfg = setup.prepare_toy(cfg)
         self.workdir = Path(cfg.workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        devices = jax.devices()[: cfg.mesh.num_devices] if cfg.mesh.num_devices else None
-        try:
-            self.mesh = make_mesh({"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp, "tensor": cfg.mesh.tensor}, devices)
-        except ValueError as e:
-            raise setup.ConfigError(f"config section 'mesh': {e}") from e
-        self.rows = ProcessRows(self.mesh)  # this process's rows <-> global arrays (identity on one process)
-        tok_path = cfg.model.tokenizer_path or cfg.model.path
-        if tok_path is None:
-            raise setup.ConfigError("config key 'model.tokenizer_path' is required with model.preset")
-        self.tokenizer = setup.load_tokenizer(tok_path)
-        self.eos_ids, self.pad_id = setup.eos_and_pad(self.tokenizer, cfg.model.path)
-
-        columns = ColumnMap(problem=cfg.data.problem_key, solution=cfg.data.solution_key, answer=cfg.data.answer_key)
-        pcfg = PromptConfig(chat_template=cfg.data.chat_template, max_prompt_len=cfg.data.max_prompt_len,
-                            on_too_long=cfg.data.on_too_long,
-                            **({"system_prompt": cfg.data.system_prompt} if cfg.data.system_prompt else {}))
-        self.train_data = load_dataset_file(cfg.data.train_path, columns, limit=cfg.data.limit)
-        self.prompts = tokenize_prompts(self.tokenizer, self.train_data, pcfg)
-        self.eval_prompts = None
-        if cfg.data.eval_path and cfg.eval.enabled:
-            eval_data = load_dataset_file(cfg.data.eval_path, columns, limit=cfg.data.eval_limit)
-            self.eval_prompts = tokenize_prompts(self.tokenizer, eval_data, pcfg)
+        self.mesh, self.rows = builders.build_mesh(cfg)
+        text = builders.build_text(cfg)
+        self.tokenizer, self.eos_ids, self.pad_id = text.tokenizer, text.eos_ids, text.pad_id
+        data = builders.build_prompts(cfg, self.tokenizer)
+        self.train_data, self.prompts, self.eval_prompts = data.train_rows, data.train, data.eval
 
         self.checkpointer = Checkpointer(self.workdir / "checkpoints", keep=cfg.train.keep_checkpoints)
         resuming = cfg.resume and self.checkpointer.latest_step() is not None
         if cfg.warm_start.steps > 0:
-            rows = self.prompts.rows(range(len(self.prompts)))
-            targets = [_warm_start_target(r, cfg) for r in rows]
+            targets = [_warm_start_target(r, cfg) for r in self.prompts.rows(range(len(self.prompts)))]
             cfg = setup.run_warm_start(cfg, self.tokenizer, list(self.prompts.ids), targets, self.mesh)
         self.cfg = cfg
         params, self.mcfg = setup.load_model(cfg, self.mesh)
 
-        try:
-            self.optim_cfg = OptimConfig(
-                learning_rate=cfg.optim.learning_rate, warmup_steps=cfg.optim.warmup_steps,
-                total_steps=cfg.train.max_steps * cfg.optim.num_iterations * cfg.optim.num_minibatches,
-                min_lr_ratio=cfg.optim.min_lr_ratio, weight_decay=cfg.optim.weight_decay, b1=cfg.optim.b1,
-                b2=cfg.optim.b2, eps=cfg.optim.eps, max_grad_norm=cfg.optim.max_grad_norm or None)
-        except ValueError as e:  # e.g. warmup longer than the run: name the config keys
-            raise setup.ConfigError(f"config section 'optim': {e}") from e
-        self.loss_cfg = LossConfig(
-            objective=cfg.loss.objective, epsilon_low=cfg.loss.epsilon_low, epsilon_high=cfg.loss.epsilon_high,
-            dual_clip=cfg.loss.dual_clip, beta=cfg.loss.beta, aggregation=cfg.loss.aggregation,
-            max_completion_len=cfg.rollout.max_completion_len)
+        # -- the update step (Eq. 5-7) and its state
+        self.trainer = builders.build_update_trainer(cfg, self.mcfg, self.mesh)
+        self.optim_cfg, self.loss_cfg = self.trainer.optim_cfg, self.trainer.loss_cfg
         self.ref_params = jax.tree.map(jnp.copy, params) if cfg.loss.beta > 0 else None
-        # log-probs at the sampling temperature (TRL); greedy rollouts (T = 0) train at T = 1
-        self.trainer = Trainer(self.mcfg, self.loss_cfg, self.optim_cfg, mesh=self.mesh,
-                               temperature=cfg.rollout.temperature or 1.0,
-                               micro_batches=cfg.optim.micro_batches, chunk_size=cfg.loss.logprob_chunk)
         self.state: TrainState = create_train_state(params, self.trainer)
 
-        # -- sampler: sized for the larger of a training step and an evaluation batch
-        R = cfg.rollout
-        G = R.group_size
-        max_seq = cfg.data.max_prompt_len + R.max_completion_len
-        pages_per_seq = _cdiv(max_seq, R.page_size) + 1
-        q = cfg.data.questions_per_step
-        # each process samples its share of a step's questions and of the evaluation problems
-        q_local = _cdiv(q, self.rows.count)
-        eval_groups = min(64, _cdiv(len(self.eval_prompts), self.rows.count)) if self.eval_prompts is not None else 0
-        slots = _pow2(max(q_local * G, eval_groups * cfg.eval.num_samples, 1))
-        num_pages = R.num_pages or (slots * pages_per_seq + _pow2(max(q_local, eval_groups, 1)) * pages_per_seq + 8)
-        self.sampling = SamplingParams(temperature=R.temperature, top_k=R.top_k, top_p=R.top_p)
-        self.eval_sampling = SamplingParams(temperature=cfg.eval.temperature, top_p=cfg.eval.top_p)
-        scfg = SamplerConfig(page_size=R.page_size, num_pages=num_pages, max_slots=slots,
-                             max_pages_per_seq=_pow2(pages_per_seq), max_prefill_length=max_seq,
-                             eos_ids=self.eos_ids, pad_id=self.pad_id, sampling=self.sampling,
-                             kv_dtype=cfg.model.dtype)
-        # multi-host: each process samples its own questions on its own devices
-        self.sampler_params = ProcessLocalParams(self.mesh, self.mcfg)
-        self.sampler = GroupSampler(self.sampler_params(self.state.params), self.mcfg, scfg,
-                                    mesh=self.sampler_params.mesh)
-
+        # -- rollout: the sampler on this process's devices, fed from the trained weights after each update
+        self.sampling, self.eval_sampling = builders.sampling_params(cfg)
+        num_eval = len(self.eval_prompts) if self.eval_prompts is not None else 0
+        self.sampler, self.sampler_params = builders.build_sampler(
+            cfg, self.mcfg, self.mesh, self.rows, self.state.params, text, num_eval)
         if self.rows.multihost:
             log.info("process %d of %d: samples %d of the %d questions of a step on its %d devices",
-                     self.rows.index, self.rows.count, q_local, q, self.sampler_params.mesh.size)
-        self.rewards = RewardPool(_reward_specs(cfg), num_workers=cfg.reward.num_workers,
-                                  timeout_s=cfg.reward.timeout_s, on_error="default")
-        self.grader = self.rewards if "accuracy" in self.rewards.names else RewardPool(
-            ["accuracy"], num_workers=1, timeout_s=cfg.reward.timeout_s, on_error="default")
-        try:  # each process iterates over its share of every global batch
-            self.iterator = EpochIterator(len(self.prompts), q, seed=cfg.seed, process_index=jax.process_index(),
-                                          process_count=jax.process_count())
-        except ValueError as e:
-            raise setup.ConfigError(f"config key 'data.questions_per_step': {e}") from e
-        self.truncation = poer.TruncationConfig(
-            max_completion_len=R.max_completion_len, max_truncation=cfg.cache.max_truncation,
-            fraction=cfg.cache.truncation_fraction, mode=cfg.cache.truncation_mode, budget=cfg.cache.budget)
-        def empty_pool() -> poer.CachePool:
-            return poer.create(len(self.prompts), R.max_completion_len, self.pad_id)
+                     self.rows.index, self.rows.count, _cdiv(cfg.data.questions_per_step, self.rows.count),
+                     cfg.data.questions_per_step, self.sampler_params.mesh.size)
 
-        self.pool = jax.jit(empty_pool, out_shardings=poer.pool_sharding(jax.eval_shape(empty_pool), self.mesh))()
+        # -- rewards, data order, POER truncation (Eq. 3-4) and the cache pool
+        self.rewards, self.grader = builders.build_rewards(cfg)
+        self.iterator = builders.build_iterator(cfg, len(self.prompts))
+        self.truncation = builders.build_truncation(cfg)
+        self.pool = builders.build_empty_pool(len(self.prompts), cfg.rollout.max_completion_len, self.pad_id,
+                                              self.mesh)
         self.key = jax.random.key(cfg.seed)
         self.step = 0
         if resuming:
             self._restore()
         self.metrics = MetricsWriter(self.workdir, resume_step=self.step if resuming else None) \
             if is_main_process() else None  # one writer for the run
-        if self.step == 0 and R.strategy == "poer":
+        if self.step == 0 and cfg.rollout.strategy == "poer":
             self._init_cache()
 
     # ---- cache pool initialisation (Eq. 1) -------------------------------------------------------------

@@ -1,0 +1,197 @@
+"""Named builders for the parts of a training run, in the order ``PoerTrainer`` assembles them.
+
+Each takes the validated config (and what earlier builders made) and returns one part: the device mesh,
+the tokenizer, the prompts, the update step's configs, the sampler, the reward pools, the data iterator,
+the truncation rule and the empty cache pool. Errors name the config key that caused them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import ml_collections
+from jax.sharding import Mesh
+
+from poer_jax import poer
+from poer_jax.model.config import QwenConfig
+from poer_jax.model.qwen import Params
+from poer_jax.model.sharding import make_mesh
+from poer_jax.rl import LossConfig
+from poer_jax.rl.optim import OptimConfig
+from poer_jax.rl.update import Trainer
+from poer_jax.sampler import GroupSampler, SamplerConfig, SamplingParams
+from poer_jax.train import setup
+from poer_jax.train.data import (
+    ColumnMap,
+    EpochIterator,
+    PromptConfig,
+    TokenizedPrompts,
+    load_dataset_file,
+    tokenize_prompts,
+)
+from poer_jax.train.multihost import ProcessLocalParams, ProcessRows
+from poer_jax.train.reward_pool import RewardPool, RewardSpec
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+# ---- devices and text ---------------------------------------------------------------------------------
+def build_mesh(cfg: ml_collections.ConfigDict) -> tuple[Mesh, ProcessRows]:
+    """The (data, fsdp, tensor) mesh from ``mesh.*`` and this process's view of its batch rows."""
+    devices = jax.devices()[: cfg.mesh.num_devices] if cfg.mesh.num_devices else None
+    try:
+        mesh = make_mesh({"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp, "tensor": cfg.mesh.tensor}, devices)
+    except ValueError as e:
+        raise setup.ConfigError(f"config section 'mesh': {e}") from e
+    return mesh, ProcessRows(mesh)  # this process's rows <-> global arrays (identity on one process)
+
+
+@dataclasses.dataclass(frozen=True)
+class TextSide:
+    """Tokenizer, its EOS ids and pad id."""
+
+    tokenizer: Any
+    eos_ids: tuple[int, ...]
+    pad_id: int
+
+
+def build_text(cfg: ml_collections.ConfigDict) -> TextSide:
+    tok_path = cfg.model.tokenizer_path or cfg.model.path
+    if tok_path is None:
+        raise setup.ConfigError("config key 'model.tokenizer_path' is required with model.preset")
+    tokenizer = setup.load_tokenizer(tok_path)
+    eos_ids, pad_id = setup.eos_and_pad(tokenizer, cfg.model.path)
+    return TextSide(tokenizer, eos_ids, pad_id)
+
+
+@dataclasses.dataclass
+class Prompts:
+    """The training rows and their tokenized prompts; the held-out prompts when evaluation is on."""
+
+    train_rows: Any
+    train: TokenizedPrompts
+    eval: TokenizedPrompts | None
+
+
+def build_prompts(cfg: ml_collections.ConfigDict, tokenizer: Any) -> Prompts:
+    columns = ColumnMap(problem=cfg.data.problem_key, solution=cfg.data.solution_key, answer=cfg.data.answer_key)
+    pcfg = PromptConfig(chat_template=cfg.data.chat_template, max_prompt_len=cfg.data.max_prompt_len,
+                        on_too_long=cfg.data.on_too_long,
+                        **({"system_prompt": cfg.data.system_prompt} if cfg.data.system_prompt else {}))
+    rows = load_dataset_file(cfg.data.train_path, columns, limit=cfg.data.limit)
+    train = tokenize_prompts(tokenizer, rows, pcfg)
+    held_out = None
+    if cfg.data.eval_path and cfg.eval.enabled:
+        eval_rows = load_dataset_file(cfg.data.eval_path, columns, limit=cfg.data.eval_limit)
+        held_out = tokenize_prompts(tokenizer, eval_rows, pcfg)
+    return Prompts(rows, train, held_out)
+
+
+# ---- the update step ----------------------------------------------------------------------------------
+def build_optim_config(cfg: ml_collections.ConfigDict) -> OptimConfig:
+    o = cfg.optim
+    try:
+        return OptimConfig(
+            learning_rate=o.learning_rate, warmup_steps=o.warmup_steps,
+            total_steps=cfg.train.max_steps * o.num_iterations * o.num_minibatches,
+            min_lr_ratio=o.min_lr_ratio, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps,
+            max_grad_norm=o.max_grad_norm or None)
+    except ValueError as e:  # e.g. warmup longer than the run: name the config keys
+        raise setup.ConfigError(f"config section 'optim': {e}") from e
+
+
+def build_loss_config(cfg: ml_collections.ConfigDict) -> LossConfig:
+    lc = cfg.loss
+    return LossConfig(objective=lc.objective, epsilon_low=lc.epsilon_low, epsilon_high=lc.epsilon_high,
+                      dual_clip=lc.dual_clip, beta=lc.beta, aggregation=lc.aggregation,
+                      max_completion_len=cfg.rollout.max_completion_len)
+
+
+def build_update_trainer(cfg: ml_collections.ConfigDict, mcfg: QwenConfig, mesh: Mesh) -> Trainer:
+    """The jitted update step. Log-probs at the sampling temperature (TRL); greedy rollouts train at T = 1."""
+    return Trainer(mcfg, build_loss_config(cfg), build_optim_config(cfg), mesh=mesh,
+                   temperature=cfg.rollout.temperature or 1.0, micro_batches=cfg.optim.micro_batches,
+                   chunk_size=cfg.loss.logprob_chunk)
+
+
+# ---- rollout ------------------------------------------------------------------------------------------
+def sampling_params(cfg: ml_collections.ConfigDict) -> tuple[SamplingParams, SamplingParams]:
+    """(rollout sampling, evaluation sampling)."""
+    r, e = cfg.rollout, cfg.eval
+    return (SamplingParams(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p),
+            SamplingParams(temperature=e.temperature, top_p=e.top_p))
+
+
+def sampler_config(cfg: ml_collections.ConfigDict, text: TextSide, rows: ProcessRows,
+                   num_eval_problems: int) -> SamplerConfig:
+    """Slots and KV pages for the larger of this process's share of a step and of an evaluation batch."""
+    R = cfg.rollout
+    max_seq = cfg.data.max_prompt_len + R.max_completion_len
+    pages_per_seq = _cdiv(max_seq, R.page_size) + 1
+    q_local = _cdiv(cfg.data.questions_per_step, rows.count)
+    eval_groups = min(64, _cdiv(num_eval_problems, rows.count)) if num_eval_problems else 0
+    slots = _pow2(max(q_local * R.group_size, eval_groups * cfg.eval.num_samples, 1))
+    num_pages = R.num_pages or (slots * pages_per_seq + _pow2(max(q_local, eval_groups, 1)) * pages_per_seq + 8)
+    return SamplerConfig(page_size=R.page_size, num_pages=num_pages, max_slots=slots,
+                         max_pages_per_seq=_pow2(pages_per_seq), max_prefill_length=max_seq,
+                         eos_ids=text.eos_ids, pad_id=text.pad_id, sampling=sampling_params(cfg)[0],
+                         kv_dtype=cfg.model.dtype)
+
+
+def build_sampler(cfg: ml_collections.ConfigDict, mcfg: QwenConfig, mesh: Mesh, rows: ProcessRows,
+                  params: Params, text: TextSide, num_eval_problems: int
+                  ) -> tuple[GroupSampler, ProcessLocalParams]:
+    """The group sampler on this process's devices, and the reshard that feeds it the trained weights."""
+    local = ProcessLocalParams(mesh, mcfg)  # multi-host: each process samples its own questions
+    scfg = sampler_config(cfg, text, rows, num_eval_problems)
+    return GroupSampler(local(params), mcfg, scfg, mesh=local.mesh), local
+
+
+# ---- rewards, data order, POER ------------------------------------------------------------------------
+def reward_specs(cfg: ml_collections.ConfigDict) -> list[RewardSpec]:
+    weights = cfg.reward.weights or [1.0] * len(cfg.reward.functions)
+    specs = []
+    for name, w in zip(cfg.reward.functions, weights, strict=True):
+        kwargs = {"max_len": cfg.reward.cosine_max_len} if name == "cosine" else {}
+        specs.append(RewardSpec(name, float(w), kwargs))
+    return specs
+
+
+def build_rewards(cfg: ml_collections.ConfigDict) -> tuple[RewardPool, RewardPool]:
+    """(the reward pool of training, the accuracy grader of evaluation: the same pool when it has accuracy)."""
+    rewards = RewardPool(reward_specs(cfg), num_workers=cfg.reward.num_workers, timeout_s=cfg.reward.timeout_s,
+                         on_error="default")
+    if "accuracy" in rewards.names:
+        return rewards, rewards
+    return rewards, RewardPool(["accuracy"], num_workers=1, timeout_s=cfg.reward.timeout_s, on_error="default")
+
+
+def build_iterator(cfg: ml_collections.ConfigDict, num_questions: int) -> EpochIterator:
+    try:  # each process iterates over its share of every global batch
+        return EpochIterator(num_questions, cfg.data.questions_per_step, seed=cfg.seed,
+                             process_index=jax.process_index(), process_count=jax.process_count())
+    except ValueError as e:
+        raise setup.ConfigError(f"config key 'data.questions_per_step': {e}") from e
+
+
+def build_truncation(cfg: ml_collections.ConfigDict) -> poer.TruncationConfig:
+    c = cfg.cache
+    return poer.TruncationConfig(max_completion_len=cfg.rollout.max_completion_len, max_truncation=c.max_truncation,
+                                 fraction=c.truncation_fraction, mode=c.truncation_mode, budget=c.budget)
+
+
+def build_empty_pool(num_questions: int, max_len: int, pad_id: int, mesh: Mesh) -> poer.CachePool:
+    """An empty cache pool (one row per question), created in place with the pool's sharding."""
+
+    def empty() -> poer.CachePool:
+        return poer.create(num_questions, max_len, pad_id)
+
+    return jax.jit(empty, out_shardings=poer.pool_sharding(jax.eval_shape(empty), mesh))()
