@@ -127,6 +127,17 @@ def param_shardings(cfg: QwenConfig, mesh: Mesh) -> dict[str, Any]:
     return _unflatten({n: NamedSharding(mesh, param_spec(n, s, cfg, mesh)) for n, s in flat.items()})
 
 
+def decode_param_shardings(cfg: QwenConfig, mesh: Mesh) -> dict[str, Any]:
+    """The sampler's layout: the rule table without ``fsdp`` (replicated over the batch axes, so each device
+    decodes its own rows with whole weights), heads / MLP columns still split over ``tensor``."""
+    flat = _flat_names(param_shapes(cfg))
+
+    def spec(name: str, shape: tuple[int, ...]) -> P:
+        return P(*(None if a in BATCH_AXES else a for a in param_spec(name, shape, cfg, mesh)))
+
+    return _unflatten({n: NamedSharding(mesh, spec(n, s)) for n, s in flat.items()})
+
+
 def shard_params(params: dict[str, Any], cfg: QwenConfig, mesh: Mesh) -> dict[str, Any]:
     """Place an existing parameter tree on the mesh with the rule-table shardings."""
     return jax.device_put(params, param_shardings(cfg, mesh))

@@ -2,22 +2,32 @@
 
 ``GroupSampler(params, cfg, sampler_cfg, mesh=None).generate(prompts, group_size, max_new_tokens, key)``
 samples, for every prompt q_k || a_k^[0:-m] (question + cached answer prefix, as token ids), G continuations
-o_i ~ pi_theta(. | q_k, a_k^[0:-m]) (paper Eq. 3) with a per-group budget of new tokens. A call runs:
+o_i ~ pi_theta(. | q_k, a_k^[0:-m]) (paper Eq. 3) with a per-group budget of new tokens.
 
-  1. prefill + insert (one jitted program per chunk of at most ``max_prefill_tokens`` padded prompt tokens):
-     one forward per group prompt; the prompt's full pages are written once and shared by the group's G page
-     tables, its partial last page is copied per sample; G first tokens are sampled from that one forward's
-     last logits;
-  2. decode (one jitted program): a ``lax.while_loop`` over steps for all samples until each has hit EOS or
-     its budget; no host sync until it returns. Attention is cascaded: each group's shared prefix pages are
-     read once per step for all its G samples (one matmul with G x Hq/Hkv query rows), each sample's
-     private pages (partial-page copy + its own tokens) separately, and the two softmaxes merged exactly.
+Data-parallel: the call's groups are spread over the D devices of the mesh's batch axes (data x fsdp),
+balanced by tokens; each device prefills and decodes only its groups, from its own ``num_pages`` pages of
+the KV pool, with the weights laid out for decoding (whole on every device of the batch axes, split over
+``tensor``) in the compute dtype. ``scheduler.py`` is the host side, ``sharded.py`` the device programs.
 
-Pages are allocated on the host before anything runs (a request that does not fit raises
-``PoolExhaustedError`` with nothing changed) and freed when the call returns. Shapes are bucketed (powers of
-two for prompt length, prompts per prefill, samples, page-table width, output width), so a training run
-compiles a bounded set of programs; params are a jit argument, so ``update_params`` never recompiles. The KV
-pool is donated through every program and kept between calls.
+Continuous batching: the pool is sized from a memory budget, not from the batch; a device holds R groups at
+a time (R decode rows of G slots) and the rest wait. A call repeats
+  1. admit: waiting groups that now fit (a free row and pages for prompt + budget) get pages and a row;
+  2. prefill + insert (one jitted program per ``max_prefill_tokens`` padded prompt tokens per device): one
+     forward per group prompt; its full pages are written once and shared by the group's G page tables, the
+     partial last page is copied per sample; G first tokens come from that forward's last logits;
+  3. decode segment (one jitted program): a ``lax.while_loop`` over steps for all slots, cascade attention
+     (a group's shared prefix pages read once per step for its G samples), until every slot is done or
+     enough rows could be refilled (``SamplerConfig.refill_fraction``; a device idle with work waiting also
+     stops it); then the host reads one bool per slot, frees the pages of finished samples at once (a
+     group's shared pages with its last sample) and goes back to 1.
+With a pool that holds the whole call this is one prefill round and one decode segment. A sample's token t
+is drawn with fold_in(fold_in(fold_in(key, group_offset + g), i), t) wherever and whenever it runs, so a
+small pool, another device count or another batching give the same tokens as one big pool.
+
+Shapes are bucketed (prompt length, groups per prefill call, rows, page-table widths, output width), so a
+run compiles a bounded set of programs; params are a jit argument, so ``update_params`` never recompiles.
+The KV pool is donated through every program and kept between calls; every page is back on its free list
+when a call returns or fails.
 
 Outputs (numpy, rows = group-major samples, g * G + i):
   tokens [n, M]      generated ids, ``pad_id`` after each sample's end; M = the largest budget of the call.
@@ -29,7 +39,8 @@ Outputs (numpy, rows = group-major samples, g * G + i):
   lengths [n], finish_reason [n] (FINISH_EOS = 1, FINISH_BUDGET = 2), prompt_lens [n], group [n]
   prefilled_tokens   sum of the groups' prompt lengths (each prompt prefilled once)
   decoded_tokens     tokens produced by decode steps (= sum(lengths) - n: first tokens come from prefill)
-  decode_steps       iterations of the decode loop
+  decode_steps       iterations of the decode loops (all segments)
+  decode_segments    decode programs run (host round trips); refills = admission rounds after the first
 """
 
 from __future__ import annotations
@@ -37,43 +48,23 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Sequence
-from functools import partial
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from poer_jax.model.config import QwenConfig, dtype_from_name
 from poer_jax.model.qwen import Params
-from poer_jax.model.sharding import replicated, shard_params
-from poer_jax.sampler.engine import (
-    DECODE_STATIC,
-    DecodeState,
-    InsertArrays,
-    Outputs,
-    decode_loop,
-    empty_state,
-    insert_core,
-    prefill_core,
-)
-from poer_jax.sampler.paged_attention import (
-    SharedPrefix,
-    attention_chunk_pages,
-    dynamic_attention_chunks,
-    kv_sharding,
-    pool_shape,
-)
+from poer_jax.model.sharding import decode_param_shardings
+from poer_jax.sampler.engine import InsertArrays
+from poer_jax.sampler.paged_attention import attention_chunk_pages, dynamic_attention_chunks
 from poer_jax.sampler.pages import (
-    GroupPages,
     PageAllocator,
-    PageArrays,
     SamplerConfig,
     SamplerError,
-    allocate_groups,
-    build_page_arrays,
-    group_page_counts,
     pow2_bucket,
     prefill_bucket,
     round_up,
@@ -81,7 +72,21 @@ from poer_jax.sampler.pages import (
     validate_budget,
     validate_prompt,
 )
-from poer_jax.sampler.sampling import SamplingParams, as_key, sample_keys
+from poer_jax.sampler.sampling import SamplingParams, as_key
+from poer_jax.sampler.scheduler import CallShapes, GroupWork, Scheduler, plan_groups, rows_that_fit
+from poer_jax.sampler.sharded import (
+    PrefillBatch,
+    SampleBuffers,
+    SegmentControl,
+    SlotState,
+    batch_shards,
+    decode_segment,
+    empty_buffers,
+    empty_slots,
+    pool_sharding,
+    prefill_insert,
+    rows_sharding,
+)
 
 
 @dataclasses.dataclass
@@ -98,6 +103,8 @@ class SampleOutput:
     prefilled_tokens: int
     decoded_tokens: int
     decode_steps: int
+    decode_segments: int = 1
+    refills: int = 0
 
     @property
     def generated_tokens(self) -> int:
@@ -106,107 +113,119 @@ class SampleOutput:
 
 @dataclasses.dataclass
 class CallPlan:
-    """Host-side plan of one call: the groups' pages and bucketed shapes (kept as ``last_plan``)."""
+    """Host-side plan of one call (kept as ``last_plan``): its groups (device, pages) and shapes."""
 
-    groups: list[GroupPages]
-    prefill_len: int
-    groups_per_prefill: int
-    num_groups: int  # bucketed; slot g * G + i holds sample i of group g
-    num_slots: int
-    table_width: int  # private pages per sample
-    chunk_pages: int
-    shared_width: int  # shared prefix pages per group
-    shared_chunk_pages: int
-    out_width: int
+    groups: list[GroupWork]
+    shapes: CallShapes
 
-    def shared_prefix(self) -> SharedPrefix:
-        """Host arrays of the groups' shared prefix pages (cascade attention); padding rows are empty."""
-        table = np.zeros((self.num_groups, self.shared_width), np.int32)
-        lengths = np.zeros((self.num_groups,), np.int32)
-        for g, grp in enumerate(self.groups):
-            table[g, : len(grp.shared)] = grp.shared
-            lengths[g] = len(grp.shared) * grp.page_size
-        return SharedPrefix(table, lengths)
+    @property
+    def groups_per_prefill(self) -> int:
+        return self.shapes.prefill_rows
 
 
-@partial(
-    jax.jit,
-    static_argnames=("cfg", "sp", "group_size", "eos_ids", "kv_dtype", "kv_shard"),
-    donate_argnames=("state", "out"),
-)
-def _prefill_insert(
-    params: Params,
-    state: DecodeState,
-    out: Outputs,
-    tokens: jax.Array,
-    true_lengths: jax.Array,
-    key: jax.Array,
-    first_group: jax.Array,
-    arrays: InsertArrays,
-    *,
-    cfg: QwenConfig,
-    sp: SamplingParams,
+def call_shapes(
+    prompt_lens: Sequence[int],
+    budgets: Sequence[int],
     group_size: int,
-    eos_ids: tuple[int, ...],
-    kv_dtype: Any,
-    kv_shard: NamedSharding | None,
-) -> tuple[DecodeState, Outputs]:
-    """Prefill a chunk of groups (rows = groups first_group, first_group + 1, ...), insert their samples."""
-    N = tokens.shape[0]
-    groups = first_group + jnp.arange(N, dtype=jnp.uint32)
-    group_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, groups)  # independent of the chunking
-    prefix = prefill_core(
-        params, cfg, tokens, true_lengths, sample_keys(group_keys, group_size), sp, kv_dtype
+    scfg: SamplerConfig,
+    chunk_pages: int,
+    groups_per_device: int,
+    rows_fit: int,
+) -> CallShapes:
+    """Bucketed shapes of a call (``CallShapes``). ``groups_per_device``: the most groups one device gets;
+    ``rows_fit``: the most it can hold at once (pool); rows are capped by ``max_slots`` per device."""
+    page = scfg.page_size
+    shared = shape_bucket(max(n // page for n in prompt_lens))  # >= 1: an empty prefix is masked by length
+    private = shape_bucket(
+        max(-(-(n + b - 1) // page) - n // page for n, b in zip(prompt_lens, budgets, strict=True))
     )
-    state = insert_core(prefix, state, arrays, eos_ids, kv_shard)
-    first = [
-        x[arrays.prefix, arrays.sample] for x in (prefix.tokens, prefix.logprobs, prefix.policy_logprobs)
-    ]
-    out = Outputs(
-        *(o.at[arrays.slot, 0].set(f.astype(o.dtype), mode="drop") for o, f in zip(out, first, strict=True))
+    chunk, shared_chunk = min(chunk_pages, private), min(chunk_pages, shared)
+    T = prefill_bucket(max(prompt_lens), page)
+    rows_cap = max(1, scfg.max_slots // group_size)
+    rows = min(shape_bucket(max(1, min(groups_per_device, rows_fit))), rows_cap)
+    per_call = 1 << max(scfg.max_prefill_tokens // T, 1).bit_length() - 1
+    return CallShapes(
+        group_size=int(group_size),
+        rows=rows,
+        out_groups=shape_bucket(groups_per_device),
+        out_width=shape_bucket(max(budgets)),
+        table_width=round_up(private, chunk),
+        chunk_pages=chunk,
+        shared_width=round_up(shared, shared_chunk),
+        shared_chunk_pages=shared_chunk,
+        prefill_len=T,
+        prefill_rows=min(pow2_bucket(rows), per_call),
     )
-    return state, out
-
-
-_decode_jit = jax.jit(
-    decode_loop,
-    static_argnames=DECODE_STATIC,
-    donate_argnames=("state", "out"),
-)
 
 
 class GroupSampler:
-    """Paged-KV group sampler; see the module docstring. Not thread-safe (one host-side allocator)."""
+    """Paged-KV group sampler; see the module docstring. Not thread-safe (host-side allocators)."""
 
     def __init__(self, params: Params, cfg: QwenConfig, sampler_cfg: SamplerConfig, mesh: Mesh | None = None):
         self.cfg, self.scfg, self.mesh = cfg, sampler_cfg, mesh
-        self.kv_shard = kv_sharding(cfg, mesh)
+        self.shards = batch_shards(mesh)
         self.kv_dtype = dtype_from_name(sampler_cfg.kv_dtype or cfg.dtype)
         self.dynamic_chunks = dynamic_attention_chunks(sampler_cfg, mesh)
         self.chunk_pages = attention_chunk_pages(sampler_cfg, mesh)
-        self.allocator = PageAllocator(sampler_cfg.num_pages)
+        self.allocators = [PageAllocator(sampler_cfg.num_pages) for _ in range(self.shards)]
+        self.param_shardings = None if mesh is None else decode_param_shardings(cfg, mesh)
+        self._reshard = jax.jit(self._cast, out_shardings=self.param_shardings)
         self.params = self._place(params)
         self._pool: tuple[jax.Array, jax.Array] | None = None
         self.last_plan: CallPlan | None = None
 
+    # ---- weights and pool --------------------------------------------------------------------------
+    def _cast(self, params: Params) -> Params:
+        """Floating weights in the compute dtype: the model casts them to it anyway (matmuls, norms,
+        embedding), so the sampler's outputs are unchanged and its weights take compute-dtype bytes."""
+        dt = self.cfg.jnp_dtype
+        return jax.tree.map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+
+    def _placed(self, params: Params) -> bool:
+        dt = self.cfg.jnp_dtype
+        leaves = jax.tree.leaves(params)
+        if not all(isinstance(x, jax.Array) and (x.dtype == dt or not jnp.issubdtype(x.dtype, jnp.floating))
+                   for x in leaves):
+            return False
+        if self.param_shardings is None:
+            return True
+        targets = jax.tree.leaves(self.param_shardings)
+        return len(targets) == len(leaves) and all(
+            x.sharding.is_equivalent_to(t, x.ndim) for x, t in zip(leaves, targets, strict=True))
+
     def _place(self, params: Params) -> Params:
-        return params if self.mesh is None else shard_params(params, self.cfg, self.mesh)
+        """The decode layout (``decode_param_shardings``) in the compute dtype, from any layout: one jitted
+        reshard and cast on device (a no-op when ``params`` are laid out so already)."""
+        return params if self._placed(params) else self._reshard(params)
 
     def update_params(self, params: Params) -> None:
-        """Swap in new weights (same shapes / dtypes: the compiled programs are reused)."""
+        """Swap in new weights (same shapes: the compiled programs are reused)."""
         self.params = self._place(params)
+
+    @property
+    def pool_shape(self) -> tuple[int, ...]:
+        """Global K (or V) pool [L, Hkv, D * num_pages, page, hd]; each device of the batch axes holds
+        num_pages of its pages."""
+        c, s = self.cfg, self.scfg
+        return (c.num_layers, c.num_kv_heads, self.shards * s.num_pages, s.page_size, c.head_dim)
 
     def _pages(self) -> tuple[jax.Array, jax.Array]:
         if self._pool is None or any(p.is_deleted() for p in self._pool):
-            k = jnp.zeros(pool_shape(self.cfg, self.scfg), self.kv_dtype)
-            k = k if self.kv_shard is None else jax.device_put(k, self.kv_shard)
-            self._pool = (k, jnp.zeros_like(k))
+            zeros = lambda: jnp.zeros(self.pool_shape, self.kv_dtype)  # noqa: E731
+            make = jax.jit(zeros, out_shardings=None if self.mesh is None else pool_sharding(self.cfg, self.mesh))
+            self._pool = (make(), make())  # created in place, never whole on one device
         return self._pool
 
+    @property
+    def num_free_pages(self) -> int:
+        """Free pages over all devices (every page is free between calls)."""
+        return sum(a.num_free for a in self.allocators)
+
+    # ---- host planning ------------------------------------------------------------------------------
     def plan(
         self, prompts: Sequence[Sequence[int]], group_size: int, max_new_tokens: int | Sequence[int]
-    ) -> tuple[CallPlan, list[np.ndarray]]:
-        """Validate, allocate pages (all or nothing), choose bucketed shapes. Returns (plan, prompts)."""
+    ) -> CallPlan:
+        """Validate, spread the groups over the devices, choose bucketed shapes (nothing is allocated)."""
         s = self.scfg
         if int(group_size) != group_size or group_size < 1:
             raise SamplerError(f"group_size must be an int >= 1, got {group_size!r}")
@@ -221,61 +240,35 @@ class GroupSampler:
             raise SamplerError(f"max_new_tokens has {len(budgets)} entries for {len(prompts)} prompts")
         arrs = [validate_prompt(p, self.cfg, s, f"prompt {g}") for g, p in enumerate(prompts)]
         lens = [a.size for a in arrs]
-        budgets = [
-            validate_budget(n, b, s, f"prompt {g}")
-            for g, (n, b) in enumerate(zip(lens, budgets, strict=True))
-        ]
-        counts = [group_page_counts(n, [b], s.page_size) for n, b in zip(lens, budgets, strict=True)]
-        private = shape_bucket(max(c[1][0] for c in counts))
-        shared = shape_bucket(max(c[0] for c in counts))  # at least 1: an empty prefix is masked by length
-        chunk, shared_chunk = min(self.chunk_pages, private), min(self.chunk_pages, shared)
-        T = prefill_bucket(max(lens), s.page_size)
-        per_call = min(pow2_bucket(len(arrs)), 1 << max(s.max_prefill_tokens // T, 1).bit_length() - 1)
-        num_groups = shape_bucket(len(arrs))
-        groups = allocate_groups(self.allocator, lens, [[b] * group_size for b in budgets], s.page_size)
-        plan = CallPlan(
-            groups=groups,
-            prefill_len=T,
-            groups_per_prefill=per_call,
-            num_groups=num_groups,
-            num_slots=num_groups * int(group_size),
-            table_width=round_up(private, chunk),
-            chunk_pages=chunk,
-            shared_width=round_up(shared, shared_chunk),
-            shared_chunk_pages=shared_chunk,
-            out_width=shape_bucket(max(budgets)),
+        budgets = [validate_budget(n, b, s, f"prompt {g}") for g, (n, b) in enumerate(zip(lens, budgets, strict=True))]
+        groups = plan_groups(arrs, budgets, int(group_size), s.page_size, self.shards, s.num_pages)
+        per_device = max(sum(1 for grp in groups if grp.shard == d) for d in range(self.shards))
+        shapes = call_shapes(lens, budgets, int(group_size), s, self.chunk_pages, per_device,
+                             rows_that_fit(groups, self.shards, s.num_pages))
+        return CallPlan(groups, shapes)
+
+    # ---- device transfers ---------------------------------------------------------------------------
+    def _put(self, tree: Any) -> Any:
+        """Host arrays whose leading axis is D x local rows -> device arrays split over the batch axes
+        (scalars replicated)."""
+        if self.mesh is None:
+            return jax.tree.map(jnp.asarray, tree)
+        mesh = self.mesh
+        return jax.tree.map(
+            lambda x: jax.device_put(x, rows_sharding(mesh, x.ndim) if np.ndim(x) else NamedSharding(mesh, P())),
+            tree,
         )
-        return plan, arrs
 
-    def _chunk_arrays(
-        self, plan: CallPlan, arrs: list[np.ndarray], G: int
-    ) -> list[tuple[int, np.ndarray, np.ndarray, PageArrays]]:
-        """Per prefill call: (first group, tokens [N, T], true lengths [N], insert arrays); sample i of
-        group g goes to slot g * G + i."""
-        s, T, per = self.scfg, plan.prefill_len, plan.groups_per_prefill
-        chunks = []
-        for g0 in range(0, len(arrs), per):
-            part = arrs[g0 : g0 + per]
-            N = pow2_bucket(len(part))
-            tokens = np.full((N, T), s.pad_id, np.int32)
-            true_lens = np.zeros((N,), np.int32)
-            for j, a in enumerate(part):
-                tokens[j, : a.size], true_lens[j] = a, a.size
-            slots = [(g0 + j) * G + i for j in range(len(part)) for i in range(G)]
-            arrays = build_page_arrays(
-                plan.groups[g0 : g0 + per],
-                N,
-                T // s.page_size,
-                pow2_bucket(N * G),
-                plan.table_width,
-                s.num_pages,
-                plan.num_slots,
-                slots,
-                private_only=True,
-            )
-            chunks.append((g0, tokens, true_lens, arrays))
-        return chunks
+    def _fresh_state(self, sh: CallShapes) -> tuple[SlotState, SampleBuffers]:
+        k_pages, v_pages = self._pages()
+        self._pool = None  # donated below; rebuilt by _pages() if the call fails
+        D = self.shards
+        small = self._put(empty_slots(sh.slots, sh.rows, sh.table_width, sh.shared_width, D))  # None: no leaf
+        state = small._replace(decode=small.decode._replace(k_pages=k_pages, v_pages=v_pages))
+        out = self._put(empty_buffers(D * sh.out_groups * sh.group_size, sh.out_width, self.scfg.pad_id))
+        return state, out
 
+    # ---- the call -----------------------------------------------------------------------------------
     def generate(
         self,
         prompts: Sequence[Sequence[int]],
@@ -298,81 +291,74 @@ class GroupSampler:
             raise SamplerError(f"group_offset must be an int in [0, 2**31), got {group_offset!r}")
         s = self.scfg
         sp = sampling or s.sampling
-        plan, arrs = self.plan(prompts, group_size, max_new_tokens)
+        plan = self.plan(prompts, group_size, max_new_tokens)
         self.last_plan = plan
-        G = int(group_size)
-        put = (lambda x: x) if self.mesh is None else partial(jax.device_put, device=replicated(self.mesh))
+        sh, G = plan.shapes, int(group_size)
+        sched = Scheduler(plan.groups, self.allocators, sh, s.page_size, s.pad_id, int(group_offset),
+                          s.refill_fraction)
+        if timing is not None:
+            timing["prefill_s"] = timing["decode_s"] = 0.0
+        steps = segments = 0
         try:
-            chunks = self._chunk_arrays(plan, arrs, G)
-            k_pages, v_pages = self._pages()
-            self._pool = None  # donated below; rebuilt by _pages() if the call fails
-            small = put(empty_state(None, None, plan.num_slots, plan.table_width)[2:])  # not the pool
-            state = DecodeState(k_pages, v_pages, *small)
-            out = put(
-                Outputs(
-                    jnp.full((plan.num_slots, plan.out_width), s.pad_id, jnp.int32),
-                    jnp.zeros((plan.num_slots, plan.out_width), jnp.float32),
-                    jnp.zeros((plan.num_slots, plan.out_width), jnp.float32),
-                )
-            )
-            key = put(as_key(key))
-            t0 = time.perf_counter()
-            for first_group, tokens, true_lens, arrays in chunks:
-                state, out = _prefill_insert(
-                    self.params,
-                    state,
-                    out,
-                    put(jnp.asarray(tokens)),
-                    put(jnp.asarray(true_lens)),
-                    key,
-                    put(jnp.uint32(int(group_offset) + first_group)),
-                    put(InsertArrays.from_host(arrays)),
-                    cfg=self.cfg,
-                    sp=sp,
-                    group_size=G,
-                    eos_ids=s.eos_ids,
-                    kv_dtype=self.kv_dtype,
-                    kv_shard=self.kv_shard,
-                )
-            if timing is not None:
-                jax.block_until_ready((state, out))
+            key = self._put(as_key(key))
+            state, out = self._fresh_state(sh)
+            while True:
+                admitted = sched.admit()
+                if not any(admitted) and not any(sched.running):
+                    raise SamplerError("sampler: no group can be admitted and none is running")  # a bug guard
+                t0 = time.perf_counter()
+                for batch in sched.prefill_batches(admitted, s.num_pages) if any(admitted) else []:
+                    state, out = prefill_insert(
+                        self.params, state, out, self._prefill_batch(batch), key, cfg=self.cfg, sp=sp,
+                        group_size=G, eos_ids=s.eos_ids, kv_dtype=self.kv_dtype, mesh=self.mesh)
+                if timing is not None:
+                    jax.block_until_ready((state, out))
+                    timing["prefill_s"] += time.perf_counter() - t0
                 t1 = time.perf_counter()
-                timing["prefill_s"] = t1 - t0
-            shared = put(SharedPrefix(*(jnp.asarray(x) for x in plan.shared_prefix())))
-            state, out, steps = _decode_jit(
-                self.params,
-                self.cfg,
-                state,
-                out,
-                sp,
-                s.eos_ids,
-                plan.chunk_pages,
-                s.pad_id,
-                self.kv_shard,
-                self.dynamic_chunks,
-                shared,
-                plan.shared_chunk_pages,
-            )
-            self._pool = (state.k_pages, state.v_pages)
-            host = jax.device_get((out, state.num_generated, state.finish, steps))
-            if timing is not None:
-                timing["decode_s"] = time.perf_counter() - t1
+                last = sched.pending == 0  # nothing waits: this segment runs every slot to its end
+                state, out, seg_steps = decode_segment(
+                    self.params, state, out, SegmentControl(**self._put(sched.control())), cfg=self.cfg, sp=sp,
+                    eos_ids=s.eos_ids, chunk_pages=sh.chunk_pages, pad_id=s.pad_id,
+                    dynamic_chunks=self.dynamic_chunks, shared_chunk_pages=sh.shared_chunk_pages, mesh=self.mesh)
+                segments += 1
+                if last:
+                    host, seg_steps = jax.device_get((out, seg_steps))
+                else:
+                    active, seg_steps = jax.device_get((state.decode.active, seg_steps))
+                    sched.release(np.asarray(active))
+                if timing is not None:
+                    timing["decode_s"] += time.perf_counter() - t1
+                steps += int(np.asarray(seg_steps)[0])
+                if last:
+                    break
+            self._pool = (state.decode.k_pages, state.decode.v_pages)
         finally:
-            for grp in plan.groups:
-                grp.release(self.allocator)
-        (o_tok, o_lp, o_plp), num_gen, finish, steps = host
-        n = len(plan.groups) * int(group_size)
-        M = max(g.budgets[0] for g in plan.groups)
-        lengths = np.asarray(num_gen[:n], np.int32)
+            sched.release_all()
+        return self._outputs(plan, host, steps, segments, sched.admissions - 1)
+
+    def _prefill_batch(self, batch: dict[str, np.ndarray]) -> PrefillBatch:
+        arrays = self._put(batch)
+        ins = InsertArrays(**{f: arrays[f"insert.{f}"] for f in InsertArrays._fields})
+        return PrefillBatch(**{f: arrays[f] for f in PrefillBatch._fields if f != "insert"}, insert=ins)
+
+    def _outputs(self, plan: CallPlan, host: SampleBuffers, steps: int, segments: int, refills: int) -> SampleOutput:
+        sh, G = plan.shapes, plan.shapes.group_size
+        per_device = sh.out_groups * G
+        rows = np.asarray([grp.shard * per_device + grp.out_group * G + i for grp in plan.groups for i in range(G)])
+        M = max(grp.budget for grp in plan.groups)
+        lengths = np.asarray(host.lengths, np.int32)[rows]
+        n = len(rows)
         return SampleOutput(
-            tokens=np.asarray(o_tok[:n, :M]),
-            logprobs=np.asarray(o_lp[:n, :M]),
-            policy_logprobs=np.asarray(o_plp[:n, :M]),
+            tokens=np.asarray(host.tokens)[rows, :M],
+            logprobs=np.asarray(host.logprobs)[rows, :M],
+            policy_logprobs=np.asarray(host.policy_logprobs)[rows, :M],
             lengths=lengths,
-            finish_reason=np.asarray(finish[:n], np.int8),
-            prompt_lens=np.repeat(np.asarray([g.prompt_len for g in plan.groups], np.int32), group_size),
-            group=np.repeat(np.arange(len(plan.groups), dtype=np.int32), group_size),
-            prefilled_tokens=int(sum(g.prompt_len for g in plan.groups)),
+            finish_reason=np.asarray(host.finish, np.int8)[rows],
+            prompt_lens=np.repeat(np.asarray([grp.prompt.size for grp in plan.groups], np.int32), G),
+            group=np.repeat(np.arange(len(plan.groups), dtype=np.int32), G),
+            prefilled_tokens=int(sum(grp.prompt.size for grp in plan.groups)),
             decoded_tokens=int(lengths.sum() - n),
-            decode_steps=int(steps),
+            decode_steps=steps,
+            decode_segments=segments,
+            refills=refills,
         )

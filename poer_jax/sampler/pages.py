@@ -68,11 +68,16 @@ def cached_positions(prompt_len: int, budget: int) -> int:
 class SamplerConfig:
     """Static sampler settings (hashable; part of the compiled programs' keys).
 
-    page_size: tokens per KV page. num_pages: pages in the pool (per layer). max_slots: decode slots of the
-    engine (JetStream's max_concurrent_decodes). max_pages_per_seq: page-table width of the engine and the
-    cap prompt + budget - 1 <= max_pages_per_seq * page_size. max_prefill_length: longest prompt.
-    max_prefill_tokens: padded prompt tokens per prefill call of the batch sampler (bounds prefill
-    activation memory; more groups are prefilled in several calls). attn_chunk_pages: pages read per
+    page_size: tokens per KV page. num_pages: pages in the pool (per layer); for the group sampler, pages *per
+    device* of the batch axes (each holds its own part of the pool, see batch_sampler.py); for the engine,
+    the whole pool. max_slots: decode slots (the engine's max_concurrent_decodes; the group sampler's decode
+    slots per device, rounded down to whole groups, at least one group). max_pages_per_seq: page-table width
+    of the engine and the cap prompt + budget - 1 <= max_pages_per_seq * page_size. max_prefill_length:
+    longest prompt. max_prefill_tokens: padded prompt tokens per prefill call and device of the batch sampler
+    (bounds prefill activation memory; more groups are prefilled in several calls). refill_fraction: the
+    group sampler's decode loop returns to the host to admit waiting groups once that fraction of all decode
+    rows could take one (or a device with waiting groups has gone idle); larger values mean fewer, larger
+    refills (continuous batching, batch_sampler.py). attn_chunk_pages: pages read per
     attention chunk (the decode attention loop's granularity; default by platform, see
     ``paged_attention.attention_chunk_pages``). attn_dynamic_chunks: stop the chunk loop at the longest
     sequence (default: yes, except on GPU where a fixed trip count avoids host round trips).
@@ -92,6 +97,7 @@ class SamplerConfig:
     pad_id: int = 0
     sampling: SamplingParams = SamplingParams()
     kv_dtype: str | None = None
+    refill_fraction: float = 0.25
 
     def __post_init__(self) -> None:
         for name in (
@@ -115,6 +121,8 @@ class SamplerConfig:
             )
         if self.kv_dtype is not None:
             dtype_from_name(self.kv_dtype)
+        if not 0.0 < self.refill_fraction <= 1.0:
+            raise SamplerError(f"SamplerConfig.refill_fraction must be in (0, 1], got {self.refill_fraction!r}")
 
     @property
     def max_cached_tokens(self) -> int:

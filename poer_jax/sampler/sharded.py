@@ -1,0 +1,338 @@
+"""The group sampler's two device programs, data-parallel over the batch axes of the sampler mesh.
+
+Each device of the batch axes (data x fsdp) owns a part of everything: ``num_pages`` pages of the KV pool
+(the pool array [L, Hkv, D * num_pages, page, hd] is split over its page axis), R decode rows of G slots
+(slot r * G + i holds sample i of the group in row r; row r's shared prefix pages are its ``shared_table``
+row) and Q output rows. Both programs run under ``jax.shard_map`` over the batch axes, so each device sees
+its own local page ids, slots and outputs and never exchanges KV with another; the ``tensor`` axis stays
+automatic (weights and KV heads split over it as the partition rules say). Without a mesh the same local
+functions run on one device.
+
+  prefill_insert   prefill newly admitted groups (one forward per prompt; G first tokens from its last
+                   logits), write their pages, set up their rows and slots, write the first tokens.
+  decode_segment   ``decode_step`` in a ``lax.while_loop`` until no slot is active anywhere, or until the
+                   host should admit waiting groups (``SegmentControl``): a device with waiting groups could
+                   take the next one (its pages fit in the pages that finished samples will return and a row
+                   is free) and either enough rows over all devices could be refilled (>= ``target``) or
+                   that device is idle. The exit test is one scalar all-reduce per step.
+
+Sample i of group g draws token t with fold_in(fold_in(fold_in(key, g), i), t) wherever it runs (device,
+row, slot, segment), so the tokens do not depend on the pool size or the device count.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from poer_jax.model.config import QwenConfig
+from poer_jax.model.qwen import Params
+from poer_jax.model.sharding import BATCH_AXES
+from poer_jax.sampler.engine import DecodeState, InsertArrays, decode_step, insert_core, prefill_core
+from poer_jax.sampler.paged_attention import SharedPrefix
+from poer_jax.sampler.sampling import SamplingParams, sample_keys
+
+
+class SlotState(NamedTuple):
+    """A device's decode state: the engine's per-slot state (with this device's pool), each row's shared
+    prefix pages (table [R, Ps], tokens in them [R]) and each slot's output row [S]."""
+
+    decode: DecodeState
+    shared_table: jax.Array
+    shared_lengths: jax.Array
+    out_row: jax.Array
+
+
+class SampleBuffers(NamedTuple):
+    """Per output row (sample) [Q, M]: tokens (pad past the end), sampling and policy log-probs (0 there);
+    [Q]: tokens returned and finish code."""
+
+    tokens: jax.Array
+    logprobs: jax.Array
+    policy_logprobs: jax.Array
+    lengths: jax.Array
+    finish: jax.Array
+
+
+class PrefillBatch(NamedTuple):
+    """Groups admitted on a device in one prefill call (N prompt rows, E = N x G sample entries, padded).
+
+    tokens [N, T], true_lengths [N], group_ids [N] (uint32, the call-wide group index + offset: the key),
+    rows [N] (decode row; R: padding), shared_table [N, Ps], shared_lengths [N]; insert: the engine's
+    ``InsertArrays`` (local page ids, slots, budgets); out_row [E] (Q: padding)."""
+
+    tokens: jax.Array
+    true_lengths: jax.Array
+    group_ids: jax.Array
+    rows: jax.Array
+    shared_table: jax.Array
+    shared_lengths: jax.Array
+    insert: InsertArrays
+    out_row: jax.Array
+
+
+class SegmentControl(NamedTuple):
+    """What the host tells a decode segment (module docstring). Per device: pending [1] (waiting groups),
+    free_pages [1], next_need [1] (pages of the next waiting group), slot_pages [S] (private pages of each
+    slot's unreleased sample, 0 for an empty slot), row_pages [R] (shared pages of each occupied row);
+    target [] (rows over all devices worth a refill)."""
+
+    pending: jax.Array
+    free_pages: jax.Array
+    next_need: jax.Array
+    slot_pages: jax.Array
+    row_pages: jax.Array
+    target: jax.Array
+
+
+# ---- shardings --------------------------------------------------------------------------------------
+def batch_shards(mesh: Mesh | None) -> int:
+    """Devices of the batch axes (D): each decodes its own rows from its own part of the pool."""
+    return 1 if mesh is None else int(mesh.shape["data"] * mesh.shape["fsdp"])
+
+
+def kv_head_axis(cfg: QwenConfig, mesh: Mesh | None) -> str | None:
+    """'tensor' when the KV heads split evenly over it, else None (replicated)."""
+    if mesh is None:
+        return None
+    tp = mesh.shape.get("tensor", 1)
+    return "tensor" if tp > 1 and cfg.num_kv_heads % tp == 0 else None
+
+
+def head_shards(cfg: QwenConfig, mesh: Mesh | None) -> int:
+    return 1 if kv_head_axis(cfg, mesh) is None else int(mesh.shape["tensor"])  # type: ignore[union-attr]
+
+
+def pool_sharding(cfg: QwenConfig, mesh: Mesh) -> NamedSharding:
+    """Pool [L, Hkv, D * pages, page, hd]: pages over the batch axes, heads over 'tensor' when they divide."""
+    return NamedSharding(mesh, P(None, kv_head_axis(cfg, mesh), BATCH_AXES, None, None))
+
+
+def rows_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def _local_specs(tree: Any) -> Any:
+    """shard_map specs over the batch axes: the pool along its page axis, everything else by rows."""
+
+    def spec(path: Any, x: Any) -> P:
+        name = getattr(path[-1], "name", None)
+        if name in ("k_pages", "v_pages"):
+            return P(None, None, BATCH_AXES)
+        if name == "target":
+            return P()
+        return P(BATCH_AXES)
+
+    return jax.tree_util.tree_map_with_path(spec, tree)
+
+
+def _over_batch(fn: Any, mesh: Mesh | None, in_specs: tuple[Any, ...], out_specs: Any) -> Any:
+    """``fn`` under shard_map, manual over the batch axes only (``tensor`` stays automatic), or ``fn`` itself
+    without a mesh."""
+    if mesh is None:
+        return fn
+    return jax.shard_map(
+        fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names=frozenset(BATCH_AXES), check_vma=False
+    )
+
+
+# ---- prefill + insert ---------------------------------------------------------------------------------
+def _prefill_insert_local(
+    params: Params,
+    state: SlotState,
+    out: SampleBuffers,
+    batch: PrefillBatch,
+    key: jax.Array,
+    *,
+    cfg: QwenConfig,
+    sp: SamplingParams,
+    group_size: int,
+    eos_ids: tuple[int, ...],
+    kv_dtype: Any,
+) -> tuple[SlotState, SampleBuffers]:
+    group_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, batch.group_ids)  # independent of placement
+    prefix = prefill_core(
+        params, cfg, batch.tokens, batch.true_lengths, sample_keys(group_keys, group_size), sp, kv_dtype
+    )
+    ins = batch.insert
+    dec = insert_core(prefix, state.decode, ins, eos_ids, None)
+    slot = jnp.minimum(ins.slot, dec.finish.shape[0] - 1)  # padding entries: any slot, dropped below
+    first = [x[ins.prefix, ins.sample] for x in (prefix.tokens, prefix.logprobs, prefix.policy_logprobs)]
+    row = batch.out_row
+    out = SampleBuffers(
+        *(o.at[row, 0].set(f.astype(o.dtype), mode="drop") for o, f in zip(out[:3], first, strict=True)),
+        out.lengths.at[row].set(1, mode="drop"),
+        out.finish.at[row].set(dec.finish[slot], mode="drop"),
+    )
+    state = SlotState(
+        dec,
+        state.shared_table.at[batch.rows].set(batch.shared_table, mode="drop"),
+        state.shared_lengths.at[batch.rows].set(batch.shared_lengths, mode="drop"),
+        state.out_row.at[ins.slot].set(row, mode="drop"),
+    )
+    return state, out
+
+
+@partial(
+    jax.jit,
+    static_argnames=("cfg", "sp", "group_size", "eos_ids", "kv_dtype", "mesh"),
+    donate_argnames=("state", "out"),
+)
+def prefill_insert(
+    params: Params,
+    state: SlotState,
+    out: SampleBuffers,
+    batch: PrefillBatch,
+    key: jax.Array,
+    *,
+    cfg: QwenConfig,
+    sp: SamplingParams,
+    group_size: int,
+    eos_ids: tuple[int, ...],
+    kv_dtype: Any,
+    mesh: Mesh | None,
+) -> tuple[SlotState, SampleBuffers]:
+    """Prefill the groups of ``batch`` on every device and insert their samples (module docstring)."""
+    fn = partial(_prefill_insert_local, cfg=cfg, sp=sp, group_size=group_size, eos_ids=eos_ids, kv_dtype=kv_dtype)
+    specs = (_local_specs(state), _local_specs(out))
+    return _over_batch(fn, mesh, (P(), *specs, _local_specs(batch), P()), specs)(params, state, out, batch, key)
+
+
+# ---- decode segment -----------------------------------------------------------------------------------
+def _refill_wanted(dec: DecodeState, ctl: SegmentControl, rows: int) -> tuple[jax.Array, jax.Array]:
+    """(rows this device could refill now, 1 if it is idle with a waiting group that fits): pages of
+    finished samples and of groups whose samples all finished come back at the next host visit."""
+    active = dec.active.reshape(rows, -1)
+    idle_row = ~active.any(axis=1)
+    freed = jnp.sum(jnp.where(dec.active, 0, ctl.slot_pages)) + jnp.sum(jnp.where(idle_row, ctl.row_pages, 0))
+    fits = (ctl.pending[0] > 0) & (ctl.free_pages[0] + freed >= ctl.next_need[0]) & idle_row.any()
+    want = jnp.where(fits, jnp.minimum(ctl.pending[0], jnp.sum(idle_row)), 0)
+    starving = fits & ~dec.active.any()
+    return want.astype(jnp.int32), starving.astype(jnp.int32)
+
+
+def _decode_segment_local(
+    params: Params,
+    state: SlotState,
+    out: SampleBuffers,
+    ctl: SegmentControl,
+    *,
+    cfg: QwenConfig,
+    sp: SamplingParams,
+    eos_ids: tuple[int, ...],
+    chunk_pages: int,
+    pad_id: int,
+    dynamic_chunks: bool,
+    shared_chunk_pages: int,
+    axes: tuple[str, ...] | None,
+) -> tuple[SlotState, SampleBuffers, jax.Array]:
+    R = state.shared_lengths.shape[0]
+    M = out.tokens.shape[1]
+    total = (lambda x: jax.lax.psum(x, axes)) if axes else (lambda x: x)
+
+    def cond(c: tuple[DecodeState, SampleBuffers, jax.Array]) -> jax.Array:
+        dec, _, steps = c
+        want, starving = _refill_wanted(dec, ctl, R)
+        active, want, starving = total(jnp.stack([dec.active.any().astype(jnp.int32), want, starving]))
+        return (active > 0) & (want < ctl.target) & (starving == 0) & (steps < M)
+
+    def body(c: tuple[DecodeState, SampleBuffers, jax.Array]) -> tuple[DecodeState, SampleBuffers, jax.Array]:
+        dec, o, steps = c
+        # finished slots and empty rows attend nothing: the attention loops stop at the longest live sequence
+        live_row = dec.active.reshape(R, -1).any(axis=1)
+        shared = SharedPrefix(state.shared_table, jnp.where(live_row, state.shared_lengths, 0))
+        dec = dec._replace(lengths=jnp.where(dec.active, dec.lengths, 0))
+        dec, r = decode_step(
+            params, cfg, dec, sp, eos_ids, chunk_pages, pad_id, None, dynamic_chunks, shared, shared_chunk_pages
+        )
+        row = jnp.where(r.valid, state.out_row, o.tokens.shape[0])  # out of range: dropped
+        col = jnp.where(r.valid, r.index, M)
+        o = SampleBuffers(
+            o.tokens.at[row, col].set(r.tokens, mode="drop"),
+            o.logprobs.at[row, col].set(r.logprobs, mode="drop"),
+            o.policy_logprobs.at[row, col].set(r.policy_logprobs, mode="drop"),
+            o.lengths.at[row].set(dec.num_generated, mode="drop"),
+            o.finish.at[row].set(r.finish, mode="drop"),
+        )
+        return dec, o, steps + 1
+
+    dec, out, steps = jax.lax.while_loop(cond, body, (state.decode, out, jnp.zeros((), jnp.int32)))
+    return state._replace(decode=dec), out, steps[None]
+
+
+@partial(
+    jax.jit,
+    static_argnames=(
+        "cfg",
+        "sp",
+        "eos_ids",
+        "chunk_pages",
+        "pad_id",
+        "dynamic_chunks",
+        "shared_chunk_pages",
+        "mesh",
+    ),
+    donate_argnames=("state", "out"),
+)
+def decode_segment(
+    params: Params,
+    state: SlotState,
+    out: SampleBuffers,
+    ctl: SegmentControl,
+    *,
+    cfg: QwenConfig,
+    sp: SamplingParams,
+    eos_ids: tuple[int, ...],
+    chunk_pages: int,
+    pad_id: int,
+    dynamic_chunks: bool,
+    shared_chunk_pages: int,
+    mesh: Mesh | None,
+) -> tuple[SlotState, SampleBuffers, jax.Array]:
+    """Decode every device's active slots until the host should refill or all are done (module docstring).
+    Returns the state, the outputs and the steps run ([D], equal on every device)."""
+    fn = partial(
+        _decode_segment_local,
+        cfg=cfg,
+        sp=sp,
+        eos_ids=eos_ids,
+        chunk_pages=chunk_pages,
+        pad_id=pad_id,
+        dynamic_chunks=dynamic_chunks,
+        shared_chunk_pages=shared_chunk_pages,
+        axes=None if mesh is None else BATCH_AXES,
+    )
+    specs = (_local_specs(state), _local_specs(out))
+    return _over_batch(fn, mesh, (P(), *specs, _local_specs(ctl)), (*specs, P(BATCH_AXES)))(params, state, out, ctl)
+
+
+def empty_slots(slots: int, rows: int, table_width: int, shared_width: int, shards: int) -> SlotState:
+    """Host arrays of an idle decode state for ``shards`` devices (leading axes = shards x local size), the
+    pool left out (None: the caller puts its pool in)."""
+    S, R = shards * slots, shards * rows
+
+    def z(n: int, dtype: Any = np.int32) -> np.ndarray:
+        return np.zeros((n,), dtype)
+
+    dec = DecodeState(
+        None, None, np.zeros((S, table_width), np.int32), z(S), z(S), z(S), z(S), z(S, bool), z(S),  # type: ignore[arg-type]
+        np.zeros((S, 2), np.uint32),
+    )
+    return SlotState(dec, np.zeros((R, shared_width), np.int32), z(R), z(S))  # type: ignore[arg-type]
+
+
+def empty_buffers(rows: int, width: int, pad_id: int) -> SampleBuffers:
+    """Host arrays of empty output buffers for ``rows`` samples of up to ``width`` tokens."""
+    return SampleBuffers(
+        np.full((rows, width), pad_id, np.int32),  # type: ignore[arg-type]
+        np.zeros((rows, width), np.float32),  # type: ignore[arg-type]
+        np.zeros((rows, width), np.float32),  # type: ignore[arg-type]
+        np.zeros((rows,), np.int32),  # type: ignore[arg-type]
+        np.zeros((rows,), np.int32),  # type: ignore[arg-type]
+    )
