@@ -175,7 +175,7 @@ def test_greedy_matches_full_recompute(params2: dict, cfg_name: str, page_size: 
         assert res.lengths[r] == BUDGETS[g] and res.finish_reason[r] == FINISH_BUDGET
         assert (res.tokens[r, res.lengths[r] :] == 0).all()
     assert res.tokens.shape == (len(prompts) * G, max(BUDGETS))
-    assert sampler.allocator.num_free == sampler.scfg.num_pages  # every page returned
+    assert sampler.num_free_pages == sampler.scfg.num_pages  # every page returned
 
 
 # ---- 2. log-probs == teacher forcing ---------------------------------------------------------------------
@@ -266,7 +266,7 @@ def test_prefix_prefilled_once_and_pages_shared(params2: dict) -> None:
     used: list[int] = []
     for g, grp in enumerate(plan.groups):
         P = PROMPT_LENS[g]
-        tables = [grp.table(i) for i in range(G)]
+        tables = [grp.pages.table(i) for i in range(G)]
         full = P // page
         assert all(t[:full] == tables[0][:full] for t in tables)  # the same prefix pages in all G tables
         partial = [t[full] for t in tables] if P % page else []
@@ -280,37 +280,35 @@ def test_prefix_prefilled_once_and_pages_shared(params2: dict) -> None:
     assert shared == 5 and private == [3] * G  # 23 + 10 - 1 = 32 positions -> 8 pages, 5 full prompt pages
 
 
-# ---- 7. pool exhaustion ----------------------------------------------------------------------------------
-def test_pool_exhaustion_is_clean(params2: dict) -> None:
+# ---- 7. pool limits -------------------------------------------------------------------------------------
+def test_pool_limits_are_clean(params2: dict) -> None:
+    """A group larger than the pool is refused before anything is allocated; bad input after planning gives
+    every page back; a batch larger than the pool runs in refills (tests/test_sampler_dp.py checks tokens)."""
     sampler = _sampler(params2, QWEN2, 4, num_pages=64)
     prompts = _prompts(PROMPT_LENS, QWEN2.vocab_size)
-    free = sampler.allocator.num_free
-    with pytest.raises(PoolExhaustedError, match="page pool exhausted.*needs"):
-        sampler.generate(prompts * 4, 8, 30, jax.random.key(0))
-    assert sampler.allocator.num_free == free
-    res = sampler.generate(prompts, G, list(BUDGETS), jax.random.key(0))
-    ref = _sampler(params2, QWEN2, 4).generate(prompts, G, list(BUDGETS), jax.random.key(0))
-    np.testing.assert_array_equal(res.tokens, ref.tokens)
-    assert sampler.allocator.num_free == free
+    free = sampler.num_free_pages
+    with pytest.raises(PoolExhaustedError, match="page pool exhausted: group 0 .* needs 72 pages.*has 64"):
+        sampler.generate(prompts[:1], 8, 33, jax.random.key(0))  # 8 x ceil(33 / 4) = 72 private pages
+    assert sampler.num_free_pages == free
     with pytest.raises(SamplerError, match="prompt 1: token id out of range"):
         sampler.generate([[1, 2], [3, 99]], 2, 3, jax.random.key(0))
     with pytest.raises(SamplerError, match="max_new_tokens must be an int >= 1"):
         sampler.generate([[1, 2]], 2, 0, jax.random.key(0))
-    with pytest.raises(ValueError, match="sampler key: expected"):  # after allocation: pages come back
+    with pytest.raises(ValueError, match="sampler key: expected"):
         sampler.generate([[1, 2]], 2, 3, jnp.zeros((3,), jnp.uint32))
-    assert sampler.allocator.num_free == free
+    assert sampler.num_free_pages == free
 
 
 def test_no_recompile_for_new_weights_or_lengths_in_bucket(params2: dict) -> None:
-    from poer_jax.sampler.batch_sampler import _decode_jit, _prefill_insert
+    from poer_jax.sampler.sharded import decode_segment, prefill_insert
 
     sampler = _sampler(params2, QWEN2, 4)
     sampler.generate(_prompts((5, 9), QWEN2.vocab_size), 2, [6, 7], jax.random.key(0))
-    sizes = (_decode_jit._cache_size(), _prefill_insert._cache_size())
+    sizes = (decode_segment._cache_size(), prefill_insert._cache_size())
     sampler.update_params(_params(QWEN2, seed=5))  # new weights: a jit argument, not a constant
     # other lengths, same buckets (prefill 12 tokens, 2 shared + 2 private pages, 8 output columns)
     res = sampler.generate(_prompts((6, 10), QWEN2.vocab_size), 2, [7, 5], jax.random.key(1))
-    assert (_decode_jit._cache_size(), _prefill_insert._cache_size()) == sizes
+    assert (decode_segment._cache_size(), prefill_insert._cache_size()) == sizes
     ref = naive_greedy(_params(QWEN2, seed=5), QWEN2, _prompts((6, 10), QWEN2.vocab_size), [7, 5])
     assert res.tokens[0].tolist() == ref[0] and res.tokens[2, :5].tolist() == ref[1]
 
@@ -485,7 +483,8 @@ def test_sharded_equals_unsharded() -> None:
     for name, r in result.items():
         assert r["tokens_equal"] and r["lengths_equal"], (name, r)
         assert r["max_dlogp"] < 1e-4, (name, r)
-        assert r["pool_spec"].startswith("P(None, 'tensor'"), r  # 2 KV heads over tensor=2: head-sharded
+        # 2 KV heads over tensor=2: head-sharded; pages over the batch axes (data x fsdp)
+        assert r["pool_spec"].startswith("P(None, 'tensor', ('data', 'fsdp')"), r
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--sharded-check"]:

@@ -48,6 +48,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import jax
@@ -65,15 +66,11 @@ from poer_jax.sampler.pages import (
     PageAllocator,
     SamplerConfig,
     SamplerError,
-    pow2_bucket,
-    prefill_bucket,
-    round_up,
-    shape_bucket,
     validate_budget,
     validate_prompt,
 )
 from poer_jax.sampler.sampling import SamplingParams, as_key
-from poer_jax.sampler.scheduler import CallShapes, GroupWork, Scheduler, plan_groups, rows_that_fit
+from poer_jax.sampler.scheduler import CallShapes, GroupWork, Scheduler, call_shapes, plan_groups, rows_that_fit
 from poer_jax.sampler.sharded import (
     PrefillBatch,
     SampleBuffers,
@@ -81,6 +78,7 @@ from poer_jax.sampler.sharded import (
     SlotState,
     batch_shards,
     decode_segment,
+    decode_weights,
     empty_buffers,
     empty_slots,
     pool_sharding,
@@ -120,42 +118,8 @@ class CallPlan:
 
     @property
     def groups_per_prefill(self) -> int:
+        """The most groups a device prefills per call."""
         return self.shapes.prefill_rows
-
-
-def call_shapes(
-    prompt_lens: Sequence[int],
-    budgets: Sequence[int],
-    group_size: int,
-    scfg: SamplerConfig,
-    chunk_pages: int,
-    groups_per_device: int,
-    rows_fit: int,
-) -> CallShapes:
-    """Bucketed shapes of a call (``CallShapes``). ``groups_per_device``: the most groups one device gets;
-    ``rows_fit``: the most it can hold at once (pool); rows are capped by ``max_slots`` per device."""
-    page = scfg.page_size
-    shared = shape_bucket(max(n // page for n in prompt_lens))  # >= 1: an empty prefix is masked by length
-    private = shape_bucket(
-        max(-(-(n + b - 1) // page) - n // page for n, b in zip(prompt_lens, budgets, strict=True))
-    )
-    chunk, shared_chunk = min(chunk_pages, private), min(chunk_pages, shared)
-    T = prefill_bucket(max(prompt_lens), page)
-    rows_cap = max(1, scfg.max_slots // group_size)
-    rows = min(shape_bucket(max(1, min(groups_per_device, rows_fit))), rows_cap)
-    per_call = 1 << max(scfg.max_prefill_tokens // T, 1).bit_length() - 1
-    return CallShapes(
-        group_size=int(group_size),
-        rows=rows,
-        out_groups=shape_bucket(groups_per_device),
-        out_width=shape_bucket(max(budgets)),
-        table_width=round_up(private, chunk),
-        chunk_pages=chunk,
-        shared_width=round_up(shared, shared_chunk),
-        shared_chunk_pages=shared_chunk,
-        prefill_len=T,
-        prefill_rows=min(pow2_bucket(rows), per_call),
-    )
 
 
 class GroupSampler:
@@ -169,18 +133,12 @@ class GroupSampler:
         self.chunk_pages = attention_chunk_pages(sampler_cfg, mesh)
         self.allocators = [PageAllocator(sampler_cfg.num_pages) for _ in range(self.shards)]
         self.param_shardings = None if mesh is None else decode_param_shardings(cfg, mesh)
-        self._reshard = jax.jit(self._cast, out_shardings=self.param_shardings)
+        self._reshard = jax.jit(partial(decode_weights, cfg=cfg), out_shardings=self.param_shardings)
         self.params = self._place(params)
         self._pool: tuple[jax.Array, jax.Array] | None = None
         self.last_plan: CallPlan | None = None
 
     # ---- weights and pool --------------------------------------------------------------------------
-    def _cast(self, params: Params) -> Params:
-        """Floating weights in the compute dtype: the model casts them to it anyway (matmuls, norms,
-        embedding), so the sampler's outputs are unchanged and its weights take compute-dtype bytes."""
-        dt = self.cfg.jnp_dtype
-        return jax.tree.map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
-
     def _placed(self, params: Params) -> bool:
         dt = self.cfg.jnp_dtype
         leaves = jax.tree.leaves(params)
@@ -194,8 +152,8 @@ class GroupSampler:
             x.sharding.is_equivalent_to(t, x.ndim) for x, t in zip(leaves, targets, strict=True))
 
     def _place(self, params: Params) -> Params:
-        """The decode layout (``decode_param_shardings``) in the compute dtype, from any layout: one jitted
-        reshard and cast on device (a no-op when ``params`` are laid out so already)."""
+        """The decode layout (``decode_param_shardings``) in the compute dtype (``decode_weights``), from any
+        layout: one jitted reshard and cast on device (nothing when ``params`` are laid out so already)."""
         return params if self._placed(params) else self._reshard(params)
 
     def update_params(self, params: Params) -> None:
@@ -244,7 +202,7 @@ class GroupSampler:
         groups = plan_groups(arrs, budgets, int(group_size), s.page_size, self.shards, s.num_pages)
         per_device = max(sum(1 for grp in groups if grp.shard == d) for d in range(self.shards))
         shapes = call_shapes(lens, budgets, int(group_size), s, self.chunk_pages, per_device,
-                             rows_that_fit(groups, self.shards, s.num_pages))
+                             rows_that_fit(groups, self.shards, s.num_pages), fixed_widths=self.dynamic_chunks)
         return CallPlan(groups, shapes)
 
     # ---- device transfers ---------------------------------------------------------------------------

@@ -26,10 +26,17 @@ from poer_jax.sampler.pages import (
     GroupPages,
     PageAllocator,
     PoolExhaustedError,
+    SamplerConfig,
     SamplerError,
     allocate_groups,
     build_page_arrays,
+    cached_positions,
+    cdiv,
     group_page_counts,
+    pow2_bucket,
+    prefill_bucket,
+    round_up,
+    shape_bucket,
 )
 
 NO_REFILL = 2**30  # a segment target no device can reach: run until every slot is done
@@ -66,7 +73,8 @@ class CallShapes:
     """Bucketed shapes of one call (static for its programs). Per device: ``rows`` decode rows of
     ``group_size`` slots, ``out_groups`` x G output rows of ``out_width`` tokens; page tables of
     ``table_width`` private / ``shared_width`` shared pages read in chunks of ``chunk_pages`` /
-    ``shared_chunk_pages``; prefill calls of ``prefill_rows`` prompts x ``prefill_len`` tokens."""
+    ``shared_chunk_pages``; prefill calls of up to ``prefill_rows`` prompts (a power of two: as many as a
+    round admits) x ``prefill_len`` tokens."""
 
     group_size: int
     rows: int
@@ -82,6 +90,54 @@ class CallShapes:
     @property
     def slots(self) -> int:
         return self.rows * self.group_size
+
+
+def call_shapes(
+    prompt_lens: Sequence[int],
+    budgets: Sequence[int],
+    group_size: int,
+    scfg: SamplerConfig,
+    chunk_pages: int,
+    groups_per_device: int,
+    rows_fit: int,
+    fixed_widths: bool,
+) -> CallShapes:
+    """Shapes of a call. ``groups_per_device``: the most groups one device gets; ``rows_fit``: the most it
+    can hold at once (pool); rows are also capped by ``max_slots`` per device.
+
+    ``fixed_widths`` (attention loops that stop at the longest sequence, see ``paged_attention``): page
+    tables as wide as the config allows, so the decode program has one shape per row count, at no cost
+    (pages past the longest sequence are never read). Otherwise (fixed trip counts, GPU) the widths are
+    bucketed to the call's longest prompt / budget. The output width follows the private table:
+    table_width x page_size + 1 >= any budget it holds."""
+    page = scfg.page_size
+    if fixed_widths:
+        shared, private = max(1, scfg.max_prefill_length // page), scfg.max_pages_per_seq
+    else:
+        shared = shape_bucket(max(n // page for n in prompt_lens))  # >= 1: an empty prefix is masked by length
+        private = shape_bucket(
+            max(cdiv(cached_positions(n, b), page) - n // page for n, b in zip(prompt_lens, budgets, strict=True)))
+    chunk, shared_chunk = min(chunk_pages, private), min(chunk_pages, shared)
+    T = prefill_bucket(max(prompt_lens), page)
+    rows = min(shape_bucket(max(1, min(groups_per_device, rows_fit))), max(1, scfg.max_slots // group_size))
+    table_width = round_up(private, chunk)
+    return CallShapes(
+        group_size=int(group_size),
+        rows=rows,
+        out_groups=shape_bucket(groups_per_device),
+        out_width=table_width * page + 1,
+        table_width=table_width,
+        chunk_pages=chunk,
+        shared_width=round_up(shared, shared_chunk),
+        shared_chunk_pages=shared_chunk,
+        prefill_len=T,
+        prefill_rows=min(pow2_bucket(rows), prefill_rows_cap(scfg, T)),
+    )
+
+
+def prefill_rows_cap(scfg: SamplerConfig, prefill_len: int) -> int:
+    """Prompts per device and prefill call: the largest power of two within ``max_prefill_tokens``."""
+    return 1 << max(scfg.max_prefill_tokens // prefill_len, 1).bit_length() - 1
 
 
 class Scheduler:
@@ -143,19 +199,19 @@ class Scheduler:
 
     def prefill_batches(self, admitted: list[list[GroupWork]], num_pages: int) -> list[dict[str, np.ndarray]]:
         """Host arrays of ``sharded.PrefillBatch`` for the admitted groups: one dict per prefill call, each
-        array [D * local size, ...] (device s's rows at [s * n, (s + 1) * n)); ``prefill_rows`` groups per
-        device and call."""
-        N = self.shapes.prefill_rows
-        calls = math.ceil(max(len(a) for a in admitted) / N)
+        array [D * local size, ...] (device s's rows at [s * n, (s + 1) * n)); at most ``prefill_rows``
+        groups per device and call."""
+        most = max(len(a) for a in admitted)
+        N = min(pow2_bucket(most), self.shapes.prefill_rows)  # a refill of a few groups prefills a few rows
         batches = []
-        for c in range(calls):
-            parts = [self._local_batch(a[c * N : (c + 1) * N], num_pages) for a in admitted]
+        for c in range(math.ceil(most / N)):
+            parts = [self._local_batch(a[c * N : (c + 1) * N], N, num_pages) for a in admitted]
             batches.append({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
         return batches
 
-    def _local_batch(self, groups: list[GroupWork], num_pages: int) -> dict[str, np.ndarray]:
+    def _local_batch(self, groups: list[GroupWork], N: int, num_pages: int) -> dict[str, np.ndarray]:
         sh, G, page = self.shapes, self.shapes.group_size, self.page_size
-        N, T = sh.prefill_rows, sh.prefill_len
+        T = sh.prefill_len
         tokens = np.full((N, T), self.pad_id, np.int32)
         true_lengths = np.zeros((N,), np.int32)
         group_ids = np.zeros((N,), np.uint32)

@@ -21,7 +21,9 @@ from poer_jax.model.sharding import make_mesh
 from poer_jax.rl import LossConfig
 from poer_jax.rl.optim import OptimConfig
 from poer_jax.rl.update import Trainer
-from poer_jax.sampler import GroupSampler, SamplerConfig, SamplingParams
+from poer_jax.sampler import GroupSampler, SamplerConfig, SamplerError, SamplingParams
+from poer_jax.sampler.budget import budget_bytes, kv_bytes_per_page, pages_for_bytes
+from poer_jax.sampler.sharded import head_shards
 from poer_jax.train import setup
 from poer_jax.train.data import (
     ColumnMap,
@@ -41,6 +43,9 @@ def _cdiv(a: int, b: int) -> int:
 
 def _pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
+
+
+EVAL_BATCH = 64  # problems per sampler call of the held-out evaluation (poer_jax.eval.evaluator.evaluate)
 
 
 # ---- devices and text ---------------------------------------------------------------------------------
@@ -130,28 +135,61 @@ def sampling_params(cfg: ml_collections.ConfigDict) -> tuple[SamplingParams, Sam
             SamplingParams(temperature=e.temperature, top_p=e.top_p))
 
 
-def sampler_config(cfg: ml_collections.ConfigDict, text: TextSide, rows: ProcessRows,
-                   num_eval_problems: int) -> SamplerConfig:
-    """Slots and KV pages for the larger of this process's share of a step and of an evaluation batch."""
+def sampler_config(cfg: ml_collections.ConfigDict, mcfg: QwenConfig, sampler_mesh: Mesh, *,
+                   eos_ids: tuple[int, ...] = (), pad_id: int = 0, process_count: int = 1,
+                   num_eval_problems: int = 0, free_bytes: float | None = None) -> SamplerConfig:
+    """The sampler's limits per device of ``sampler_mesh``'s batch axes (the process-local sampler mesh).
+
+    Pages: ``rollout.num_pages`` when set, else the KV budget (``rollout.kv_cache_fraction`` x free device
+    memory, ``free_bytes`` when given (the plan), or ``rollout.kv_cache_gb``), capped at what the device's
+    share of the largest call (a step, the cache fill, an evaluation batch) can use at once. Slots: that
+    share. A budget that cannot hold one group at full length fails here, naming the keys."""
     R = cfg.rollout
-    max_seq = cfg.data.max_prompt_len + R.max_completion_len
+    new_tokens = max(R.max_completion_len, cfg.eval.max_new_tokens or 0)
+    max_seq = cfg.data.max_prompt_len + new_tokens
     pages_per_seq = _cdiv(max_seq, R.page_size) + 1
-    q_local = _cdiv(cfg.data.questions_per_step, rows.count)
-    eval_groups = min(64, _cdiv(num_eval_problems, rows.count)) if num_eval_problems else 0
-    slots = _pow2(max(q_local * R.group_size, eval_groups * cfg.eval.num_samples, 1))
-    num_pages = R.num_pages or (slots * pages_per_seq + _pow2(max(q_local, eval_groups, 1)) * pages_per_seq + 8)
+    shards = sampler_mesh.shape["data"] * sampler_mesh.shape["fsdp"]
+    q_local = _cdiv(cfg.data.questions_per_step, process_count)  # groups of a step on this process
+    eval_groups = min(EVAL_BATCH, _cdiv(num_eval_problems, process_count)) if num_eval_problems else 0
+    # (groups, samples per group) of each kind of call: a step, the cache fill (G = 1), an evaluation batch
+    calls = [(q_local, R.group_size), (q_local * R.group_size, 1), (eval_groups, cfg.eval.num_samples)]
+    group_pages = [pages_per_seq * (1 + g) for n, g in calls if n]  # shared prompt + G private, at full length
+    need = max(_cdiv(n, shards) * (1 + g) * pages_per_seq for n, g in calls if n)
+    slots = _pow2(max(_cdiv(n, shards) * g for n, g in calls if n))
+    kv_dtype = cfg.model.dtype
+    if R.num_pages:
+        num_pages = R.num_pages
+    else:
+        key = "rollout.kv_cache_fraction" if R.kv_cache_fraction is not None else "rollout.kv_cache_gb"
+        try:
+            if R.kv_cache_fraction is not None and free_bytes is not None:
+                budget = R.kv_cache_fraction * free_bytes
+            else:
+                budget = budget_bytes(R.kv_cache_gb, R.kv_cache_fraction, sampler_mesh.devices.flat)
+            num_pages = min(pages_for_bytes(budget, mcfg, R.page_size, kv_dtype, head_shards(mcfg, sampler_mesh)),
+                            need)
+        except SamplerError as e:
+            raise setup.ConfigError(f"config key '{key}': {e}") from e
+    if num_pages < max(group_pages):
+        per_page = kv_bytes_per_page(mcfg, R.page_size, kv_dtype, head_shards(mcfg, sampler_mesh))
+        raise setup.ConfigError(
+            f"config keys 'rollout.kv_cache_gb' / 'rollout.kv_cache_fraction' / 'rollout.num_pages': {num_pages} KV "
+            f"pages per device ({num_pages * per_page / 1e9:.3g} GB) cannot hold one group at full length "
+            f"({max(group_pages)} pages = {max(group_pages) * per_page / 1e9:.3g} GB: prompt + G samples of "
+            f"data.max_prompt_len + rollout.max_completion_len tokens); raise the budget or shorten them")
     return SamplerConfig(page_size=R.page_size, num_pages=num_pages, max_slots=slots,
                          max_pages_per_seq=_pow2(pages_per_seq), max_prefill_length=max_seq,
-                         eos_ids=text.eos_ids, pad_id=text.pad_id, sampling=sampling_params(cfg)[0],
-                         kv_dtype=cfg.model.dtype)
+                         eos_ids=tuple(eos_ids), pad_id=pad_id, sampling=sampling_params(cfg)[0], kv_dtype=kv_dtype)
 
 
 def build_sampler(cfg: ml_collections.ConfigDict, mcfg: QwenConfig, mesh: Mesh, rows: ProcessRows,
                   params: Params, text: TextSide, num_eval_problems: int
                   ) -> tuple[GroupSampler, ProcessLocalParams]:
-    """The group sampler on this process's devices, and the reshard that feeds it the trained weights."""
+    """The group sampler on this process's devices (data-parallel over their batch axes), and the reshard
+    that feeds it the trained weights (decode layout, compute dtype)."""
     local = ProcessLocalParams(mesh, mcfg)  # multi-host: each process samples its own questions
-    scfg = sampler_config(cfg, text, rows, num_eval_problems)
+    scfg = sampler_config(cfg, mcfg, local.mesh, eos_ids=text.eos_ids, pad_id=text.pad_id,
+                          process_count=rows.count, num_eval_problems=num_eval_problems)
     return GroupSampler(local(params), mcfg, scfg, mesh=local.mesh), local
 
 

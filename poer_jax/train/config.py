@@ -73,7 +73,14 @@ SCHEMA: dict[str, Any] = {
         "top_k": _f(0, int, "0 = off", min=0),
         "max_completion_len": _f(4096, int, min=1),
         "page_size": _f(16, int, min=1),
-        "num_pages": _f(0, int, "KV page pool size; 0 = enough for one step", min=0),
+        "kv_cache_gb": _f(16.0, NUM, "KV pool per device in GB (K and V, all layers), capped at what the device's "
+                          "share of a step can use at once; samples that do not fit wait for finished ones' pages",
+                          min=0.0),
+        "kv_cache_fraction": _f(None, NUM, "KV pool per device as this fraction of its free memory when the "
+                                "sampler is built (backends that report memory: GPU, TPU); overrides kv_cache_gb",
+                                optional=True, min=0.0, max=1.0),
+        "num_pages": _f(0, int, "KV pages per device, overriding the budget; 0 = from kv_cache_gb / "
+                        "kv_cache_fraction", min=0),
     },
     "cache": {
         "init": _f("sample", str, "sample: one answer per question from the initial policy (Eq. 1)",
@@ -239,6 +246,11 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                           f"reward.functions has {len(cfg.reward.functions)}")
     if not cfg.reward.functions:
         raise ConfigError("config key 'reward.functions' must name at least one reward")
+    if cfg.rollout.kv_cache_gb <= 0:
+        raise ConfigError(f"config key 'rollout.kv_cache_gb' must be > 0, got {cfg.rollout.kv_cache_gb!r}")
+    if cfg.rollout.kv_cache_fraction is not None and cfg.rollout.kv_cache_fraction <= 0:
+        raise ConfigError(f"config key 'rollout.kv_cache_fraction' must be in (0, 1], got "
+                          f"{cfg.rollout.kv_cache_fraction!r}")
     if cfg.reward.r_min > cfg.reward.r_max:
         raise ConfigError("config keys 'reward.r_min' and 'reward.r_max': r_min must be <= r_max")
     q = cfg.data.questions_per_step

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+from functools import partial
 from typing import Any
 
 import jax
@@ -30,7 +31,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
 from poer_jax.model.config import QwenConfig
-from poer_jax.model.sharding import BATCH_AXES, MESH_AXES, batch_sharding, param_shardings, shard_params
+from poer_jax.model.sharding import BATCH_AXES, MESH_AXES, batch_sharding, decode_param_shardings
+from poer_jax.sampler.sharded import decode_weights
 from poer_jax.train.config import ConfigError
 
 ENV_INT = ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
@@ -164,17 +166,23 @@ class ProcessRows:
 class ProcessLocalParams:
     """The sampler's mesh and weights: the global mesh on one process; on several, this process's devices.
 
-    The local mesh is (data 1, fsdp n/t, tensor t) over the process's n devices, t = gcd(global tensor, n).
-    Weights get there through a "bridge" mesh over all devices, (data P, fsdp n/t, tensor t) with row p the
-    devices of process p: resharding the trained weights onto it (one jitted collective, every process in
-    lockstep) leaves on each process a complete copy sharded like the local mesh, whose shards are then
-    re-wrapped as process-local arrays without a copy.
+    The sampler's weights are laid out for decoding (``decode_param_shardings``: whole on every device of the
+    batch axes, split over ``tensor``) in the compute dtype (``decode_weights``), refreshed from the trained
+    weights (FSDP layout, master dtype) by one jitted reshard + cast, never through the host.
+
+    On several processes the local mesh is (data 1, fsdp n/t, tensor t) over the process's n devices,
+    t = gcd(global tensor, n). The reshard then targets a "bridge" mesh over all devices, (data P, fsdp n/t,
+    tensor t) with row p the devices of process p (one jitted collective, every process in lockstep): it
+    leaves on each process a complete copy laid out like the local mesh, whose shards are re-wrapped as
+    process-local arrays without a copy.
     """
 
     def __init__(self, mesh: Mesh, cfg: QwenConfig):
         self.cfg = cfg
+        cast = partial(decode_weights, cfg=cfg)
         if jax.process_count() == 1:
             self.mesh, self.bridge = mesh, None
+            self._reshard = jax.jit(cast, out_shardings=decode_param_shardings(cfg, mesh))
             return
         by_process: dict[int, list[Any]] = {}
         for d in sorted(mesh.devices.flat, key=lambda d: (d.process_index, d.id)):
@@ -188,13 +196,13 @@ class ProcessLocalParams:
         rows = np.array([by_process[p] for p in sorted(by_process)], dtype=object)
         self.bridge = Mesh(rows.reshape(len(by_process), n // t, t), MESH_AXES)
         self.mesh = Mesh(rows[[sorted(by_process).index(jax.process_index())]].reshape(1, n // t, t), MESH_AXES)
-        self._to_bridge = jax.jit(lambda p: p, out_shardings=param_shardings(cfg, self.bridge))
+        self._reshard = jax.jit(cast, out_shardings=decode_param_shardings(cfg, self.bridge))
 
     def __call__(self, params: Any) -> Any:
-        """Weights on ``self.mesh`` (a collective on several processes: call it on all of them)."""
+        """Decode-layout weights on ``self.mesh`` (a collective on several processes: call it on all)."""
+        laid_out = self._reshard(params)
         if self.bridge is None:
-            return shard_params(params, self.cfg, self.mesh)
-        bridged = self._to_bridge(params)
+            return laid_out
 
         def local(x: jax.Array) -> jax.Array:
             sharding = NamedSharding(self.mesh, x.sharding.spec)
@@ -202,7 +210,7 @@ class ProcessLocalParams:
             return jax.make_array_from_single_device_arrays(
                 x.shape, sharding, [by_device[d] for d in self.mesh.devices.flat])
 
-        return jax.tree.map(local, bridged)
+        return jax.tree.map(local, laid_out)
 
 
 __all__ = ["ProcessLocalParams", "ProcessRows", "barrier", "host_copy", "initialize_from_env",
