@@ -216,3 +216,34 @@ def test_program_specs_compile_with_an_eighth_of_the_pool_per_device():
         mem = spec.fn.lower(*spec.args, **spec.kwargs).compile().memory_analysis()
         assert pool_per_device <= mem.argument_size_in_bytes < 1.1 * pool_per_device, spec.name
         assert mem.alias_size_in_bytes >= pool_per_device  # the pool is donated through both programs
+
+
+# ---- the KV budget keys ------------------------------------------------------------------------------------
+def test_kv_budget_keys_size_the_pool_per_device():
+    """Pages per device from rollout.kv_cache_gb, capped at the device's share of the largest call; the
+    num_pages override; a budget below one group, a fraction on a backend without memory stats and a
+    non-positive budget fail naming the key."""
+    from poer_jax.train.builders import sampler_config
+    from poer_jax.train.config import ConfigError, apply_overrides, default_config, validate
+
+    def config(**kw):
+        base = {"model.preset": "tiny", "data.train_path": "x.jsonl", "data.max_prompt_len": 12,
+                "rollout.max_completion_len": 20, "rollout.page_size": 4, "data.questions_per_step": 16,
+                "rollout.group_size": 3, "optim.micro_batches": 1, **kw}
+        return validate(apply_overrides(default_config(), [f"{k}={v}" for k, v in base.items()]))
+
+    mesh = _mesh8()
+    # 1 KiB per page (2 x 2 layers x 2 KV heads x 4 tokens x 8 x fp32); 9 pages per sequence (32 tokens + 1)
+    # largest call per device: the cache fill, 48 / 8 = 6 prompts x (prompt + 1 sample) x 9 = 108 pages
+    assert sampler_config(config(), QWEN2, mesh).num_pages == 108  # 16 GB: capped by the need
+    scfg = sampler_config(config(**{"rollout.kv_cache_gb": 50e-6}), QWEN2, mesh)
+    assert scfg.num_pages == 48 and scfg.max_slots == 8  # 50 KB / 1 KiB; 2 groups x 3 samples -> 8 slots
+    assert sampler_config(config(**{"rollout.num_pages": 40}), QWEN2, mesh).num_pages == 40
+    with pytest.raises(ConfigError, match="'rollout.kv_cache_gb'.*19 KV pages per device.*one group"):
+        sampler_config(config(**{"rollout.kv_cache_gb": 20e-6}), QWEN2, mesh)  # one group: 4 x 9 = 36 pages
+    with pytest.raises(ConfigError, match="'rollout.kv_cache_fraction'.*give the budget in GB"):
+        sampler_config(config(**{"rollout.kv_cache_fraction": 0.5}), QWEN2, mesh)  # CPU reports no memory
+    assert sampler_config(config(**{"rollout.kv_cache_fraction": 0.5}), QWEN2, mesh, free_bytes=1e5).num_pages == 48
+    for key in ("rollout.kv_cache_gb", "rollout.kv_cache_fraction"):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            config(**{key: 0})

@@ -1,11 +1,14 @@
 """Paged-KV sampler: prefill each group's prompt (question + cached prefix) once, decode G continuations.
 
 Public API:
-  GroupSampler, SampleOutput                         batch_sampler.py (what the trainer calls)
+  GroupSampler, SampleOutput                         batch_sampler.py (what the trainer calls: data-parallel
+                                                     over the mesh's batch axes, continuous batching)
   PagedEngine, Prefix, DecodeState, ResultTokens     engine.py (JetStream-shaped prefill / insert / generate)
   SamplerConfig, PageAllocator, SamplerError, PoolExhaustedError   pages.py (host-side planning)
   SamplingParams, sample_tokens, top_p_threshold     sampling.py
   paged_decode_attention                             paged_attention.py
+Inside: scheduler.py (groups -> devices, admission, page release), sharded.py (the device programs under
+shard_map), budget.py (KV pages from a memory budget), programs.py (the programs for the plan command).
 """
 
 from poer_jax.sampler.batch_sampler import GroupSampler, SampleOutput

@@ -15,10 +15,10 @@ For people who serve models with JetStream-style orchestrators, ``PagedEngine`` 
       slot if it may still be running (a running slot must not outlive its pages).
   engine.init_decode_state(), engine.max_concurrent_decodes, engine.max_prefill_length
 
-The pure functions below (``prefill_core``, ``insert_core``, ``decode_step``, ``decode_loop``) are the ones
-the batch sampler fuses into its jitted programs; ``decode_loop`` runs steps in one ``lax.while_loop`` until
-every slot has hit EOS or its budget. A token's sampling key is fold_in(sample_key, token_index), so a
-sample's draws do not depend on its slot, the batch padding or how many steps run per dispatch.
+The pure functions below (``prefill_core``, ``insert_core``, ``decode_step``) are the ones the group sampler
+runs on every device of its mesh (``sharded.py``: prefill + insert of admitted groups, and decode segments,
+``decode_step`` in a ``lax.while_loop``). A token's sampling key is fold_in(sample_key, token_index), so a
+sample's draws do not depend on its slot, the batch padding, its device or how many steps run per dispatch.
 """
 
 from __future__ import annotations
@@ -286,51 +286,6 @@ def decode_step(
         finish=finish,
     )
     return new_state, result
-
-
-class Outputs(NamedTuple):
-    """Per-slot output buffers [S, M]: tokens (pad_id past the end), sampling / policy log-probs (0 there)."""
-
-    tokens: jax.Array
-    logprobs: jax.Array
-    policy_logprobs: jax.Array
-
-
-def decode_loop(
-    params: Params,
-    cfg: QwenConfig,
-    state: DecodeState,
-    out: Outputs,
-    sp: SamplingParams,
-    eos_ids: tuple[int, ...],
-    chunk_pages: int,
-    pad_id: int,
-    kv_shard: NamedSharding | None = None,
-    dynamic_chunks: bool = True,
-    shared: SharedPrefix | None = None,
-    shared_chunk_pages: int = 1,
-) -> tuple[DecodeState, Outputs, jax.Array]:
-    """Run ``decode_step`` in one while_loop until no slot is active (EOS or budget); also returns steps."""
-    S, M = out.tokens.shape
-    rows = jnp.arange(S)
-
-    def cond(c: tuple[DecodeState, Outputs, jax.Array]) -> jax.Array:
-        st, _, steps = c
-        return jnp.any(st.active) & (steps < M)
-
-    def body(c: tuple[DecodeState, Outputs, jax.Array]) -> tuple[DecodeState, Outputs, jax.Array]:
-        st, o, steps = c
-        attn = (chunk_pages, pad_id, kv_shard, dynamic_chunks, shared, shared_chunk_pages)
-        st, r = decode_step(params, cfg, st, sp, eos_ids, *attn)
-        col = jnp.where(r.valid, r.index, M)  # out of range: dropped
-        o = Outputs(
-            o.tokens.at[rows, col].set(r.tokens, mode="drop"),
-            o.logprobs.at[rows, col].set(r.logprobs, mode="drop"),
-            o.policy_logprobs.at[rows, col].set(r.policy_logprobs, mode="drop"),
-        )
-        return st, o, steps + 1
-
-    return jax.lax.while_loop(cond, body, (state, out, jnp.zeros((), jnp.int32)))
 
 
 DECODE_STATIC = (

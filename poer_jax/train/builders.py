@@ -157,10 +157,11 @@ def sampler_config(cfg: ml_collections.ConfigDict, mcfg: QwenConfig, sampler_mes
     need = max(_cdiv(n, shards) * (1 + g) * pages_per_seq for n, g in calls if n)
     slots = _pow2(max(_cdiv(n, shards) * g for n, g in calls if n))
     kv_dtype = cfg.model.dtype
+    key = ("rollout.num_pages" if R.num_pages else
+           "rollout.kv_cache_fraction" if R.kv_cache_fraction is not None else "rollout.kv_cache_gb")
     if R.num_pages:
         num_pages = R.num_pages
     else:
-        key = "rollout.kv_cache_fraction" if R.kv_cache_fraction is not None else "rollout.kv_cache_gb"
         try:
             if R.kv_cache_fraction is not None and free_bytes is not None:
                 budget = R.kv_cache_fraction * free_bytes
@@ -173,10 +174,10 @@ def sampler_config(cfg: ml_collections.ConfigDict, mcfg: QwenConfig, sampler_mes
     if num_pages < max(group_pages):
         per_page = kv_bytes_per_page(mcfg, R.page_size, kv_dtype, head_shards(mcfg, sampler_mesh))
         raise setup.ConfigError(
-            f"config keys 'rollout.kv_cache_gb' / 'rollout.kv_cache_fraction' / 'rollout.num_pages': {num_pages} KV "
-            f"pages per device ({num_pages * per_page / 1e9:.3g} GB) cannot hold one group at full length "
-            f"({max(group_pages)} pages = {max(group_pages) * per_page / 1e9:.3g} GB: prompt + G samples of "
-            f"data.max_prompt_len + rollout.max_completion_len tokens); raise the budget or shorten them")
+            f"config key '{key}': {num_pages} KV pages per device ({num_pages * per_page / 1e9:.3g} GB) cannot hold "
+            f"one group at full length ({max(group_pages)} pages = {max(group_pages) * per_page / 1e9:.3g} GB: "
+            "prompt + G samples of data.max_prompt_len + rollout.max_completion_len tokens); raise it or shorten "
+            "those")
     return SamplerConfig(page_size=R.page_size, num_pages=num_pages, max_slots=slots,
                          max_pages_per_seq=_pow2(pages_per_seq), max_prefill_length=max_seq,
                          eos_ids=tuple(eos_ids), pad_id=pad_id, sampling=sampling_params(cfg)[0], kv_dtype=kv_dtype)
