@@ -250,27 +250,33 @@ def _decode_segment_local(
         active, want, starving = total(jnp.stack([dec.active.any().astype(jnp.int32), want, starving]))
         return (active > 0) & (want < ctl.target) & (starving == 0) & (steps < M)
 
+    # finished slots and empty rows attend nothing: the attention loops stop at the longest live sequence
+    dec = state.decode
+    live_row = dec.active.reshape(R, -1).any(axis=1)
+    shared = SharedPrefix(state.shared_table, jnp.where(live_row, state.shared_lengths, 0))
+    dec = dec._replace(lengths=jnp.where(dec.active, dec.lengths, 0))
+
     def body(c: tuple[DecodeState, SampleBuffers, jax.Array]) -> tuple[DecodeState, SampleBuffers, jax.Array]:
         dec, o, steps = c
-        # finished slots and empty rows attend nothing: the attention loops stop at the longest live sequence
-        live_row = dec.active.reshape(R, -1).any(axis=1)
-        shared = SharedPrefix(state.shared_table, jnp.where(live_row, state.shared_lengths, 0))
-        dec = dec._replace(lengths=jnp.where(dec.active, dec.lengths, 0))
         dec, r = decode_step(
             params, cfg, dec, sp, eos_ids, chunk_pages, pad_id, None, dynamic_chunks, shared, shared_chunk_pages
         )
         row = jnp.where(r.valid, state.out_row, o.tokens.shape[0])  # out of range: dropped
         col = jnp.where(r.valid, r.index, M)
-        o = SampleBuffers(
-            o.tokens.at[row, col].set(r.tokens, mode="drop"),
-            o.logprobs.at[row, col].set(r.logprobs, mode="drop"),
-            o.policy_logprobs.at[row, col].set(r.policy_logprobs, mode="drop"),
-            o.lengths.at[row].set(dec.num_generated, mode="drop"),
-            o.finish.at[row].set(r.finish, mode="drop"),
+        o = o._replace(
+            tokens=o.tokens.at[row, col].set(r.tokens, mode="drop"),
+            logprobs=o.logprobs.at[row, col].set(r.logprobs, mode="drop"),
+            policy_logprobs=o.policy_logprobs.at[row, col].set(r.policy_logprobs, mode="drop"),
         )
         return dec, o, steps + 1
 
-    dec, out, steps = jax.lax.while_loop(cond, body, (state.decode, out, jnp.zeros((), jnp.int32)))
+    started = dec.active
+    dec, out, steps = jax.lax.while_loop(cond, body, (dec, out, jnp.zeros((), jnp.int32)))
+    # a slot holds one sample for the whole segment: the count and finish code of each sample that ran go out
+    # once, at the end (samples done at insert got theirs from prefill_insert)
+    row = jnp.where(started, state.out_row, out.lengths.shape[0])
+    out = out._replace(lengths=out.lengths.at[row].set(dec.num_generated, mode="drop"),
+                       finish=out.finish.at[row].set(dec.finish, mode="drop"))
     return state._replace(decode=dec), out, steps[None]
 
 
