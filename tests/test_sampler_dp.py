@@ -31,9 +31,10 @@ def _mesh8(tensor: int = 1):
     return make_mesh({"data": 2, "fsdp": 4 // tensor, "tensor": tensor}, jax.devices()[:8])
 
 
-def _sampler(params, sp, *, num_pages, max_slots=64, mesh=None, eos=()) -> GroupSampler:
+def _sampler(params, sp, *, num_pages, max_slots=64, mesh=None, eos=(), fixed_tables=False) -> GroupSampler:
     scfg = SamplerConfig(page_size=4, num_pages=num_pages, max_slots=max_slots, max_pages_per_seq=16,
-                         max_prefill_length=32, attn_chunk_pages=2, eos_ids=tuple(eos), sampling=sp)
+                         max_prefill_length=32, attn_chunk_pages=2, eos_ids=tuple(eos), sampling=sp,
+                         fixed_tables=fixed_tables)
     return GroupSampler(params, QWEN2, scfg, mesh=mesh)
 
 
@@ -73,10 +74,12 @@ def _pool_is_split(sampler: GroupSampler, batch_devices: int, head_split: int = 
 
 @pytest.mark.parametrize("devices", [1, 8])
 def test_small_pool_greedy_equals_full_recompute(setup, greedy_ref, devices):
-    """1 device: 2 rows of 3 slots and 30 pages for 16 groups; 8 devices: 2 groups each, one at a time."""
+    """1 device: 2 rows of 3 slots and 30 pages for 16 groups; 8 devices: 2 groups each, one at a time, page
+    tables as wide as the config allows (``fixed_tables``)."""
     params, prompts = setup
     sampler = (_sampler(params, SamplingParams(temperature=0.0), num_pages=30, max_slots=6) if devices == 1 else
-               _sampler(params, SamplingParams(temperature=0.0), num_pages=20, max_slots=3, mesh=_mesh8()))
+               _sampler(params, SamplingParams(temperature=0.0), num_pages=20, max_slots=3, mesh=_mesh8(),
+                        fixed_tables=True))
     res = sampler.generate(prompts, G, BUDGETS, jax.random.key(0))
     for r in range(len(prompts) * G):
         assert res.tokens[r, : res.lengths[r]].tolist() == greedy_ref[r // G], (devices, r)
@@ -85,6 +88,7 @@ def test_small_pool_greedy_equals_full_recompute(setup, greedy_ref, devices):
     assert res.decoded_tokens == sum(b - 1 for b in BUDGETS) * G
     assert sampler.num_free_pages == devices * sampler.scfg.num_pages
     if devices == 8:
+        assert sampler.last_plan.shapes.table_width == 16 and sampler.last_plan.shapes.shared_width == 8
         _pool_is_split(sampler, 8)
         for x in jax.tree.leaves(sampler.params):  # decode layout: whole weights on every device
             assert x.sharding.is_fully_replicated

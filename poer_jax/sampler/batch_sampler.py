@@ -202,7 +202,8 @@ class GroupSampler:
         groups = plan_groups(arrs, budgets, int(group_size), s.page_size, self.shards, s.num_pages)
         per_device = max(sum(1 for grp in groups if grp.shard == d) for d in range(self.shards))
         shapes = call_shapes(lens, budgets, int(group_size), s, self.chunk_pages, per_device,
-                             rows_that_fit(groups, self.shards, s.num_pages), fixed_widths=self.dynamic_chunks)
+                             rows_that_fit(groups, self.shards, s.num_pages),
+                             fixed_widths=s.fixed_tables and self.dynamic_chunks)
         return CallPlan(groups, shapes)
 
     # ---- device transfers ---------------------------------------------------------------------------

@@ -77,7 +77,11 @@ class SamplerConfig:
     (bounds prefill activation memory; more groups are prefilled in several calls). refill_fraction: the
     group sampler's decode loop returns to the host to admit waiting groups once that fraction of all decode
     rows could take one (or a device with waiting groups has gone idle); larger values mean fewer, larger
-    refills (continuous batching, batch_sampler.py). attn_chunk_pages: pages read per
+    refills (continuous batching, batch_sampler.py). fixed_tables: the group sampler's page tables as wide
+    as this config allows, so its decode program has one shape per decode row count instead of one per
+    bucket of the call's longest prompt and budget (fewer compiles; with data-dependent attention loops
+    only, where pages past the longest sequence are never read; a short continuation then reads a whole
+    attention chunk, measured ~10 % slower decode on CPU for POER-like calls). attn_chunk_pages: pages read per
     attention chunk (the decode attention loop's granularity; default by platform, see
     ``paged_attention.attention_chunk_pages``). attn_dynamic_chunks: stop the chunk loop at the longest
     sequence (default: yes, except on GPU where a fixed trip count avoids host round trips).
@@ -98,6 +102,7 @@ class SamplerConfig:
     sampling: SamplingParams = SamplingParams()
     kv_dtype: str | None = None
     refill_fraction: float = 0.25
+    fixed_tables: bool = False
 
     def __post_init__(self) -> None:
         for name in (

@@ -70,13 +70,14 @@ def sampler_program_specs(
     chunk = attention_chunk_pages(scfg, mesh)
     dynamic = dynamic_attention_chunks(scfg, mesh)
     offsets = sorted({int(prompt_len), max(1, min(int(prompt_len), page - 1))})  # worst partial-page offset
-    sh = call_shapes(offsets, [int(max_new_tokens)] * len(offsets), G, scfg, chunk, rows, rows, dynamic)
+    fixed = scfg.fixed_tables and dynamic
+    sh = call_shapes(offsets, [int(max_new_tokens)] * len(offsets), G, scfg, chunk, rows, rows, fixed)
     kv_dtype = dtype_from_name(scfg.kv_dtype or mcfg.dtype)
     D = batch_shards(mesh)
     args = _Abstract(mcfg, scfg, mesh, sh, D, kv_dtype)
 
     decode_shapes = _ladder(rows, shape_bucket)
-    if not dynamic:  # bucketed table widths vary with the call's longest prompt / budget
+    if not fixed:  # bucketed table widths vary with the call's longest prompt / budget
         decode_shapes *= _ladder(sh.table_width, shape_bucket) * _ladder(sh.shared_width, shape_bucket)
     prefill_shapes = (decode_shapes * _ladder(prompt_len, lambda n: prefill_bucket(n, page))
                       * _ladder(sh.prefill_rows, pow2_bucket))

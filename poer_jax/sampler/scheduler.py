@@ -105,10 +105,9 @@ def call_shapes(
     """Shapes of a call. ``groups_per_device``: the most groups one device gets; ``rows_fit``: the most it
     can hold at once (pool); rows are also capped by ``max_slots`` per device.
 
-    ``fixed_widths`` (attention loops that stop at the longest sequence, see ``paged_attention``): page
-    tables as wide as the config allows, so the decode program has one shape per row count, at no cost
-    (pages past the longest sequence are never read). Otherwise (fixed trip counts, GPU) the widths are
-    bucketed to the call's longest prompt / budget. The output width follows the private table:
+    Page-table widths are bucketed to the call's longest prompt / budget, or with ``fixed_widths``
+    (``SamplerConfig.fixed_tables``, data-dependent attention loops only) as wide as the config allows, so
+    the decode program has one shape per row count. The output width follows the private table:
     table_width x page_size + 1 >= any budget it holds."""
     page = scfg.page_size
     if fixed_widths:
