@@ -14,7 +14,7 @@ functions run on one device.
                    host should admit waiting groups (``SegmentControl``): a device with waiting groups could
                    take the next one (its pages fit in the pages that finished samples will return and a row
                    is free) and either enough rows over all devices could be refilled (>= ``target``) or
-                   that device is idle. The exit test is one scalar all-reduce per step.
+                   that device is idle. The exit test costs one all-reduce of three scalars per step.
 
 Sample i of group g draws token t with fold_in(fold_in(fold_in(key, g), i), t) wherever it runs (device,
 row, slot, segment), so the tokens do not depend on the pool size or the device count.
