@@ -21,6 +21,23 @@ from poer_jax.train.warm_start import supervised_warm_start
 log = logging.getLogger("poer_jax")
 
 
+def enable_compilation_cache(cfg: ml_collections.ConfigDict) -> Path | None:
+    """Turn on JAX's persistent compilation cache in ``train.compilation_cache_dir`` (default
+    ``workdir/jax_cache``; '' = off): a restarted or resumed run loads its compiled programs instead of
+    compiling them again (minutes each at 7B scale). Returns the directory."""
+    d = cfg.train.compilation_cache_dir
+    if d == "":
+        return None
+    path = Path(d) if d is not None else Path(cfg.workdir) / "jax_cache"
+    path.mkdir(parents=True, exist_ok=True)
+    if jax.config.jax_compilation_cache_dir != str(path):
+        from jax.experimental.compilation_cache import compilation_cache
+
+        compilation_cache.reset_cache()  # a cache already opened in this process keeps its directory otherwise
+        jax.config.update("jax_compilation_cache_dir", str(path))
+    return path
+
+
 def load_tokenizer(path: str | Path) -> Any:
     """A transformers tokenizer from a local directory.
 
@@ -63,7 +80,8 @@ def eos_and_pad(tokenizer: Any, model_dir: str | Path | None) -> tuple[tuple[int
 
 def load_model(cfg: ml_collections.ConfigDict, mesh: Mesh) -> tuple[Any, QwenConfig]:
     """Parameters on the mesh, from ``model.path`` (HF directory) or ``model.preset`` (random weights)."""
-    dtypes = dict(param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype, remat=cfg.model.remat)
+    dtypes = dict(param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype, remat=cfg.model.remat,
+                  attention=cfg.model.attention)
     if cfg.model.path is not None:
         return load_hf(cfg.model.path, mesh=mesh, **dtypes)
     mcfg = preset(cfg.model.preset, **dtypes)
