@@ -166,6 +166,8 @@ def plan_config(cfg: ml_collections.ConfigDict, target: Target, *, num_questions
                 log: Any = None) -> PlanReport:
     """Compile the config's programs for ``target`` and judge the fit (``report.py``)."""
     mcfg, shape_note = model_shapes(cfg)
+    if target.platform == "gpu" and mcfg.attention == "auto":
+        mcfg = mcfg.replace(attention="chunked")  # compiled on CPU: cuDNN's O(T) stand-in, not CPU's dense
     mesh = mesh_for(cfg, target_devices(target))
     check_batch_layout(cfg, mesh)
     n_q = num_questions or _count_questions(cfg) or OPEN_RS_QUESTIONS
