@@ -176,7 +176,10 @@ def plan_config(cfg: ml_collections.ConfigDict, target: Target, *, num_questions
         unknown = set(programs) - {s.name for s in specs}
         if unknown:
             raise ConfigError(f"unknown program(s) {sorted(unknown)}; known: {[s.name for s in specs]}")
-    notes = [shape_note, f"mesh {dict(mesh.shape)}, attention {mcfg.attention}", *notes]
+    notes = [shape_note, f"mesh {dict(mesh.shape)}, attention {mcfg.attention}", *notes,
+             "TFLOP / GB accessed / roofline are XLA's cost analysis, which counts a loop body once: they are per "
+             "iteration of the outer loops (one layer of the layer scan, one micro-batch, one decode step), not "
+             "per call"]
     if target.platform == "gpu":
         notes.append(f"{target.chip.name}: estimate from programs compiled for {target.num_devices} host CPU "
                      "device(s) on the same mesh (XLA:CPU buffer assignment; the CPU stand-in of cuDNN attention is "
