@@ -147,3 +147,16 @@ def test_persistent_compilation_cache(tmp_path: Path) -> None:
 
         compilation_cache.reset_cache()
         jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_skip_absent_tpu_uses_the_cpu_backend(monkeypatch) -> None:
+    assert setup.skip_absent_tpu() is False  # JAX_PLATFORMS is set (conftest): nothing changes
+    monkeypatch.delenv("JAX_PLATFORMS")
+    before = jax.config.jax_platforms
+    try:
+        jax.config.update("jax_platforms", None)
+        switched = setup.skip_absent_tpu()
+        assert switched == HAS_LIBTPU  # this host has no TPU chips and no GPU plugin
+        assert jax.config.jax_platforms == ("cpu" if HAS_LIBTPU else None)
+    finally:
+        jax.config.update("jax_platforms", before)

@@ -175,9 +175,7 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, 
     """Pallas splash attention with the padding mask as segment ids (see the module docstring)."""
     B, T, Hq, hd = q.shape
     Hkv = k.shape[2]
-    Tp = -(-T // 128) * 128
-    if Tp > _SPLASH_BLOCK:
-        Tp = -(-Tp // _SPLASH_BLOCK) * _SPLASH_BLOCK
+    Tp = -(-T // 128) * 128  # the kernel's tiles are 128-multiples; _splash_block picks the largest that divides
     pad = Tp - T
     seg = mask.astype(jnp.int32)  # padding (0) attends padding: never an empty row; real tokens only real ones
 
