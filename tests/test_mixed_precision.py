@@ -34,7 +34,7 @@ def _moved(param_dtype: str, dtype: str) -> tuple[np.ndarray, np.ndarray]:
     conts = [rng.integers(1, 500, 10).tolist() for _ in range(4)]
     batch = build_rollout_batch(prompts, None, conts, [1.0, -1.0, 0.5, -0.5], pad_id=0, bucket=16)
     optim = OptimConfig(learning_rate=LR, total_steps=STEPS, min_lr_ratio=1.0, max_grad_norm=None)
-    trainer = Trainer(cfg, LossConfig(), optim)
+    trainer = Trainer(cfg, LossConfig(), optim, compute_entropy=False)
     state = trainer.create_train_state(start)
     step = functools.partial(update_step, tx=trainer.tx, schedule=trainer.schedule, model_cfg=cfg,
                              loss_cfg=trainer.loss_cfg, update_cfg=trainer.update_cfg)
@@ -74,7 +74,7 @@ def test_bf16_weights_do_not_move(runs) -> None:
     ref, bf16 = runs["fp32"], runs["bf16"]
     trained = ref != 0
     assert np.mean(bf16[trained] != 0) < 0.05  # rounded away: only weights within ~1e-4 of 0 can move
-    assert np.linalg.norm(bf16) < 0.1 * np.linalg.norm(ref)
+    assert np.linalg.norm(bf16) < 0.25 * np.linalg.norm(ref)  # the few that moved jumped a whole bf16 step
 
 
 def test_config_rejects_bf16_master_weights_at_a_small_learning_rate() -> None:
