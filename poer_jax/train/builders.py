@@ -61,7 +61,8 @@ def check_before_work(cfg: ml_collections.ConfigDict, mesh: Mesh) -> None:
     from poer_jax.plan.build import check_batch_layout, check_resident_memory, model_shapes
 
     check_batch_layout(cfg, mesh)
-    stats = mesh.devices.flat[0].memory_stats() or {}
+    local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    stats = (local[0].memory_stats() if local else None) or {}  # this process's device: no remote query
     if stats.get("bytes_limit"):
         check_resident_memory(cfg, model_shapes(cfg)[0], mesh, float(stats["bytes_limit"]))
 
