@@ -2,6 +2,9 @@
 
 G 6, temperature 0.7, max length 4096, L 300 (set cache.truncation_fraction=0.5 for the dynamic
 0.5 x shortest-response variant), length-aware reward alpha 0.01, m 0.5, M 1, epsilon 0.1, FSDP over 8 devices.
+float32 master weights and Adam moments with bfloat16 matmuls, remat, splash / cuDNN attention. Fits 8 chips
+of >= 32 GiB (``scripts/plan.py``: TPU v5p-8, update step 34.7 of 102 GB per chip; v6e-8, 31.8 of 34.4 GB
+with the KV pool at 256 pages); not one chip (v5e-1: the train state alone is 91 GB).
 
     python -m poer_jax.train --config=configs/qwen7b.py --config.model.path=/models/DeepSeek-R1-Distill-Qwen-7B \
         --config.data.train_path=/data/open-rs/train.parquet
@@ -14,9 +17,10 @@ def get_config():
     c = default_config()
     c.workdir = "runs/qwen7b_poer"
     c.model.path = "DeepSeek-R1-Distill-Qwen-7B"  # a local HF directory; override on the command line
-    c.model.param_dtype = "bfloat16"
-    c.model.dtype = "bfloat16"
+    c.model.param_dtype = "float32"  # master weights and Adam moments: updates of lr 1e-6 survive
+    c.model.dtype = "bfloat16"  # matmuls
     c.model.remat = True
+    c.model.attention = "auto"  # splash on TPU, cuDNN flash on GPU
     c.data.train_path = "data/open-rs/train.jsonl"
     c.data.max_prompt_len = 512
     c.data.questions_per_step = 96  # x G 6 = 576 samples, the paper's global batch
@@ -39,7 +43,7 @@ def get_config():
     c.loss.aggregation = "seq_mean_token_mean"
     c.optim.learning_rate = 1e-6
     c.optim.warmup_steps = 5
-    c.optim.micro_batches = 48
+    c.optim.micro_batches = 72  # 576 rows -> micro-batches of 8 rows: one per device of the 8
     c.train.max_steps = 48  # ~4 epochs of open-rs 7k at 576 samples / step is 4 x 7000 / 96 = 292; set as needed
     c.train.checkpoint_every = 10
     c.eval.every = 10

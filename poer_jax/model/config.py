@@ -13,6 +13,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from poer_jax.model.attention import ATTENTION_IMPLEMENTATIONS
+
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -36,7 +38,9 @@ class QwenConfig:
     """Shapes and numerics of a Qwen2/Qwen3 decoder.
 
     ``param_dtype`` is the storage dtype of the weights, ``dtype`` the matmul dtype; RMSNorm, softmax and
-    RoPE are always computed in float32.
+    RoPE are always computed in float32. Mixed precision = float32 weights (and so float32 Adam moments:
+    updates of lr 1e-6 survive) with bfloat16 matmuls. ``attention``: the prefill / training attention
+    implementation (``attention.ATTENTION_IMPLEMENTATIONS``; ``auto`` picks by platform).
     """
 
     vocab_size: int
@@ -56,6 +60,7 @@ class QwenConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat: bool = False
+    attention: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -69,6 +74,9 @@ class QwenConfig:
             raise ModelConfigError(f"QwenConfig.model_type={self.model_type!r} is not one of {SUPPORTED_MODEL_TYPES}")
         dtype_from_name(self.param_dtype)
         dtype_from_name(self.dtype)
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ModelConfigError(
+                f"QwenConfig.attention={self.attention!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
 
     @property
     def jnp_dtype(self) -> Any:

@@ -32,6 +32,10 @@ _PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(
         vocab_size=512, hidden_size=64, intermediate_size=176, num_layers=2, num_heads=4,
         num_kv_heads=2, head_dim=16, rope_theta=10000.0, tie_word_embeddings=False),
+    # Tiny, with TPU-sized heads (head_dim 128, so splash attention applies): plan and compile tests.
+    "tiny-hd128": dict(
+        vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=2,
+        num_kv_heads=1, head_dim=128, rope_theta=10000.0, tie_word_embeddings=False),
     "tiny-qwen3": dict(
         vocab_size=512, hidden_size=64, intermediate_size=176, num_layers=2, num_heads=4,
         num_kv_heads=2, head_dim=24, rope_theta=1000000.0, tie_word_embeddings=True, qkv_bias=False,

@@ -24,10 +24,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from poer_jax.model.attention import attention, causal_mask, dense_attention  # noqa: F401  (re-exported: sampler, tests)
 from poer_jax.model.config import QwenConfig
 
 Params = dict[str, Any]
-_NEG_INF = -1e30  # finite, so fully masked rows (padding queries) give a uniform softmax, not NaN
 
 
 def param_shapes(cfg: QwenConfig) -> dict[str, Any]:
@@ -143,28 +143,6 @@ def attention_output(lp: Params, cfg: QwenConfig, x: jax.Array, attn: jax.Array)
     return x + _linear(jax.nn.silu(gate) * up, lp["down_proj"], None, dt).astype(x.dtype)
 
 
-def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
-    """softmax(q k^T / sqrt(hd)) v with GQA; ``allowed`` [B, Tq, Tk] bool. Softmax in float32.
-
-    q [B, Tq, Hq, hd], k/v [B, Tk, Hkv, hd] -> [B, Tq, Hq, hd].
-    """
-    B, Tq, Hq, hd = q.shape
-    Hkv = k.shape[2]
-    qg = q.reshape(B, Tq, Hkv, Hq // Hkv, hd)
-    scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32) * (hd ** -0.5)
-    scores = jnp.where(allowed[:, None, None], scores, _NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
-    return out.reshape(B, Tq, Hq, hd)
-
-
-def causal_mask(mask: jax.Array) -> jax.Array:
-    """[B, T] key-validity mask -> [B, T, T] allowed (query i sees valid keys j <= i)."""
-    T = mask.shape[1]
-    causal = jnp.tril(jnp.ones((T, T), dtype=bool))
-    return causal[None] & mask[:, None, :].astype(bool)
-
-
 def embed(params: Params, cfg: QwenConfig, tokens: jax.Array) -> jax.Array:
     return jnp.take(params["embed"], tokens, axis=0).astype(cfg.jnp_dtype)
 
@@ -199,19 +177,18 @@ def forward(
     tokens [B, T] int; positions [B, T] RoPE positions (default: 0..T-1; with left padding pass
     ``cumsum(mask) - 1``); mask [B, T] bool marks real tokens (keys at masked slots are never attended;
     outputs at masked slots are defined but meaningless). Attention is causal over the T index, so left
-    and right padding both work. With ``return_kv`` also returns per-layer (k, v), each
-    [L, B, T, Hkv, hd], e.g. for a sampler's prefill.
+    and right padding both work; ``cfg.attention`` picks its implementation (``attention.py``). With
+    ``return_kv`` also returns per-layer (k, v), each [L, B, T, Hkv, hd], e.g. for a sampler's prefill.
     """
     B, T = tokens.shape
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     if mask is None:
         mask = jnp.ones((B, T), dtype=bool)
-    allowed = causal_mask(mask)
 
     def layer(x: jax.Array, lp: Params) -> tuple[jax.Array, Any]:
         q, k, v = attention_inputs(lp, cfg, x, positions)
-        x = attention_output(lp, cfg, x, dense_attention(q, k, v, allowed))
+        x = attention_output(lp, cfg, x, attention(q, k, v, mask, cfg.attention))
         return x, ((k, v) if return_kv else None)
 
     if cfg.remat:

@@ -21,6 +21,10 @@ class ProgramSpec:
     sizing_keys: the config keys that size this program, named when it does not fit.
     num_shapes: how many distinct shapes of this program a run compiles (its compile budget).
     note: one line on the shape it was built at (e.g. 'B=96 rows x T=4608').
+    resident: the arguments that are long-lived buffers, live between calls and during every other program
+        (weights, optimizer state, KV pool): resident-set name (``RESIDENT_*``) -> argument position (int)
+        or keyword (str). The plan counts each named buffer once in the resident set, at the largest size
+        any program passes for it; the program's other arguments are its own (transient) memory.
     """
 
     name: str
@@ -30,3 +34,12 @@ class ProgramSpec:
     sizing_keys: tuple[str, ...] = ()
     num_shapes: int = 1
     note: str = ""
+    resident: dict[str, int | str] = dataclasses.field(default_factory=dict)
+
+
+# Names of the resident buffers, shared by every part's program specs.
+RESIDENT_TRAIN_STATE = "train/state"  # fp32 master weights + Adam moments (+ step)
+RESIDENT_REF_PARAMS = "train/ref_params"  # the KL reference policy (loss.beta > 0)
+RESIDENT_SAMPLER_PARAMS = "sampler/params"  # the sampler's own copy of the weights, when it has one
+RESIDENT_KV_POOL = "sampler/kv_pool"  # the paged KV pool (and the sampler's per-slot state)
+RESIDENT_CACHE_POOL = "poer/cache_pool"  # POER's cache pool of answers

@@ -1,6 +1,6 @@
 """The rollout batch the policy update trains on: one right-padded row per sampled response.
 
-Row layout (``T`` bucketed to a multiple of ``bucket`` so that few distinct shapes are compiled)::
+Row layout (``T`` on a geometric ladder of lengths, ``ladder_length``, so that a run compiles few shapes)::
 
     tokens          [ prompt | prefix | continuation | pad ... ]       int32 [B, T]
     attention_mask  [ 1 ...  | 1 ... | 1 ...         | 0 ... ]       bool  [B, T]   real tokens
@@ -61,11 +61,42 @@ def _check_ids(name: str, b: int, ids: Sequence[int]) -> np.ndarray:
     return arr
 
 
+LENGTH_MULTIPLE = 128  # the trainer's padded lengths are ladder values, multiples of this (TPU attention tiles)
+
+
 def bucket_length(n: int, bucket: int) -> int:
     """Smallest multiple of ``bucket`` that is >= max(n, 1)."""
     if bucket < 1:
         raise ValueError(f"batch.py: bucket must be >= 1, got {bucket}")
     return -(-max(n, 1) // bucket) * bucket
+
+
+def ladder_length(n: int, multiple: int = 128, cap: int | None = None) -> int:
+    """Padded length of a batch whose longest row has n tokens: the smallest 2^k or 3 * 2^(k-1) >= n, rounded
+    up to ``multiple``, and at most ``cap`` rounded up to ``multiple`` (when n fits under it).
+
+    Two lengths per octave: padding wastes at most a third, and lengths up to ``cap`` compile at most
+    ``len(length_ladder(cap, multiple))`` shapes (11 for 4,608 tokens, against 72 multiples of 64).
+    """
+    if multiple < 1:
+        raise ValueError(f"batch.py: multiple must be >= 1, got {multiple}")
+    n = max(int(n), 1)
+    p = 1 << (n - 1).bit_length()
+    step = 3 * p // 4 if p >= 4 and 3 * p // 4 >= n else p
+    out = bucket_length(step, multiple)
+    if cap is not None and n <= cap:
+        out = min(out, bucket_length(cap, multiple))
+    return out
+
+
+def length_ladder(cap: int, multiple: int = 128) -> list[int]:
+    """Every length ``ladder_length`` returns for rows of 1..cap tokens (the compile budget of a program)."""
+    out, n = [], 1
+    while n <= cap:
+        length = ladder_length(n, multiple, cap)
+        out.append(length)
+        n = length + 1
+    return out
 
 
 def build_rollout_batch(
@@ -79,6 +110,7 @@ def build_rollout_batch(
     prefix_in_loss: bool = False,
     bucket: int = 64,
     min_length: int = 0,
+    max_length: int | None = None,
 ) -> RolloutBatch:
     """Lay out B sampled rows as a ``RolloutBatch`` of numpy arrays (see the module docstring).
 
@@ -92,9 +124,11 @@ def build_rollout_batch(
         sampler has no log-probs for prefix tokens.
       pad_id: token written into padding slots (never attended, never trained).
       prefix_in_loss: train the prefix tokens too (authors' code) instead of treating them as prompt.
-      bucket: T is rounded up to a multiple of this.
+      bucket: T = ``ladder_length(longest row, bucket, max_length)``: a ladder length, a multiple of this.
       min_length: T is at least this (multi-host: every process passes the longest row of all processes,
         so their local batches have one width).
+      max_length: the longest row a run can have (prompt + completion): the ladder's top is this, rounded
+        up to ``bucket``, instead of the next ladder step.
     """
     B = len(prompt_ids)
     if B == 0:
@@ -124,7 +158,7 @@ def build_rollout_batch(
             )
         rows.append((prompt, prefix, cont))
 
-    T = bucket_length(max(max(p.size + x.size + c.size for p, x, c in rows), int(min_length)), bucket)
+    T = ladder_length(max(max(p.size + x.size + c.size for p, x, c in rows), int(min_length)), bucket, max_length)
     tokens = np.full((B, T), pad_id, np.int32)
     attention = np.zeros((B, T), bool)
     loss = np.zeros((B, T), bool)

@@ -25,6 +25,7 @@ for the first iteration only: at the first mini-batch it is the sampler-vs-train
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any, NamedTuple
@@ -339,6 +340,11 @@ class Trainer:
             self._split = jax.jit(_split_rows_tree, static_argnums=1,
                                   out_shardings=NamedSharding(mesh, P(None, BATCH_AXES)))
 
+    def mesh_context(self) -> contextlib.AbstractContextManager[Any]:
+        """``jax.set_mesh(mesh)`` (or nothing without a mesh): the jitted programs are traced and run with the
+        mesh set, so mesh-aware kernels (splash attention's ``shard_map``) split over its devices."""
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
     def create_train_state(self, params: Params, *, copy: bool = True) -> TrainState:
         """Place ``params`` (on the mesh, if any) and initialise the optimizer state next to them; ``copy``
         as in the module-level ``create_train_state``."""
@@ -349,11 +355,13 @@ class Trainer:
 
     def update_step(self, state: TrainState, batch: RolloutBatch) -> tuple[TrainState, dict[str, jax.Array]]:
         """One jitted update on ``batch`` (a mini-batch); ``state`` is donated."""
-        return self._step(state, self.shard_batch(batch))
+        with self.mesh_context():
+            return self._step(state, self.shard_batch(batch))
 
     def compute_logps(self, params: Params, batch: RolloutBatch) -> jax.Array:
         """Jitted, chunked, gradient-free [B, T] log-probs (0 off ``loss_mask``): old or reference log-probs."""
-        return self._logps(params, self.shard_batch(batch))
+        with self.mesh_context():
+            return self._logps(params, self.shard_batch(batch))
 
     def run_updates(
         self, state: TrainState, batch: RolloutBatch, *, num_iterations: int = 1, num_minibatches: int = 1,
@@ -394,7 +402,8 @@ class Trainer:
         history = []
         for it in range(num_iterations):
             for mb in minibatches:
-                state, metrics = self._step(state, mb)
+                with self.mesh_context():
+                    state, metrics = self._step(state, mb)
                 if it > 0:
                     metrics = {k: v for k, v in metrics.items() if not k.startswith(SAMPLER_DIFF)}
                 history.append(metrics)

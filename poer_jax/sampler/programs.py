@@ -21,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 from poer_jax.model.config import QwenConfig, dtype_from_name
 from poer_jax.model.qwen import param_shapes
 from poer_jax.model.sharding import decode_param_shardings
-from poer_jax.plan.spec import ProgramSpec
+from poer_jax.plan.spec import RESIDENT_KV_POOL, RESIDENT_SAMPLER_PARAMS, ProgramSpec
 from poer_jax.sampler.engine import DecodeState, InsertArrays
 from poer_jax.sampler.paged_attention import attention_chunk_pages, dynamic_attention_chunks
 from poer_jax.sampler.pages import SamplerConfig, pow2_bucket, prefill_bucket, shape_bucket
@@ -92,6 +92,7 @@ def sampler_program_specs(
         num_shapes=prefill_shapes,
         note=f"{where}; N={sh.prefill_rows} prompts x T={sh.prefill_len} tokens per device; "
              f"{scfg.num_pages} pages per device",
+        resident={RESIDENT_SAMPLER_PARAMS: 0, RESIDENT_KV_POOL: 1},
     )
     decode = ProgramSpec(
         name="sampler/decode",
@@ -103,6 +104,7 @@ def sampler_program_specs(
         num_shapes=decode_shapes,
         note=f"{where}; page tables {sh.shared_width} shared + {sh.table_width} private pages; "
              f"{scfg.num_pages} pages per device",
+        resident={RESIDENT_SAMPLER_PARAMS: 0, RESIDENT_KV_POOL: 1},
     )
     return [prefill, decode]
 

@@ -32,7 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     from poer_jax.train.data import DataError
     from poer_jax.train.loop import PoerTrainer
     from poer_jax.train.multihost import initialize_from_env
+    from poer_jax.train.setup import skip_absent_tpu
 
+    skip_absent_tpu()  # libtpu installed on a CPU host: do not start the TPU runtime
     try:
         initialize_from_env()  # multi-host: one process per host, the same command everywhere
         trainer = PoerTrainer(cfg)

@@ -59,6 +59,19 @@ def build_mesh(cfg: ml_collections.ConfigDict) -> tuple[Mesh, ProcessRows]:
     return mesh, ProcessRows(mesh)  # this process's rows <-> global arrays (identity on one process)
 
 
+def check_before_work(cfg: ml_collections.ConfigDict, mesh: Mesh) -> None:
+    """Fail before loading anything when the batch rows do not divide the batch devices, or when what the
+    run keeps on every device (``plan.build.resident_estimate``) exceeds the device's memory (where the
+    backend reports it: GPU, TPU)."""
+    from poer_jax.plan.build import check_batch_layout, check_resident_memory, model_shapes
+
+    check_batch_layout(cfg, mesh)
+    local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    stats = (local[0].memory_stats() if local else None) or {}  # this process's device: no remote query
+    if stats.get("bytes_limit"):
+        check_resident_memory(cfg, model_shapes(cfg)[0], mesh, float(stats["bytes_limit"]))
+
+
 @dataclasses.dataclass(frozen=True)
 class TextSide:
     """Tokenizer, its EOS ids and pad id."""

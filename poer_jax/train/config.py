@@ -39,6 +39,9 @@ def _f(default: Any, typ: Any, help: str = "", **kw: Any) -> Field:
 
 
 NUM = (int, float)
+# Below this an Adam step (~lr per weight) is under half of bfloat16's spacing at a typical weight of 0.02
+# (2^-6 * 2^-8 = 6.1e-5), so bfloat16 master weights would not move at all.
+BF16_MIN_LEARNING_RATE = 1e-4
 SCHEMA: dict[str, Any] = {
     "workdir": _f("runs/poer", str, "checkpoints, metrics.jsonl, TensorBoard events, exported model"),
     "seed": _f(0, int, "seeds data order, sampling, truncation and cache updates"),
@@ -50,6 +53,8 @@ SCHEMA: dict[str, Any] = {
         "param_dtype": _f("float32", str, choices=("float32", "bfloat16")),
         "dtype": _f("float32", str, "matmul dtype", choices=("float32", "bfloat16")),
         "remat": _f(False, bool, "rematerialise each layer in the backward pass"),
+        "attention": _f("auto", str, "prefill / training attention: auto = splash on TPU, cudnn on GPU, dense on CPU",
+                        choices=("auto", "dense", "chunked", "cudnn", "splash")),
     },
     "data": {
         "train_path": _f(None, str, "JSONL, Parquet or saved HF dataset directory", optional=True),
@@ -140,6 +145,8 @@ SCHEMA: dict[str, Any] = {
         "keep_checkpoints": _f(2, int, min=1),
         "log_every": _f(1, int, min=1),
         "export_final": _f(True, bool, "write workdir/export as an HF directory at the end"),
+        "compilation_cache_dir": _f(None, str, "JAX persistent compilation cache; default workdir/jax_cache, '' = off",
+                                    optional=True),
     },
     "eval": {
         "every": _f(0, int, "evaluate every N steps; 0 = only at the start and the end", min=0),
@@ -253,6 +260,12 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                           f"{cfg.rollout.kv_cache_fraction!r}")
     if cfg.reward.r_min > cfg.reward.r_max:
         raise ConfigError("config keys 'reward.r_min' and 'reward.r_max': r_min must be <= r_max")
+    if cfg.model.param_dtype == "bfloat16" and 0 < cfg.optim.learning_rate < BF16_MIN_LEARNING_RATE:
+        raise ConfigError(
+            f"config key 'model.param_dtype': bfloat16 master weights lose every update of learning rate "
+            f"{cfg.optim.learning_rate:g} (Adam moves a weight by ~lr per step; bfloat16 rounds away changes below "
+            f"~2^-9 of a weight, 4e-5 at 0.02): use model.param_dtype='float32' with model.dtype='bfloat16' "
+            f"(float32 weights and moments, bfloat16 matmuls) or optim.learning_rate >= {BF16_MIN_LEARNING_RATE:g}")
     q = cfg.data.questions_per_step
     if (q * cfg.rollout.group_size) % (cfg.optim.num_minibatches * cfg.optim.micro_batches):
         raise ConfigError(

@@ -10,6 +10,7 @@ parameters and optimizer state are checkpointed together, so a resumed run repea
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from pathlib import Path
@@ -29,6 +30,7 @@ from poer_jax.rl import (
     build_rollout_batch,
     group_advantages,
 )
+from poer_jax.rl.batch import LENGTH_MULTIPLE
 from poer_jax.rl.update import TrainState, create_train_state
 from poer_jax.train import builders, setup
 from poer_jax.train.checkpoint import Checkpointer
@@ -55,7 +57,9 @@ class PoerTrainer:
             cfg = setup.prepare_toy(cfg)
         self.workdir = Path(cfg.workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
+        setup.enable_compilation_cache(cfg)
         self.mesh, self.rows = builders.build_mesh(cfg)
+        builders.check_before_work(cfg, self.mesh)  # batch layout and resident memory, before any loading
         text = builders.build_text(cfg)
         self.tokenizer, self.eos_ids, self.pad_id = text.tokenizer, text.eos_ids, text.pad_id
         data = builders.build_prompts(cfg, self.tokenizer)
@@ -72,7 +76,9 @@ class PoerTrainer:
         # -- the update step (Eq. 5-7) and its state
         self.trainer = builders.build_update_trainer(cfg, self.mcfg, self.mesh)
         self.optim_cfg, self.loss_cfg = self.trainer.optim_cfg, self.trainer.loss_cfg
-        self.ref_params = jax.tree.map(jnp.copy, params) if cfg.loss.beta > 0 else None
+        # the reference policy is only run forward, in the compute dtype: stored there it gives the same log-probs
+        # (every weight is cast to it before use) in half the memory of float32 master weights
+        self.ref_params = _reference_copy(params, self.mcfg.jnp_dtype) if cfg.loss.beta > 0 else None
         self.state: TrainState = create_train_state(params, self.trainer)
 
         # -- rollout: the sampler on this process's devices, fed from the trained weights after each update
@@ -264,7 +270,8 @@ class PoerTrainer:
         batch = build_rollout_batch(
             prompts, prefixes, r.continuation_ids, adv,
             old_logps=r.sampler_logprobs if cfg.optim.num_iterations == 1 else None, pad_id=self.pad_id,
-            prefix_in_loss=cfg.loss.prefix_in_loss, bucket=64, min_length=self.rows.max(width))
+            prefix_in_loss=cfg.loss.prefix_in_loss, bucket=LENGTH_MULTIPLE, min_length=self.rows.max(width),
+            max_length=cfg.data.max_prompt_len + cfg.rollout.max_completion_len)
         t_up = time.perf_counter()
         self.state, umetrics = self.trainer.train_on_rollout(
             self.state, batch, ref_params=self.ref_params, num_iterations=cfg.optim.num_iterations,
@@ -397,6 +404,12 @@ def _select_groups(parts: list[tuple[Rollout, np.ndarray, np.ndarray]], attempt:
                   truncation_L=np.asarray(groups["L"]), prefilled_tokens=r0.prefilled_tokens,
                   decoded_tokens=r0.decoded_tokens, seconds=r0.seconds)
     return out, np.stack(raws)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _reference_copy(params: Any, dtype: Any) -> Any:
+    """A copy of the weights in ``dtype`` (its own buffers: the train state's are donated by each update)."""
+    return jax.tree.map(lambda x: jnp.array(x, dtype=dtype, copy=True), params)
 
 
 _cache_update = jax.jit(poer.update, static_argnames=("mode",))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,42 @@ from poer_jax.train.multihost import barrier, host_copy, is_main_process
 from poer_jax.train.warm_start import supervised_warm_start
 
 log = logging.getLogger("poer_jax")
+
+
+def skip_absent_tpu() -> bool:
+    """With libtpu installed (the ``tpu`` and ``test`` extras) on a host without TPU chips and without a GPU
+    plugin, JAX would try to start the TPU runtime first (seconds, and a page of libtpu errors on stderr):
+    use the CPU backend instead. Does nothing when ``JAX_PLATFORMS`` is set. Call before JAX's first device use;
+    returns whether it switched."""
+    import importlib.util
+
+    if os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms or importlib.util.find_spec("libtpu") is None:
+        return False
+    if any(importlib.util.find_spec(f"jax_{p}_plugin") for p in ("cuda12", "cuda13", "rocm7", "rocm")):
+        return False
+    from jax._src import hardware_utils
+
+    if hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0:
+        return False
+    jax.config.update("jax_platforms", "cpu")
+    return True
+
+
+def enable_compilation_cache(cfg: ml_collections.ConfigDict) -> Path | None:
+    """Turn on JAX's persistent compilation cache in ``train.compilation_cache_dir`` (default
+    ``workdir/jax_cache``; '' = off): a restarted or resumed run loads its compiled programs instead of
+    compiling them again (minutes each at 7B scale). Returns the directory."""
+    d = cfg.train.compilation_cache_dir
+    if d == "":
+        return None
+    path = Path(d) if d is not None else Path(cfg.workdir) / "jax_cache"
+    path.mkdir(parents=True, exist_ok=True)
+    if jax.config.jax_compilation_cache_dir != str(path):
+        from jax.experimental.compilation_cache import compilation_cache
+
+        compilation_cache.reset_cache()  # a cache already opened in this process keeps its directory otherwise
+        jax.config.update("jax_compilation_cache_dir", str(path))
+    return path
 
 
 def load_tokenizer(path: str | Path) -> Any:
@@ -63,7 +100,8 @@ def eos_and_pad(tokenizer: Any, model_dir: str | Path | None) -> tuple[tuple[int
 
 def load_model(cfg: ml_collections.ConfigDict, mesh: Mesh) -> tuple[Any, QwenConfig]:
     """Parameters on the mesh, from ``model.path`` (HF directory) or ``model.preset`` (random weights)."""
-    dtypes = dict(param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype, remat=cfg.model.remat)
+    dtypes = dict(param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype, remat=cfg.model.remat,
+                  attention=cfg.model.attention)
     if cfg.model.path is not None:
         return load_hf(cfg.model.path, mesh=mesh, **dtypes)
     mcfg = preset(cfg.model.preset, **dtypes)

@@ -1,0 +1,134 @@
+"""The plan's verdict: per program and per device, what is live at its peak, against the target's memory.
+
+A training run keeps a *resident set* on every device for its whole life: the train state (float32 master
+weights, Adam moments), the reference weights (KL term), the sampler's weights and KV pool, the cache pool.
+While one program runs, all of it is live, so a program's peak per device is
+
+    peak = resident set + (its arguments - the resident ones among them) + outputs - aliased outputs + temporaries
+
+with arguments, outputs, aliases (donated buffers reused for outputs) and temporaries from the compiled
+program's ``memory_analysis()``, and each resident buffer counted once, at the largest size any program
+passes for it (``ProgramSpec.resident``). A program fits when its peak is at most ``memory_fraction`` of the
+chip's memory. A TPU compile that runs out of HBM does not fit; its peak is then the resident set plus the
+temporaries the compiler asked for (arguments and outputs unknown). The roofline time is
+max(FLOPs / peak FLOP/s, bytes accessed / bandwidth) per device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from poer_jax.plan.compile import CompiledCost, device_bytes, spec_arg
+from poer_jax.plan.spec import ProgramSpec
+from poer_jax.plan.targets import GB, Target, roofline_seconds
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgramReport:
+    name: str
+    note: str
+    sizing_keys: tuple[str, ...]
+    num_shapes: int
+    cost: CompiledCost
+    resident_args_bytes: int
+    peak_bytes: int
+    roofline_s: float
+    fits: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "note": self.note, "sizing_keys": list(self.sizing_keys),
+                "num_shapes": self.num_shapes, **dataclasses.asdict(self.cost),
+                "resident_args_bytes": self.resident_args_bytes, "peak_bytes": self.peak_bytes,
+                "roofline_s": self.roofline_s, "fits": self.fits}
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanReport:
+    target: Target
+    usable_bytes: float
+    resident: dict[str, int]
+    programs: list[ProgramReport]
+    notes: list[str]
+    memory_fraction: float
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(self.resident.values())
+
+    @property
+    def fits(self) -> bool:
+        return all(p.fits for p in self.programs)
+
+    def failures(self) -> list[str]:
+        """One line per program that does not fit, naming it and the config keys that size it."""
+        out = []
+        for p in self.programs:
+            if not p.fits:
+                why = f" (the compiler: {p.cost.error})" if p.cost.error else ""
+                out.append(
+                    f"{p.name} does not fit on {self.target.name}{why}: peak {p.peak_bytes / GB:.1f} GB per device "
+                    f"> {self.usable_bytes / GB:.1f} GB usable (resident set {self.resident_bytes / GB:.1f} GB: "
+                    + ", ".join(f"{k} {v / GB:.1f}" for k, v in self.resident.items())
+                    + f"); change {', '.join(dict.fromkeys((*p.sizing_keys, 'model.param_dtype', 'mesh.*')))}")
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        t = self.target
+        return {"target": t.name, "chip": t.chip.name, "num_devices": t.num_devices, "platform": t.platform,
+                "memory_per_device_bytes": t.chip.memory_bytes, "memory_fraction": self.memory_fraction,
+                "usable_bytes": self.usable_bytes, "resident_bytes": self.resident, "fits": self.fits,
+                "programs": [p.to_json() for p in self.programs], "notes": self.notes}
+
+    def table(self) -> str:
+        t = self.target
+        lines = [f"target {t.name}: {t.num_devices} x {t.chip.name}, {t.chip.memory_bytes / GB:.1f} GB per device "
+                 f"({self.usable_bytes / GB:.1f} GB usable at {self.memory_fraction:.0%})",
+                 "resident set per device: " + ", ".join(f"{k} {v / GB:.2f} GB" for k, v in self.resident.items())
+                 + f" = {self.resident_bytes / GB:.2f} GB"]
+        head = (f"{'program':<16}{'args GB':>9}{'out GB':>8}{'alias GB':>9}{'temp GB':>9}{'peak GB':>9}"
+                f"{'of mem':>8}{'TFLOP':>9}{'GB acc':>8}{'roofline':>10}{'shapes':>8}{'compile':>9}  fits")
+        lines += [head, "-" * len(head)]
+        for p in self.programs:
+            c = p.cost
+            lines.append(
+                f"{p.name:<16}{c.argument_bytes / GB:>9.2f}{c.output_bytes / GB:>8.2f}{c.alias_bytes / GB:>9.2f}"
+                f"{c.temp_bytes / GB:>9.2f}{p.peak_bytes / GB:>9.2f}{p.peak_bytes / t.chip.memory_bytes:>8.0%}"
+                f"{c.flops / 1e12:>9.2f}{c.bytes_accessed / GB:>8.1f}{p.roofline_s * 1e3:>8.1f}ms"
+                f"{p.num_shapes:>8}{c.compile_seconds:>8.0f}s  {'yes' if p.fits else 'NO'}")
+        lines += [f"  {p.name}: {p.note}" for p in self.programs]
+        lines += [f"note: {n}" for n in self.notes]
+        lines.append("verdict: every program fits" if self.fits else "verdict: DOES NOT FIT\n" + "\n".join(
+            self.failures()))
+        return "\n".join(lines)
+
+
+def resident_set(specs: list[ProgramSpec], extra: dict[str, Any] | None = None) -> dict[str, int]:
+    """Per-device bytes of each named resident buffer: the largest any program passes (``extra``: buffers no
+    listed program takes, e.g. the cache pool)."""
+    out: dict[str, int] = {}
+    for spec in specs:
+        for name, where in spec.resident.items():
+            out[name] = max(out.get(name, 0), device_bytes(spec_arg(spec, where)))
+    for name, tree in (extra or {}).items():
+        out[name] = max(out.get(name, 0), device_bytes(tree))
+    return out
+
+
+def build_report(target: Target, specs: list[ProgramSpec], costs: list[CompiledCost], *,
+                 extra_resident: dict[str, Any] | None = None, memory_fraction: float = 0.95,
+                 notes: list[str] | None = None) -> PlanReport:
+    """The verdict for compiled ``specs`` (module docstring)."""
+    resident = resident_set(specs, extra_resident)
+    total = sum(resident.values())
+    usable = target.chip.memory_bytes * memory_fraction
+    programs = []
+    for spec, c in zip(specs, costs, strict=True):
+        r_in = sum(device_bytes(spec_arg(spec, w)) for w in spec.resident.values())
+        peak = total - r_in + c.argument_bytes + c.output_bytes - c.alias_bytes + c.temp_bytes
+        programs.append(ProgramReport(
+            name=spec.name, note=spec.note, sizing_keys=spec.sizing_keys, num_shapes=spec.num_shapes, cost=c,
+            resident_args_bytes=r_in, peak_bytes=int(peak),
+            roofline_s=roofline_seconds(c.flops, c.bytes_accessed, target.chip),
+            fits=c.error is None and peak <= usable))
+    return PlanReport(target, usable, resident, programs, list(notes or []), memory_fraction)
