@@ -62,6 +62,28 @@ def test_cpu8_plan_compiles_and_judges_both_ways() -> None:
     assert "optim.micro_batches" in tight.failures()[0]
 
 
+def test_the_update_runs_without_the_samplers_buffers() -> None:
+    """A program that the run gives the sampler's memory (``released``) peaks without the sampler's weights and
+    KV pool; the sampler's programs with them; the before-work check takes the larger phase."""
+    from poer_jax.plan.build import rollout_and_update_bytes
+    from poer_jax.plan.compile import CompiledCost
+    from poer_jax.plan.spec import RESIDENT_KV_POOL, RESIDENT_TRAIN_STATE, ROLLOUT_BUFFERS, ProgramSpec
+
+    mesh = Mesh(jax.devices()[:1], ("x",))
+    abstract = lambda n: jax.ShapeDtypeStruct((n,), jnp.uint8, sharding=jax.NamedSharding(mesh, jax.P()))  # noqa: E731
+    sampler = ProgramSpec("sampler/decode", None, (abstract(100), abstract(1000)),
+                          resident={RESIDENT_TRAIN_STATE: 0, RESIDENT_KV_POOL: 1})
+    update = ProgramSpec("train/update", None, (abstract(100),), resident={RESIDENT_TRAIN_STATE: 0},
+                         released=ROLLOUT_BUFFERS)
+    cost = lambda args: CompiledCost(argument_bytes=args, output_bytes=0, alias_bytes=0, temp_bytes=10,  # noqa: E731
+                                     flops=1.0, bytes_accessed=1.0, compile_seconds=0.0)
+    report = build_report(get_target("cpu-1"), [sampler, update], [cost(1100), cost(100)])
+    peaks = {p.name: p.peak_bytes for p in report.programs}
+    assert peaks == {"sampler/decode": 1110, "train/update": 110}
+    parts = {"train state": 100, "gradient": 40, "sampler weights": 30, "KV pool (K and V)": 1000}
+    assert rollout_and_update_bytes(parts) == (1130, 140)
+
+
 def _spec_named(report):
     from poer_jax.plan.build import program_specs
 

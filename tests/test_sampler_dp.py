@@ -114,6 +114,23 @@ def test_eight_devices_small_pool_sampled_equals_one_device(setup, sampled_ref):
         assert not {"data", "fsdp"} & set(jax.tree.leaves(tuple(x.sharding.spec)))
 
 
+def test_release_frees_weights_and_pool_until_the_next_update(setup, sampled_ref):
+    """The trainer releases the sampler's copy for the update (no reference kept: the memory returns), a call
+    before update_params is refused, and after it the samples are as before (pool rebuilt)."""
+    params, prompts = setup
+    sampler = _sampler(params, SAMPLED, num_pages=20, max_slots=3, mesh=_mesh8(tensor=2), eos=(5, 11))
+    sampler.generate(prompts, G, BUDGETS, jax.random.key(4))
+    assert sampler._pool is not None
+    sampler.release()
+    assert sampler.params is None and sampler._pool is None  # the sampler holds no reference to either
+    with pytest.raises(SamplerError, match="released"):
+        sampler.generate(prompts, G, BUDGETS, jax.random.key(4))
+    sampler.update_params(params)
+    res = sampler.generate(prompts, G, BUDGETS, jax.random.key(4))
+    np.testing.assert_array_equal(res.tokens, sampled_ref.tokens)
+    _pool_is_split(sampler, 4, head_split=2)
+
+
 def test_failure_midway_returns_every_page(setup, sampled_ref, monkeypatch):
     """A decode segment that fails after a refill leaves no page taken; the next call is unaffected."""
     import poer_jax.sampler.batch_sampler as bs

@@ -2,9 +2,12 @@
 
 A training run keeps a *resident set* on every device for its whole life: the train state (float32 master
 weights, Adam moments), the reference weights (KL term), the sampler's weights and KV pool, the cache pool.
-While one program runs, all of it is live, so a program's peak per device is
+While one program runs, all of it is live but what the run frees for it (``ProgramSpec.released``: the
+trainer drops the sampler's weights and KV pool for the log-prob pass and the update), so a program's peak
+per device is
 
-    peak = resident set + (its arguments - the resident ones among them) + outputs - aliased outputs + temporaries
+    peak = live resident set + (its arguments - the resident ones among them) + outputs - aliased outputs
+           + temporaries
 
 with arguments, outputs, aliases (donated buffers reused for outputs) and temporaries from the compiled
 program's ``memory_analysis()``, and each resident buffer counted once, at the largest size any program
@@ -125,7 +128,8 @@ def build_report(target: Target, specs: list[ProgramSpec], costs: list[CompiledC
     programs = []
     for spec, c in zip(specs, costs, strict=True):
         r_in = sum(device_bytes(spec_arg(spec, w)) for w in spec.resident.values())
-        peak = total - r_in + c.argument_bytes + c.output_bytes - c.alias_bytes + c.temp_bytes
+        live = total - sum(resident.get(n, 0) for n in spec.released if n not in spec.resident)
+        peak = live - r_in + c.argument_bytes + c.output_bytes - c.alias_bytes + c.temp_bytes
         programs.append(ProgramReport(
             name=spec.name, note=spec.note, sizing_keys=spec.sizing_keys, num_shapes=spec.num_shapes, cost=c,
             resident_args_bytes=r_in, peak_bytes=int(peak),

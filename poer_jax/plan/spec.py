@@ -25,6 +25,8 @@ class ProgramSpec:
         (weights, optimizer state, KV pool): resident-set name (``RESIDENT_*``) -> argument position (int)
         or keyword (str). The plan counts each named buffer once in the resident set, at the largest size
         any program passes for it; the program's other arguments are its own (transient) memory.
+    released: resident buffers the run frees while this program runs (the trainer drops the sampler's
+        weights and KV pool for the log-prob pass and the update: ``ROLLOUT_BUFFERS``).
     """
 
     name: str
@@ -35,6 +37,7 @@ class ProgramSpec:
     num_shapes: int = 1
     note: str = ""
     resident: dict[str, int | str] = dataclasses.field(default_factory=dict)
+    released: tuple[str, ...] = ()
 
 
 # Names of the resident buffers, shared by every part's program specs.
@@ -42,4 +45,5 @@ RESIDENT_TRAIN_STATE = "train/state"  # fp32 master weights + Adam moments (+ st
 RESIDENT_REF_PARAMS = "train/ref_params"  # the KL reference policy (loss.beta > 0)
 RESIDENT_SAMPLER_PARAMS = "sampler/params"  # the sampler's own copy of the weights, when it has one
 RESIDENT_KV_POOL = "sampler/kv_pool"  # the paged KV pool (and the sampler's per-slot state)
+ROLLOUT_BUFFERS = (RESIDENT_SAMPLER_PARAMS, RESIDENT_KV_POOL)  # live during the rollout only (GroupSampler.release)
 RESIDENT_CACHE_POOL = "poer/cache_pool"  # POER's cache pool of answers

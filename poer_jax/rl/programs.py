@@ -21,7 +21,7 @@ from jax.sharding import NamedSharding
 
 from poer_jax.model.qwen import param_shapes
 from poer_jax.model.sharding import batch_sharding, param_shardings, replicated
-from poer_jax.plan.spec import RESIDENT_REF_PARAMS, RESIDENT_TRAIN_STATE, ProgramSpec
+from poer_jax.plan.spec import RESIDENT_REF_PARAMS, RESIDENT_TRAIN_STATE, ROLLOUT_BUFFERS, ProgramSpec
 from poer_jax.rl.batch import RolloutBatch
 from poer_jax.rl.update import Trainer, TrainState
 
@@ -78,6 +78,7 @@ def trainer_program_specs(trainer: Trainer, *, rows: int, seq_len: int, num_mini
         sizing_keys=sizing, num_shapes=num_lengths * (2 if with_ref else 1),
         note=f"{rows} rows x T={seq_len} in {k} micro-batches of {rows // k}",
         resident={lp_resident: 0},
+        released=ROLLOUT_BUFFERS,
     )
     update = ProgramSpec(
         name="train/update", fn=trainer._step,
@@ -85,5 +86,6 @@ def trainer_program_specs(trainer: Trainer, *, rows: int, seq_len: int, num_mini
         sizing_keys=sizing, num_shapes=num_lengths,
         note=f"{mb_rows} rows x T={seq_len} in {k} micro-batches of {mb_rows // k}",
         resident={RESIDENT_TRAIN_STATE: 0},
+        released=ROLLOUT_BUFFERS,
     )
     return [logprobs, update]

@@ -160,6 +160,13 @@ class GroupSampler:
         """Swap in new weights (same shapes: the compiled programs are reused)."""
         self.params = self._place(params)
 
+    def release(self) -> None:
+        """Drop the sampler's weights and KV pool until the next ``update_params``, so their memory is free
+        while the trainer updates (the pool is rebuilt, in place, by the next call). Weights shared with the
+        caller stay alive through the caller's references."""
+        self.params = None
+        self._pool = None
+
     @property
     def pool_shape(self) -> tuple[int, ...]:
         """Global K (or V) pool [L, Hkv, D * num_pages, page, hd]; each device of the batch axes holds
@@ -248,6 +255,8 @@ class GroupSampler:
         """
         if int(group_offset) != group_offset or not 0 <= group_offset < 2**31:
             raise SamplerError(f"group_offset must be an int in [0, 2**31), got {group_offset!r}")
+        if self.params is None:
+            raise SamplerError("sampler: weights were released (release()); call update_params first")
         s = self.scfg
         sp = sampling or s.sampling
         plan = self.plan(prompts, group_size, max_new_tokens)

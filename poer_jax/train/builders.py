@@ -22,7 +22,7 @@ from poer_jax.rl import LossConfig
 from poer_jax.rl.optim import OptimConfig
 from poer_jax.rl.update import Trainer
 from poer_jax.sampler import GroupSampler, SamplerConfig, SamplerError, SamplingParams
-from poer_jax.sampler.budget import budget_bytes, kv_bytes_per_page, pages_for_bytes
+from poer_jax.sampler.budget import budget_bytes, device_free_bytes, kv_bytes_per_page, pages_for_bytes
 from poer_jax.sampler.sharded import head_shards
 from poer_jax.train import setup
 from poer_jax.train.data import (
@@ -196,6 +196,20 @@ def sampler_config(cfg: ml_collections.ConfigDict, mcfg: QwenConfig, sampler_mes
                          eos_ids=tuple(eos_ids), pad_id=pad_id, sampling=sampling_params(cfg)[0], kv_dtype=kv_dtype)
 
 
+def kv_free_bytes(cfg: ml_collections.ConfigDict, mcfg: QwenConfig, sampler_mesh: Mesh) -> float | None:
+    """What ``rollout.kv_cache_fraction`` takes its share of: the smallest free memory over the sampler's
+    devices less the sampler's weights, not placed yet (None: the backend reports no memory, or no fraction)."""
+    if cfg.rollout.kv_cache_fraction is None or cfg.rollout.num_pages:
+        return None
+    from poer_jax.plan.build import abstract_decode_params
+    from poer_jax.plan.compile import device_bytes
+
+    free = [device_free_bytes(d) for d in sampler_mesh.devices.flat]
+    if any(f is None for f in free):
+        return None  # sampler_config names the key and says the backend reports no memory
+    return max(min(f for f in free if f is not None) - device_bytes(abstract_decode_params(mcfg, sampler_mesh)), 0)
+
+
 def build_sampler(cfg: ml_collections.ConfigDict, mcfg: QwenConfig, mesh: Mesh, rows: ProcessRows,
                   params: Params, text: TextSide, num_eval_problems: int
                   ) -> tuple[GroupSampler, ProcessLocalParams]:
@@ -203,7 +217,8 @@ def build_sampler(cfg: ml_collections.ConfigDict, mcfg: QwenConfig, mesh: Mesh, 
     that feeds it the trained weights (decode layout, compute dtype)."""
     local = ProcessLocalParams(mesh, mcfg)  # multi-host: each process samples its own questions
     scfg = sampler_config(cfg, mcfg, local.mesh, eos_ids=text.eos_ids, pad_id=text.pad_id,
-                          process_count=rows.count, num_eval_problems=num_eval_problems)
+                          process_count=rows.count, num_eval_problems=num_eval_problems,
+                          free_bytes=kv_free_bytes(cfg, mcfg, local.mesh))
     return GroupSampler(local(params), mcfg, scfg, mesh=local.mesh), local
 
 

@@ -273,6 +273,7 @@ class PoerTrainer:
             prefix_in_loss=cfg.loss.prefix_in_loss, bucket=LENGTH_MULTIPLE, min_length=self.rows.max(width),
             max_length=cfg.data.max_prompt_len + cfg.rollout.max_completion_len)
         t_up = time.perf_counter()
+        self.sampler.release()  # the update's memory: the sampler's copy is rebuilt from the new weights below
         self.state, umetrics = self.trainer.train_on_rollout(
             self.state, batch, ref_params=self.ref_params, num_iterations=cfg.optim.num_iterations,
             num_minibatches=cfg.optim.num_minibatches)
