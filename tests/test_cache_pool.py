@@ -233,7 +233,7 @@ def test_authors_mode_shares_m_in_1_to_L_minus_1() -> None:
     assert counts[0] == 0 and counts[1:].min() > 0 and m.max() == L - 1
     assert chi2_pvalue(counts[1:], np.full(L - 1, draws / (L - 1))) > 1e-3
     with pytest.raises(ValueError, match="fixed L"):
-        TruncationConfig(max_completion_len=8, fraction=0.5, max_truncation=None, mode="authors")
+        TruncationConfig(max_completion_len=8, limit="dynamic", mode="authors")
 
 
 def test_dynamic_L_follows_shortest_response_of_last_group() -> None:
@@ -241,12 +241,17 @@ def test_dynamic_L_follows_shortest_response_of_last_group() -> None:
     n = 6
     pool = cp.insert(cp.create(n, 40, PAD), jnp.arange(n), jnp.ones((n, 40), jnp.int32),
                      jnp.array([0, 1, 7, 10, 33, 40]))
-    half = TruncationConfig(max_completion_len=64, max_truncation=None, fraction=0.5)
+    # the paper's main setting; max_truncation (default 300, here 1) is not a cap of the dynamic rule
+    half = TruncationConfig(max_completion_len=64, limit="dynamic", fraction=0.5, max_truncation=1)
     tr = jit_truncate(pool, jnp.arange(n), jax.random.key(0), half, EOS)
     np.testing.assert_array_equal(tr.L, [0, 0, 3, 5, 16, 20])  # initialised from the cached length
-    capped = TruncationConfig(max_completion_len=64, max_truncation=4, fraction=0.3)
+    capped = TruncationConfig(max_completion_len=64, limit="both", max_truncation=4, fraction=0.3)
     np.testing.assert_array_equal(jit_truncate(pool, jnp.arange(n), jax.random.key(0), capped, EOS).L,
                                   [0, 0, 2, 3, 4, 4])  # min(floor(0.3 l), 4); 0.3*10 is exactly 3
+    fixed = TruncationConfig(max_completion_len=64, limit="fixed", max_truncation=4, fraction=0.3)
+    np.testing.assert_array_equal(jit_truncate(pool, jnp.arange(n), jax.random.key(0), fixed, EOS).L, [4] * n)
+    with pytest.raises(ValueError, match="limit"):
+        TruncationConfig(max_completion_len=64, limit="shortest")
     # after a group update, l = min over the group's lengths (not the stored answer's length)
     lens = jnp.array([[30, 12, 25], [9, 40, 40]])
     pool = jit_update(pool, jnp.array([4, 5]), jnp.ones((2, 3, 40), jnp.int32), lens,
@@ -296,7 +301,7 @@ def test_prefix_len_and_budget_match_reference_and_never_end_in_eos(budget: str,
 def test_trailing_eos_is_removed_even_with_m_zero() -> None:
     answers = jnp.array([[1, 2, 3, 7, 0, 0], [1, 2, 3, 4, 0, 0]])
     pool = cp.insert(cp.create(2, 6, PAD), jnp.array([0, 1]), answers, jnp.array([4, 4]))
-    cfg = TruncationConfig(max_completion_len=6, max_truncation=0)
+    cfg = TruncationConfig(max_completion_len=6, max_truncation=0, budget="removed")
     tr = jit_truncate(pool, jnp.array([0, 1]), jax.random.key(0), cfg, EOS)
     np.testing.assert_array_equal(tr.m, [0, 0])
     np.testing.assert_array_equal(tr.prefix_len, [3, 4])
