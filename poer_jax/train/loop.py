@@ -95,6 +95,7 @@ class PoerTrainer:
                                               self.mesh)
         self.key = jax.random.key(cfg.seed)
         self.step = 0
+        self.last_eval_correct: np.ndarray | None = None  # [problems, k] of the latest evaluate()
         if resuming:
             self._restore()
         self.metrics = MetricsWriter(self.workdir, resume_step=self.step if resuming else None) \
@@ -323,7 +324,8 @@ class PoerTrainer:
                            first_index=int(mine[0]))
             correct[: mine.size], lengths[: mine.size], seconds = res.correct, res.lengths, res.seconds
         # padding rows sit after the last problem: process p holds problems [p * share, (p + 1) * share)
-        return EvalResult(correct=self.rows.gather(correct)[:n], completions=[], lengths=self.rows.gather(lengths)[:n],
+        self.last_eval_correct = self.rows.gather(correct)[:n]  # [problems, k], for paired tests
+        return EvalResult(correct=self.last_eval_correct, completions=[], lengths=self.rows.gather(lengths)[:n],
                           seconds=self.rows.max(seconds)).metrics()
 
     def run(self) -> dict[str, float]:
@@ -331,8 +333,10 @@ class PoerTrainer:
         progress = Progress(cfg.train.max_steps, self.step) if is_main_process() else None
         last: dict[str, float] = {}
         try:
+            first_correct = None
             if self.step == 0 and self.eval_prompts is not None:
                 first = self.evaluate()
+                first_correct = self.last_eval_correct
                 log.info("initial held-out accuracy %.3f", first["eval/accuracy"])
                 self._write_metrics(0, first)
             while self.step < cfg.train.max_steps:
@@ -346,6 +350,10 @@ class PoerTrainer:
                 last = m
                 if self.step % cfg.train.checkpoint_every == 0 or last_step:
                     self._save(force=last_step)
+            if first_correct is not None and self.step > 0 and is_main_process():
+                from poer_jax.eval.paired import paired_sign_flip_test
+
+                log.info("%s", paired_sign_flip_test(first_correct, self.last_eval_correct).summary())
             self.checkpointer.wait()
             if cfg.train.export_final and is_main_process():
                 from poer_jax.model import export_hf
