@@ -2,12 +2,12 @@
 
     python -m poer_jax.train --config=configs/toy.py
 
-Generates the dial task (poer_jax/tasks/dial.py: 30-40 steps of one skill, ~190-token answers, every step
+Generates the dial task (poer_jax/tasks/dial.py: 24-32 steps of one skill, ~150-token answers, every step
 deciding the answer), its character-level tokenizer and held-out set in workdir/toy, starts from the
 committed supervised warm start (assets/warm_start_dial, regenerate with
 ``python scripts/warm_start.py --config=configs/toy.py``), then trains with POER as the paper does it:
 
-* L = 20, about 10 % of the mean answer (the paper: L = 300 of ~2,700 tokens), the paper's continuation
+* L = 15, about 10 % of the mean answer (the paper: L = 300 of ~2,700 tokens), the paper's continuation
   budget (up to the max completion length, the model stops at EOS);
 * the cache initialised from the reference solutions (why: see the README's demo section), updated
   epsilon-greedily (epsilon 0.1) after every step; 256 training questions at 16 a step, so every question
@@ -34,14 +34,14 @@ def get_config():
     c.toy.task = "dial"
     c.toy.num_train = 256
     c.toy.num_test = 128
-    c.toy.min_operands = 30
-    c.toy.max_operands = 40
+    c.toy.min_operands = 24
+    c.toy.max_operands = 32
     c.toy.max_value = 9
     c.toy.hidden_size = 64
     c.toy.num_layers = 2
     # the committed warm start; scripts/warm_start.py makes it with these settings (on its own training rows)
     c.warm_start.path = str(ROOT / "assets" / "warm_start_dial")
-    c.warm_start.steps = 3000
+    c.warm_start.steps = 4000
     c.warm_start.learning_rate = 3e-3
     c.warm_start.batch_size = 32
     c.data.chat_template = "always"
@@ -51,11 +51,11 @@ def get_config():
     c.rollout.strategy = "poer"
     c.rollout.group_size = 6
     c.rollout.temperature = 1.0
-    c.rollout.max_completion_len = 224
+    c.rollout.max_completion_len = 192
     c.rollout.page_size = 16
     c.cache.init = "solutions"
     c.cache.truncation = "fixed"
-    c.cache.max_truncation = 20
+    c.cache.max_truncation = 15
     c.cache.budget = "max_length"
     c.cache.update_mode = "epsilon_greedy"
     c.cache.epsilon = 0.1
@@ -75,5 +75,5 @@ def get_config():
     c.eval.num_samples = 4
     c.eval.temperature = 0.6
     c.eval.top_p = 1.0
-    c.eval.max_new_tokens = 224
+    c.eval.max_new_tokens = 192
     return c

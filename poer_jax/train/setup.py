@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -155,12 +156,15 @@ def warm_start_dir(cfg: ml_collections.ConfigDict) -> Path:
 
 
 def run_warm_start(cfg: ml_collections.ConfigDict, tokenizer: Any, prompt_ids: list[np.ndarray],
-                   targets: list[str], mesh: Mesh, out_dir: str | Path | None = None) -> ml_collections.ConfigDict:
+                   targets: list[str], mesh: Mesh, out_dir: str | Path | None = None,
+                   callback: Callable[[int, Any, QwenConfig], bool] | None = None,
+                   callback_every: int = 0) -> ml_collections.ConfigDict:
     """Supervised warm start on (prompt, reference solution) pairs, cached as an HF directory in workdir
     (or ``out_dir``).
 
     A second run finds ``config.json`` there and skips the training. Returns a config whose ``model.path``
-    is the warm-started model. Multi-host: every process trains, process 0 writes.
+    is the warm-started model. ``callback(step, params, model_config)`` every ``callback_every`` steps may
+    stop it early (``supervised_warm_start``). Multi-host: every process trains, process 0 writes.
     """
     out_dir = Path(out_dir) if out_dir is not None else warm_start_dir(cfg)
     if not (out_dir / "config.json").is_file():
@@ -173,7 +177,9 @@ def run_warm_start(cfg: ml_collections.ConfigDict, tokenizer: Any, prompt_ids: l
         params, losses = supervised_warm_start(
             params, mcfg, prompt_ids, target_ids, steps=cfg.warm_start.steps,
             learning_rate=cfg.warm_start.learning_rate, batch_size=cfg.warm_start.batch_size, seed=cfg.seed,
-            pad_id=pad_id)
+            pad_id=pad_id, warmup_steps=min(50, cfg.warm_start.steps // 10),
+            callback=None if callback is None else lambda step, p: callback(step, p, mcfg),
+            callback_every=callback_every)
         params = host_copy(params)  # a collective: every process takes part
         if is_main_process():
             tmp = out_dir.with_name(out_dir.name + ".tmp")

@@ -1,12 +1,13 @@
 """Supervised warm start: maximise log pi(solution | prompt) before RL (used by the toy demo).
 
 Loss = -sum_t log pi(y_t | x, y_<t) / #target tokens over a batch of (prompt x, target y) pairs, log-probs
-in sequence chunks (never a [B, T, V] array), Adam with a constant learning rate.
+in sequence chunks (never a [B, T, V] array), Adam with a constant learning rate after an optional linear
+warmup, optionally stopped early by a callback (``scripts/warm_start.py`` stops at a validation accuracy).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -34,12 +35,18 @@ def _batch(prompts: Sequence[np.ndarray], targets: Sequence[np.ndarray], rows: n
 
 def supervised_warm_start(
     params: Params, cfg: Any, prompts: Sequence[np.ndarray], targets: Sequence[np.ndarray], *, steps: int,
-    learning_rate: float, batch_size: int, seed: int, pad_id: int, chunk_size: int = 256,
+    learning_rate: float, batch_size: int, seed: int, pad_id: int, chunk_size: int = 256, warmup_steps: int = 0,
+    callback: Callable[[int, Params], bool] | None = None, callback_every: int = 0,
 ) -> tuple[Params, list[float]]:
-    """``steps`` Adam steps on random mini-batches; returns (params, per-step losses)."""
+    """Up to ``steps`` Adam steps on random mini-batches; returns (params, per-step losses).
+
+    The learning rate rises linearly over ``warmup_steps``, then stays. ``callback(step, params)`` runs every
+    ``callback_every`` steps (e.g. a validation run) and stops the warm start early by returning True;
+    ``params`` are donated to the next step, so a callback that keeps them must copy them."""
     if len(prompts) != len(targets) or not prompts:
         raise ValueError(f"warm start: {len(prompts)} prompts and {len(targets)} targets")
-    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(learning_rate))
+    lr = optax.linear_schedule(0.0, learning_rate, warmup_steps) if warmup_steps > 0 else learning_rate
+    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(lr))
     opt_state = opt.init(params)
     width = max(p.size + t.size for p, t in zip(prompts, targets, strict=True))
     width = -(-width // 16) * 16
@@ -56,8 +63,10 @@ def supervised_warm_start(
 
     rng = np.random.default_rng(seed)
     losses = []
-    for _ in range(steps):
+    for s in range(1, steps + 1):
         rows = rng.choice(len(prompts), size=min(batch_size, len(prompts)), replace=False)
         params, opt_state, loss = step(params, opt_state, *_batch(prompts, targets, rows, pad_id, width))
         losses.append(loss)
+        if callback is not None and callback_every > 0 and s % callback_every == 0 and callback(s, params):
+            break
     return params, [float(x) for x in jax.device_get(losses)]
