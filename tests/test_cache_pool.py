@@ -18,7 +18,8 @@ from jax.sharding import Mesh
 
 from poer_jax.poer import cache_pool as cp
 from poer_jax.poer.cache_init import from_token_arrays, from_token_lists, load_answers_file
-from poer_jax.poer.cache_update import cache_metrics, choose_responses, update
+from poer_jax.poer.cache_update import best_response, cache_metrics, choose_responses, update
+from poer_jax.poer.length_reward import length_aware_reward
 from poer_jax.poer.truncation import (
     TruncationConfig,
     join_prefix_continuation,
@@ -345,6 +346,46 @@ def test_epsilon_greedy_best_with_prob_epsilon_else_uniform_other() -> None:
     assert not never.any() and always.all()
     single, single_best = jit_choose(jnp.zeros((50, 1)), jax.random.key(2), 0.3)
     assert not np.asarray(single).any() and np.asarray(single_best).all()
+
+
+def _best_reference(rewards: np.ndarray, primary: np.ndarray | None, lengths: np.ndarray | None) -> np.ndarray:
+    """Plain-Python lexicographic ranking: max primary, then max reward, then min length, then first."""
+    out = []
+    for b in range(rewards.shape[0]):
+        def key(i: int, b: int = b) -> tuple:
+            p = -np.inf if primary is None or np.isnan(primary[b, i]) else primary[b, i]
+            r = -np.inf if np.isnan(rewards[b, i]) else rewards[b, i]
+            return (p, r, -(lengths[b, i] if lengths is not None else 0), -i)
+        out.append(max(range(rewards.shape[1]), key=key))
+    return np.asarray(out)
+
+
+def test_best_response_is_correct_first_then_shaped_reward_then_shortest() -> None:
+    """The issue's case: Eq. 10 (literal) gives all six 0.5; the best is the shorter correct answer (index 3)."""
+    raw = jnp.array([[0.0, 1.0, 0.0, 1.0, 0.0, 0.0]])
+    lengths = jnp.array([[200, 900, 300, 700, 250, 350]])
+    shaped = length_aware_reward(raw, lengths, variant="paper")
+    np.testing.assert_allclose(shaped, 0.5)
+    assert int(jnp.argmax(shaped)) == 0  # Eq. 9's plain argmax would cache a wrong answer
+    assert int(best_response(shaped, raw > 0.5, lengths)[0]) == 3
+    assert int(best_response(shaped, raw > 0.5)[0]) == 1  # without lengths: the first correct one
+    chosen, took_best = jit_choose(shaped, jax.random.key(0), 1.0, primary=raw, lengths=lengths)
+    assert int(chosen[0]) == 3 and bool(took_best[0])
+    # the epsilon-greedy update stores it, with the shaped reward as last_reward
+    pool = cp.create(1, 900, PAD)
+    toks = jnp.broadcast_to(jnp.arange(6, dtype=jnp.int32)[None, :, None] + 1, (1, 6, 900))
+    res = jit_update(pool, jnp.array([0]), toks, lengths, shaped, jax.random.key(1), epsilon=1.0, primary=raw)
+    assert int(res.chosen[0]) == 3 and int(res.pool.lengths[0]) == 700
+    # against a plain-Python ranking on random groups with ties and NaNs
+    rng = np.random.default_rng(0)
+    r = rng.integers(0, 3, (400, 5)).astype(np.float32)
+    r[rng.random(r.shape) < 0.1] = np.nan
+    p = rng.integers(0, 2, (400, 5)).astype(np.float32)
+    ln = rng.integers(1, 4, (400, 5))
+    for prim, lens in ((p, ln), (None, ln), (p, None), (None, None)):
+        got = best_response(jnp.asarray(r), None if prim is None else jnp.asarray(prim),
+                            None if lens is None else jnp.asarray(lens))
+        np.testing.assert_array_equal(got, _best_reference(r, prim, lens))
 
 
 def test_authors_update_never_randomly_picks_last_sample() -> None:

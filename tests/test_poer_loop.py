@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from poer_jax.train.config import config_from_argv
+from poer_jax.train.config import ConfigError, config_from_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 HELPERS = Path(__file__).resolve().parent / "helpers_rewards.py"
@@ -130,3 +130,18 @@ def test_dynamic_truncation_from_the_command_line_follows_the_shortest_response(
     lengths = first.response_lengths.reshape(-1, first.group_size)
     shortest = dict(zip(first.indices.tolist(), lengths.min(1).tolist(), strict=True))
     np.testing.assert_array_equal(second.truncation_L, [shortest[int(k)] // 2 for k in second.indices])
+
+
+def test_truncation_keys_are_validated():
+    base = [f"--config={ROOT / 'configs' / 'toy.py'}"]
+    with pytest.raises(ConfigError, match="'cache.truncation' must be one of"):
+        config_from_argv([*base, "--config.cache.truncation=shortest"])
+    with pytest.raises(ConfigError, match="'cache.truncation' must be 'fixed' with cache.truncation_mode='authors'"):
+        config_from_argv([*base, "--config.cache.truncation=dynamic", "--config.cache.truncation_mode=authors"])
+    with pytest.raises(ConfigError, match="'cache.max_truncation' must be >= 2"):
+        config_from_argv([*base, "--config.cache.max_truncation=1", "--config.cache.truncation_mode=authors"])
+    from poer_jax.train.builders import build_truncation
+
+    both = build_truncation(config_from_argv([*base, "--config.cache.truncation=both",
+                                              "--config.cache.truncation_fraction=0.25"]))
+    assert (both.limit, both.fraction, both.max_truncation) == ("both", 0.25, 15)

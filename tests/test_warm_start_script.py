@@ -1,0 +1,56 @@
+"""scripts/warm_start.py makes the demo's committed warm start: a tiny run of it, the directory it writes, and the
+checks that keep a run from starting from a warm start made for another task's tokenizer."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from poer_jax.train.config import ConfigError, config_from_argv
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import warm_start  # noqa: E402
+
+TINY = ["--config.toy.num_train=8", "--config.toy.num_test=4", "--config.toy.hidden_size=16",
+        "--config.toy.num_layers=1", "--config.toy.min_operands=3", "--config.toy.max_operands=4",
+        "--config.warm_start.steps=2", "--config.warm_start.batch_size=4", "--config.rollout.max_completion_len=32",
+        "--config.eval.max_new_tokens=32", "--config.mesh.num_devices=1"]
+
+
+def test_warm_start_script_writes_a_model_the_demo_can_start_from(tmp_path):
+    cfg = config_from_argv([f"--config={ROOT / 'configs' / 'toy.py'}", *TINY])
+    out = tmp_path / "ws"
+    record = warm_start.make_warm_start(cfg, out, rows=16, validation=3, target=0.0, eval_every=2, eval_k=0)
+    assert record["task"] == "dial" and record["steps"] == 2 and record["rows"] == 16
+    assert [v["step"] for v in record["validation"]] == [2]
+    assert json.loads((out / "warm_start.json").read_text()) == record
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+
+    from poer_jax.train import setup
+
+    run = setup.prepare_toy(config_from_argv([f"--config={ROOT / 'configs' / 'toy.py'}", *TINY,
+                                              f"--config.workdir={tmp_path / 'run'}",
+                                              f"--config.warm_start.path={out}"]))
+    started = setup.use_warm_start(run)
+    assert started.model.path == str(out) and started.model.tokenizer_path == str(out)
+    other = setup.prepare_toy(config_from_argv([f"--config={ROOT / 'configs' / 'toy.py'}", *TINY,
+                                                "--config.toy.task=arithmetic", f"--config.workdir={tmp_path / 'o'}",
+                                                f"--config.warm_start.path={out}"]))
+    with pytest.raises(ConfigError, match="tokenizer .* is not the one of the task"):
+        setup.use_warm_start(other)  # the arithmetic task has no word tokens: another vocabulary
+    with pytest.raises(ConfigError, match="holds no model"):
+        setup.use_warm_start(config_from_argv([f"--config={ROOT / 'configs' / 'toy.py'}",
+                                               f"--config.warm_start.path={tmp_path / 'missing'}"]))
+
+
+def test_the_demo_config_points_at_the_committed_warm_start():
+    cfg = config_from_argv([f"--config={ROOT / 'configs' / 'toy.py'}"])
+    path = Path(cfg.warm_start.path)
+    record = json.loads((path / "warm_start.json").read_text())
+    assert record["task"] == cfg.toy.task and record["max_steps"] == cfg.warm_start.steps
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    assert size < 3e6, size  # a small committed file
