@@ -54,3 +54,28 @@ def test_the_demo_config_points_at_the_committed_warm_start():
     assert record["task"] == cfg.toy.task and record["max_steps"] == cfg.warm_start.steps
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     assert size < 3e6, size  # a small committed file
+
+
+def test_micro_batches_give_the_same_warm_start():
+    """Gradient accumulation over row slices is the same update as the whole batch at once."""
+    import jax
+    import numpy as np
+
+    from poer_jax.model import QwenConfig, init_params
+    from poer_jax.train.warm_start import supervised_warm_start
+
+    cfg = QwenConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                     head_dim=8, max_position_embeddings=64)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(4, 32, rng.integers(2, 6)).astype(np.int32) for _ in range(8)]
+    targets = [rng.integers(4, 32, rng.integers(1, 5)).astype(np.int32) for _ in range(8)]
+    runs = []
+    for k in (1, 4):
+        params = init_params(cfg, jax.random.key(0))
+        runs.append(supervised_warm_start(params, cfg, prompts, targets, steps=3, learning_rate=1e-2, batch_size=8,
+                                          seed=0, pad_id=0, micro_batches=k))
+    np.testing.assert_allclose(runs[0][1], runs[1][1], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), runs[0][0], runs[1][0])
+    with pytest.raises(ValueError, match="micro_batches=3 must divide"):
+        supervised_warm_start(params, cfg, prompts, targets, steps=1, learning_rate=1e-2, batch_size=8, seed=0,
+                              pad_id=0, micro_batches=3)

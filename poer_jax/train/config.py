@@ -158,6 +158,8 @@ SCHEMA: dict[str, Any] = {
                    "demo's committed one; regenerate: python scripts/warm_start.py --config=...)", optional=True),
         "learning_rate": _f(3e-3, NUM, min=0.0),
         "batch_size": _f(32, int, min=1),
+        "micro_batches": _f(1, int, "gradient accumulation slices of a warm-start batch (same update, less memory)",
+                            min=1),
     },
     "toy": {
         "enabled": _f(False, bool, "generate a built-in task, its tokenizer and a tiny model in workdir"),

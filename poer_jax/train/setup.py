@@ -177,7 +177,7 @@ def run_warm_start(cfg: ml_collections.ConfigDict, tokenizer: Any, prompt_ids: l
         params, losses = supervised_warm_start(
             params, mcfg, prompt_ids, target_ids, steps=cfg.warm_start.steps,
             learning_rate=cfg.warm_start.learning_rate, batch_size=cfg.warm_start.batch_size, seed=cfg.seed,
-            pad_id=pad_id, warmup_steps=min(50, cfg.warm_start.steps // 10),
+            pad_id=pad_id, warmup_steps=min(50, cfg.warm_start.steps // 10), micro_batches=cfg.warm_start.micro_batches,
             callback=None if callback is None else lambda step, p: callback(step, p, mcfg),
             callback_every=callback_every)
         params = host_copy(params)  # a collective: every process takes part
