@@ -44,7 +44,7 @@ from typing import Any
 PAPER = {"table2_decoded_per_sample": {"poer": 145.9, "grpo": 2689.5, "ratio": 145.9 / 2689.5},
          "figure3_training_time_ratio_1p5b_G6_L300": 0.074, "batch_samples": 576, "group_size": 6}
 PROJECT_MODELS = ("r1-distill-qwen-1.5b", "r1-distill-qwen-7b")
-PROJECT_CHIPS = ("h100-80gb", "tpu-v5p")
+PROJECT_CHIPS = ("h100-80gb", "tpu-v5p", "h20")  # h20: the paper's GPU
 
 
 def _prepare(cfg: Any, base: Path, preset: str | None = None, model_path: str | None = None,

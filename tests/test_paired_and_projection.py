@@ -10,7 +10,7 @@ import pytest
 from poer_jax.eval.paired import paired_sign_flip_test
 from poer_jax.model import preset
 from poer_jax.model.presets import PRESET_PARAM_COUNTS
-from poer_jax.plan.projection import Layout, ModelCost, StepTokens, project_ratio, step_seconds
+from poer_jax.plan.projection import H20, Layout, ModelCost, StepTokens, get_chip, project_ratio, step_seconds
 from poer_jax.plan.targets import CHIPS
 
 
@@ -82,5 +82,8 @@ def test_projected_ratio_of_fewer_decoded_tokens():
     assert 0 < rows["dp"]["step_ratio"] < 1 and rows["dp"]["rollout_ratio"] < 0.2
     # one sampling chip makes the rollout a larger share of GRPO's step
     assert rows["paper"]["grpo_rollout_share"] > rows["dp"]["grpo_rollout_share"]
+    assert get_chip("h20") is H20 and get_chip("tpu-v5p") is CHIPS["tpu-v5p"]
+    with pytest.raises(KeyError, match="unknown chip"):
+        get_chip("a100")
     same = project_ratio(grpo, grpo, models, {"h100": "h100-80gb"}, layouts)
     assert all(r["step_ratio"] == pytest.approx(1.0) for r in same)

@@ -34,7 +34,21 @@ from typing import Any
 
 from poer_jax.plan.targets import CHIPS, Chip
 
-__all__ = ["Layout", "ModelCost", "StepTokens", "project_ratio", "step_seconds"]
+__all__ = ["H20", "Layout", "ModelCost", "StepTokens", "get_chip", "project_ratio", "step_seconds"]
+
+# The paper's GPU (Sec. 4.3: 8 x H20, one sampling): 96 GB HBM3, 4.0 TB/s, 148 TFLOP/s bf16 dense (public specs).
+H20 = Chip("H20 96GB", 96e9, 4.0e12, 148e12)
+
+
+def get_chip(name: str | Chip) -> Chip:
+    """A chip of ``plan.targets.CHIPS`` by name, or ``"h20"`` (the paper's GPU)."""
+    if isinstance(name, Chip):
+        return name
+    if name == "h20":
+        return H20
+    if name not in CHIPS:
+        raise KeyError(f"unknown chip {name!r}; known: {', '.join(sorted(CHIPS))}, h20")
+    return CHIPS[name]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +108,7 @@ class Layout:
 def step_seconds(tokens: StepTokens, model: ModelCost, chip: Chip | str, layout: Layout | None = None
                  ) -> dict[str, float]:
     """Roofline seconds of one step: {'prefill', 'decode', 'rollout', 'update', 'step'}."""
-    chip = CHIPS[chip] if isinstance(chip, str) else chip
+    chip = get_chip(chip)
     lay = layout or Layout()
     n, a = model.matmul_params, model.attn_flops_per_pair
     prefill = tokens.prefilled * (2 * n + a * tokens.prefill_context) / (chip.peak_flops * lay.rollout_chips)

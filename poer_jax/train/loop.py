@@ -112,6 +112,7 @@ class PoerTrainer:
             ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] + [self.eos_ids[0]] for t in texts]
             self.pool = poer.from_token_lists(ids, self.pool.max_len, self.pad_id, self.eos_ids[0],
                                               sharding=poer.pool_sharding(self.pool, self.mesh))
+            log.info("cache pool: %d reference solutions, %.1f tokens on average", n, np.mean([len(x) for x in ids]))
         elif c.init == "file":
             problems = [r["problem"] for r in rows]
             mapping = poer.load_answers_file(
