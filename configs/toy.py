@@ -70,6 +70,7 @@ def get_config():
     c.optim.warmup_steps = 0
     c.optim.min_lr_ratio = 1.0
     c.optim.max_grad_norm = 1.0
+    c.optim.micro_batches = 16  # 6 rows at a time: the same update, 2-3x faster on a CPU (attention in cache)
     c.train.max_steps = 100
     c.train.checkpoint_every = 50
     c.eval.every = 20

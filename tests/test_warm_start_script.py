@@ -17,7 +17,8 @@ import warm_start  # noqa: E402
 
 TINY = ["--config.toy.num_train=8", "--config.toy.num_test=4", "--config.toy.hidden_size=16",
         "--config.toy.num_layers=1", "--config.toy.min_operands=3", "--config.toy.max_operands=4",
-        "--config.warm_start.steps=2", "--config.warm_start.batch_size=4", "--config.rollout.max_completion_len=32",
+        "--config.warm_start.steps=2", "--config.warm_start.batch_size=4", "--config.warm_start.micro_batches=2",
+        "--config.rollout.max_completion_len=32",
         "--config.eval.max_new_tokens=32", "--config.mesh.num_devices=1"]
 
 
