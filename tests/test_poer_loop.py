@@ -37,7 +37,8 @@ def run(tmp_path_factory):
             "--config.rollout.max_completion_len=48", f"--config.rollout.temperature={TEMPERATURE}",
             "--config.cache.init=solutions", "--config.cache.truncation=dynamic", "--config.cache.epsilon=0.5",
             f"--config.reward.functions={HELPERS}:constant_one", "--config.reward.length_aware=true",
-            "--config.reward.length_variant=paper", "--config.reward.alpha=0.2", "--config.optim.num_iterations=1", "--config.optim.micro_batches=1",
+            "--config.reward.length_variant=paper", "--config.reward.alpha=0.2", "--config.optim.num_iterations=1",
+            "--config.optim.micro_batches=1",
             "--config.train.max_steps=2", "--config.eval.enabled=false", "--config.train.export_final=false",
             "--config.mesh.num_devices=1"]
     cfg = config_from_argv(argv)
