@@ -1,16 +1,32 @@
-"""POER vs full-rollout GRPO on the same model, data and seed, in one process (paper Table 2 / Figure 3).
+"""POER vs full-rollout GRPO on the same model, data and seed, in one process (paper Table 2 / Figure 3),
+and the step-time ratio that the measured token counts project for R1-Distill-Qwen-1.5B / 7B on accelerators.
 
-    PYTHONPATH=. python scripts/bench_rollout.py --config=configs/toy.py [--steps 5] [--json PATH]
+    PYTHONPATH=. python scripts/bench_rollout.py --config=configs/toy.py [--steps 10] [--json PATH]
         [--sweep-L 4,8,16] [--sweep-G 4,6,8] [--config.KEY=VALUE ...]
+    # real shapes (random weights) or a local HF model, e.g. on a GPU:
+    PYTHONPATH=. python scripts/bench_rollout.py --config=configs/toy.py --preset r1-distill-qwen-1.5b \\
+        --dtype bfloat16 --config.rollout.max_completion_len=4096 --config.cache.init=sample ...
+    PYTHONPATH=. python scripts/bench_rollout.py --config=configs/toy.py --model-path /models/R1-Distill-1.5B ...
 
-Runs a few training steps with rollout.strategy=poer and with rollout.strategy=full from the same
-starting model (the toy task and warm start are prepared once and shared), then prints a table and
-writes JSON: decoded and prefilled tokens per sample (counted by the sampler), rollout / update / step
-wall time (measured: the median over the steps after the first, so that the compiles of new shape buckets do
-not count), and the POER/GRPO ratios
-``decoded_tokens_ratio``, ``rollout_time_ratio``, ``step_time_ratio``. ``--sweep-L`` repeats POER for
-several maximum truncation lengths L (Table 2), ``--sweep-G`` both strategies for several group sizes
-(Figure 3). The POER cache pool is initialised before timing starts (reported as ``cache_init_s``).
+Runs a few training steps with rollout.strategy=poer and with rollout.strategy=full from the same starting
+model (the config's task, tokenizer and warm start are prepared once and shared), then prints a table and
+writes JSON: decoded and prefilled tokens per sample (counted by the sampler), trained tokens per sample,
+rollout / update / step wall time (the median over the steps after the first, so that compiles of new
+shape buckets do not count), and the POER/GRPO ratios ``decoded_tokens_ratio``, ``rollout_time_ratio``,
+``step_time_ratio``. ``--sweep-L`` repeats POER for several fixed L (Table 2), ``--sweep-G`` both strategies
+for several group sizes (Figure 3). The POER cache pool is initialised before timing starts
+(``setup_s``).
+
+``projection``: the POER / GRPO step-time ratio that the measured per-step token counts (prefilled,
+decoded, trained; scaled to the paper's batch of 576 samples) give for R1-Distill-Qwen-1.5B and -7B on an
+8-chip H100 / TPU v5p host from roofline per-token costs (``poer_jax.plan.projection``), next to the
+paper's 7.4 %, for a data-parallel rollout on all 8 chips and for the paper's layout (one chip samples,
+eight train); ``projection_paper_tokens`` does the same with the paper's own Table 2 token counts.
+
+``--preset`` builds random weights of a real shape (``--dtype bfloat16`` for bf16 weights and compute) and
+``--model-path`` loads a local HF model; both keep the config's generated task as data and skip the warm
+start. Random weights rarely emit EOS: give POER the authors' budget (``cache.budget=removed``) or a
+sampled cache (``cache.init=sample``) so that continuations stay short, as they are for a trained model.
 """
 
 from __future__ import annotations
@@ -26,33 +42,30 @@ from pathlib import Path
 from typing import Any
 
 PAPER = {"table2_decoded_per_sample": {"poer": 145.9, "grpo": 2689.5, "ratio": 145.9 / 2689.5},
-         "figure3_training_time_ratio_1p5b_G6_L300": 0.074}
+         "figure3_training_time_ratio_1p5b_G6_L300": 0.074, "batch_samples": 576, "group_size": 6}
+PROJECT_MODELS = ("r1-distill-qwen-1.5b", "r1-distill-qwen-7b")
+PROJECT_CHIPS = ("h100-80gb", "tpu-v5p", "h20")  # h20: the paper's GPU
 
 
-def _prepare(cfg: Any, base: Path) -> Any:
-    """Generate the toy task / run the warm start once; later runs load the result."""
+def _prepare(cfg: Any, base: Path, preset: str | None = None, model_path: str | None = None,
+             dtype: str | None = None) -> Any:
+    """The task and the starting model, prepared once for every run; with ``preset`` / ``model_path`` the
+    task's data with that model instead (no warm start)."""
     from poer_jax.train import setup
     from poer_jax.train.config import apply_overrides, validate
-    from poer_jax.train.data import ColumnMap, PromptConfig, load_dataset_file, tokenize_prompts
-    from poer_jax.train.loop import _warm_start_target
 
-    cfg = apply_overrides(cfg, [f"workdir={base}"])
-    if cfg.toy.enabled:
-        cfg = setup.prepare_toy(cfg)
-    if cfg.warm_start.steps > 0:
-        tok = setup.load_tokenizer(cfg.model.tokenizer_path or cfg.model.path)
-        data = load_dataset_file(cfg.data.train_path, ColumnMap(cfg.data.problem_key, cfg.data.solution_key,
-                                                                cfg.data.answer_key), limit=cfg.data.limit)
-        pcfg = PromptConfig(chat_template=cfg.data.chat_template, max_prompt_len=cfg.data.max_prompt_len,
-                            on_too_long=cfg.data.on_too_long,
-                            **({"system_prompt": cfg.data.system_prompt} if cfg.data.system_prompt else {}))
-        prompts = tokenize_prompts(tok, data, pcfg)
-        targets = [_warm_start_target(r, cfg) for r in prompts.rows(range(len(prompts)))]
-        from poer_jax.model.sharding import make_mesh
-
-        cfg = setup.run_warm_start(cfg, tok, list(prompts.ids), targets, make_mesh({"fsdp": -1}))
-    over = ["toy.enabled=false", "warm_start.steps=0", "eval.enabled=false", "train.export_final=false",
-            "resume=false", "train.checkpoint_every=1000000"]
+    if preset or model_path:
+        cfg = apply_overrides(cfg, [f"workdir={base}"])
+        if cfg.toy.enabled:
+            cfg = setup.prepare_toy(cfg)  # the data; the tiny model it also makes is not used
+        tok = None if model_path else cfg.model.tokenizer_path or cfg.model.path
+        cfg.model.path, cfg.model.preset, cfg.model.tokenizer_path = model_path, preset, tok
+        cfg = apply_overrides(cfg, ["toy.enabled=false", "warm_start.steps=0", "warm_start.path=None"])
+    else:
+        cfg = setup.prepare_shared_start(cfg, base)
+    over = ["eval.enabled=false", "train.export_final=false", "resume=false", "train.checkpoint_every=1000000"]
+    if dtype:
+        over += [f"model.dtype={dtype}", f"model.param_dtype={dtype}"]
     return validate(apply_overrides(cfg, over))
 
 
@@ -75,20 +88,26 @@ def run_strategy(cfg: Any, strategy: str, steps: int, workdir: Path, extra: list
         trainer.rewards.close()
         if trainer.grader is not trainer.rewards:
             trainer.grader.close()
-        trainer.metrics.close()
+        if trainer.metrics is not None:
+            trainer.metrics.close()
         trainer.checkpointer.close()
     samples = c.data.questions_per_step * c.rollout.group_size * len(rows)
     timed = rows[1:] if len(rows) > 1 else rows  # step 1 compiles
     # medians: a step that meets a new shape bucket compiles, and one compile would dominate a mean
-    mean = lambda key: float(statistics.median(r[key] for r in timed))  # noqa: E731
+    median = lambda key: float(statistics.median(r[key] for r in timed))  # noqa: E731
+    mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
     return {
         "strategy": strategy, "steps": len(rows), "samples": samples,
-        "group_size": c.rollout.group_size, "max_truncation": c.cache.max_truncation, "budget": c.cache.budget,
+        "group_size": c.rollout.group_size, "truncation": c.cache.truncation, "max_truncation": c.cache.max_truncation,
+        "truncation_fraction": c.cache.truncation_fraction, "budget": c.cache.budget,
         "decoded_tokens_per_sample": sum(r["tokens/decoded"] for r in rows) / samples,
         "prefilled_tokens_per_sample": sum(r["tokens/prefilled"] for r in rows) / samples,
-        "response_length": sum(r["completions/mean_length"] for r in rows) / len(rows),
-        "rollout_s": mean("time/rollout_s"), "update_s": mean("time/update_s"), "reward_s": mean("time/reward_s"),
-        "step_s": mean("time/step_s"), "setup_s": setup_s,
+        "trained_tokens_per_sample": sum(r["tokens/trained"] for r in rows) / samples,
+        "response_length": mean("completions/mean_length"),
+        "continuation_length": mean("completions/mean_continuation_length"),
+        "mean_L": mean("truncation/mean_L"),
+        "rollout_s": median("time/rollout_s"), "update_s": median("time/update_s"), "reward_s": median("time/reward_s"),
+        "step_s": median("time/step_s"), "setup_s": setup_s,
         "accuracy": sum(r.get("rewards/accuracy/mean", float("nan")) for r in rows) / len(rows),
     }
 
@@ -99,10 +118,52 @@ def compare(poer: dict, grpo: dict) -> dict:
             "step_time_ratio": poer["step_s"] / grpo["step_s"]}
 
 
+def step_tokens(r: dict, samples: float) -> Any:
+    """A measured strategy's per-sample counts as one step of ``samples`` samples (``plan.projection``)."""
+    from poer_jax.plan.projection import StepTokens
+
+    seq = r["trained_tokens_per_sample"]
+    prompt = seq - r["response_length"]
+    kept = r["response_length"] - r["continuation_length"]  # the reused prefix (0 for GRPO)
+    return StepTokens(samples=samples, prefilled=r["prefilled_tokens_per_sample"] * samples,
+                      decoded=r["decoded_tokens_per_sample"] * samples, trained=seq * samples,
+                      prefill_context=(prompt + kept) / 2, decode_context=prompt + kept + r["continuation_length"] / 2,
+                      train_context=seq / 2)
+
+
+def paper_step_tokens(prompt_len: float = 250.0) -> tuple[Any, Any]:
+    """(POER, GRPO) steps with the paper's Table 2 counts (1.5B: 145.9 vs 2689.5 decoded tokens a sample), its
+    batch (576 samples, G 6) and an open-rs-sized prompt; POER's responses as long as GRPO's."""
+    from poer_jax.plan.projection import StepTokens
+
+    n, g, resp, dec = PAPER["batch_samples"], PAPER["group_size"], 2689.5, 145.9
+    grpo = StepTokens(samples=n, prefilled=n / g * prompt_len, decoded=n * resp, trained=n * (prompt_len + resp),
+                      prefill_context=prompt_len / 2, decode_context=prompt_len + resp / 2,
+                      train_context=(prompt_len + resp) / 2)
+    kept = resp - dec
+    poer = StepTokens(samples=n, prefilled=n / g * (prompt_len + kept), decoded=n * dec,
+                      trained=n * (prompt_len + resp), prefill_context=(prompt_len + kept) / 2,
+                      decode_context=prompt_len + kept + dec / 2, train_context=(prompt_len + resp) / 2)
+    return poer, grpo
+
+
+def projection(poer: Any, grpo: Any) -> list[dict]:
+    from poer_jax.model import preset
+    from poer_jax.plan.projection import Layout, ModelCost, project_ratio
+
+    models = {name: ModelCost.from_config(preset(name), name) for name in PROJECT_MODELS}
+    layouts = {"rollout on 8 chips": Layout(rollout_chips=8, train_chips=8),
+               "paper: 1 chip samples, 8 train": Layout(rollout_chips=1, train_chips=8)}
+    rows = project_ratio(poer, grpo, models, {c: c for c in PROJECT_CHIPS}, layouts)
+    return [{k: v for k, v in r.items() if k not in ("poer", "grpo")} | {
+        "poer_rollout_s": r["poer"]["rollout"], "grpo_rollout_s": r["grpo"]["rollout"],
+        "update_s": r["grpo"]["update"]} for r in rows]
+
+
 def _table(rows: list[dict]) -> str:
-    cols = [("strategy", "{}"), ("group_size", "{}"), ("max_truncation", "{}"), ("decoded_tokens_per_sample", "{:.1f}"),
-            ("prefilled_tokens_per_sample", "{:.1f}"), ("response_length", "{:.1f}"), ("rollout_s", "{:.3f}"),
-            ("update_s", "{:.3f}"), ("step_s", "{:.3f}")]
+    cols = [("strategy", "{}"), ("group_size", "{}"), ("mean_L", "{:.1f}"), ("decoded_tokens_per_sample", "{:.1f}"),
+            ("prefilled_tokens_per_sample", "{:.1f}"), ("trained_tokens_per_sample", "{:.1f}"),
+            ("response_length", "{:.1f}"), ("rollout_s", "{:.3f}"), ("update_s", "{:.3f}"), ("step_s", "{:.3f}")]
     head = " | ".join(name for name, _ in cols)
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -110,13 +171,26 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _projection_table(rows: list[dict]) -> str:
+    lines = [f"{'model':<22} {'chip':<10} {'layout':<32} {'GRPO step s':>11} {'POER step s':>11} {'ratio':>6} "
+             f"{'GRPO rollout share':>18}"]
+    for r in rows:
+        lines.append(f"{r['model']:<22} {r['chip']:<10} {r['layout']:<32} {r['grpo_step_s']:>11.2f} "
+                     f"{r['poer_step_s']:>11.2f} {r['step_ratio']:>6.3f} {r['grpo_rollout_share']:>18.2f}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=10, help="training steps per strategy (the first is not timed)")
     ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--sweep-L", default="", help="comma-separated maximum truncation lengths for POER")
+    ap.add_argument("--sweep-L", default="", help="comma-separated fixed truncation lengths L for POER")
     ap.add_argument("--sweep-G", default="", help="comma-separated group sizes (both strategies)")
     ap.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory")
+    model = ap.add_mutually_exclusive_group()
+    model.add_argument("--preset", default=None, help="random weights of a real shape, e.g. r1-distill-qwen-1.5b")
+    model.add_argument("--model-path", default=None, help="a local HF model directory (its own tokenizer)")
+    ap.add_argument("--dtype", default=None, choices=("float32", "bfloat16"), help="weights and compute dtype")
     args, rest = ap.parse_known_args(argv)
 
     from poer_jax.train.config import ConfigError, apply_overrides, load_config_file, validate
@@ -135,10 +209,15 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--steps must be >= 1")
 
     base = args.workdir or Path(tempfile.mkdtemp(prefix="bench_rollout_"))
-    cfg = _prepare(cfg, base / "base")
+    try:
+        cfg = _prepare(cfg, base / "base", preset=args.preset, model_path=args.model_path, dtype=args.dtype)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     import jax
 
     result: dict[str, Any] = {"config": config_path[0].split("=", 1)[1], "overrides": overrides,
+                              "preset": args.preset, "model_path": args.model_path, "dtype": cfg.model.dtype,
                               "device": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
                               "paper": PAPER}
     poer = run_strategy(cfg, "poer", args.steps, base / "poer")
@@ -148,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.sweep_L:
         result["sweep_L"] = []
         for L in (int(x) for x in args.sweep_L.split(",")):
-            r = run_strategy(cfg, "poer", args.steps, base / f"poer_L{L}", [f"cache.max_truncation={L}"])
+            r = run_strategy(cfg, "poer", args.steps, base / f"poer_L{L}",
+                             ["cache.truncation=fixed", f"cache.max_truncation={L}"])
             result["sweep_L"].append({**r, **compare(r, grpo)})
             rows.append(r)
     if args.sweep_G:
@@ -158,11 +238,20 @@ def main(argv: list[str] | None = None) -> int:
             g = run_strategy(cfg, "full", args.steps, base / f"grpo_G{G}", [f"rollout.group_size={G}"])
             result["sweep_G"].append({"group_size": G, "poer": p, "grpo": g, **compare(p, g)})
             rows += [p, g]
+    n = PAPER["batch_samples"]
+    result["projection"] = projection(step_tokens(poer, n), step_tokens(grpo, n))
+    result["projection_paper_tokens"] = projection(*paper_step_tokens())
 
     print(_table(rows))
     print(f"\nPOER / GRPO: decoded tokens {result['decoded_tokens_ratio']:.3f}, "
           f"rollout time {result['rollout_time_ratio']:.3f}, step time {result['step_time_ratio']:.3f} "
           f"(paper Table 2 decoded-token ratio {PAPER['table2_decoded_per_sample']['ratio']:.3f})")
+    print(f"\nProjected POER / GRPO step time from this run's token counts (per sample, scaled to {n} samples a "
+          f"step), roofline costs; paper (Figure 3, 1.5B, G 6, L 300): "
+          f"{PAPER['figure3_training_time_ratio_1p5b_G6_L300']:.3f}")
+    print(_projection_table(result["projection"]))
+    print("\nThe same with the paper's Table 2 token counts (2689.5 vs 145.9 decoded a sample, 250-token prompts):")
+    print(_projection_table(result["projection_paper_tokens"]))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))

@@ -69,3 +69,10 @@ def spread_on_even_answers(prompts: list[Any], completions: list[str], completio
                            ) -> list[float]:
     """Completion length for problems with an even answer, 0 otherwise: only those groups have a spread."""
     return [float(len(c)) if int(a) % 2 == 0 else 0.0 for c, a in zip(completions, columns["answer"], strict=True)]
+
+
+def constant_one(
+    prompts: list[Any], completions: list[str], completion_ids: list[list[int]] | None, **columns: Any
+) -> list[float]:
+    """1.0 for every completion: raw rewards carry no signal, so only reward shaping can spread a group."""
+    return [1.0] * len(completions)

@@ -18,7 +18,8 @@ from jax.sharding import Mesh
 
 from poer_jax.poer import cache_pool as cp
 from poer_jax.poer.cache_init import from_token_arrays, from_token_lists, load_answers_file
-from poer_jax.poer.cache_update import cache_metrics, choose_responses, update
+from poer_jax.poer.cache_update import best_response, cache_metrics, choose_responses, update
+from poer_jax.poer.length_reward import length_aware_reward
 from poer_jax.poer.truncation import (
     TruncationConfig,
     join_prefix_continuation,
@@ -233,7 +234,7 @@ def test_authors_mode_shares_m_in_1_to_L_minus_1() -> None:
     assert counts[0] == 0 and counts[1:].min() > 0 and m.max() == L - 1
     assert chi2_pvalue(counts[1:], np.full(L - 1, draws / (L - 1))) > 1e-3
     with pytest.raises(ValueError, match="fixed L"):
-        TruncationConfig(max_completion_len=8, fraction=0.5, max_truncation=None, mode="authors")
+        TruncationConfig(max_completion_len=8, limit="dynamic", mode="authors")
 
 
 def test_dynamic_L_follows_shortest_response_of_last_group() -> None:
@@ -241,12 +242,17 @@ def test_dynamic_L_follows_shortest_response_of_last_group() -> None:
     n = 6
     pool = cp.insert(cp.create(n, 40, PAD), jnp.arange(n), jnp.ones((n, 40), jnp.int32),
                      jnp.array([0, 1, 7, 10, 33, 40]))
-    half = TruncationConfig(max_completion_len=64, max_truncation=None, fraction=0.5)
+    # the paper's main setting; max_truncation (default 300, here 1) is not a cap of the dynamic rule
+    half = TruncationConfig(max_completion_len=64, limit="dynamic", fraction=0.5, max_truncation=1)
     tr = jit_truncate(pool, jnp.arange(n), jax.random.key(0), half, EOS)
     np.testing.assert_array_equal(tr.L, [0, 0, 3, 5, 16, 20])  # initialised from the cached length
-    capped = TruncationConfig(max_completion_len=64, max_truncation=4, fraction=0.3)
+    capped = TruncationConfig(max_completion_len=64, limit="both", max_truncation=4, fraction=0.3)
     np.testing.assert_array_equal(jit_truncate(pool, jnp.arange(n), jax.random.key(0), capped, EOS).L,
                                   [0, 0, 2, 3, 4, 4])  # min(floor(0.3 l), 4); 0.3*10 is exactly 3
+    fixed = TruncationConfig(max_completion_len=64, limit="fixed", max_truncation=4, fraction=0.3)
+    np.testing.assert_array_equal(jit_truncate(pool, jnp.arange(n), jax.random.key(0), fixed, EOS).L, [4] * n)
+    with pytest.raises(ValueError, match="limit"):
+        TruncationConfig(max_completion_len=64, limit="shortest")
     # after a group update, l = min over the group's lengths (not the stored answer's length)
     lens = jnp.array([[30, 12, 25], [9, 40, 40]])
     pool = jit_update(pool, jnp.array([4, 5]), jnp.ones((2, 3, 40), jnp.int32), lens,
@@ -296,7 +302,7 @@ def test_prefix_len_and_budget_match_reference_and_never_end_in_eos(budget: str,
 def test_trailing_eos_is_removed_even_with_m_zero() -> None:
     answers = jnp.array([[1, 2, 3, 7, 0, 0], [1, 2, 3, 4, 0, 0]])
     pool = cp.insert(cp.create(2, 6, PAD), jnp.array([0, 1]), answers, jnp.array([4, 4]))
-    cfg = TruncationConfig(max_completion_len=6, max_truncation=0)
+    cfg = TruncationConfig(max_completion_len=6, max_truncation=0, budget="removed")
     tr = jit_truncate(pool, jnp.array([0, 1]), jax.random.key(0), cfg, EOS)
     np.testing.assert_array_equal(tr.m, [0, 0])
     np.testing.assert_array_equal(tr.prefix_len, [3, 4])
@@ -340,6 +346,46 @@ def test_epsilon_greedy_best_with_prob_epsilon_else_uniform_other() -> None:
     assert not never.any() and always.all()
     single, single_best = jit_choose(jnp.zeros((50, 1)), jax.random.key(2), 0.3)
     assert not np.asarray(single).any() and np.asarray(single_best).all()
+
+
+def _best_reference(rewards: np.ndarray, primary: np.ndarray | None, lengths: np.ndarray | None) -> np.ndarray:
+    """Plain-Python lexicographic ranking: max primary, then max reward, then min length, then first."""
+    out = []
+    for b in range(rewards.shape[0]):
+        def key(i: int, b: int = b) -> tuple:
+            p = -np.inf if primary is None or np.isnan(primary[b, i]) else primary[b, i]
+            r = -np.inf if np.isnan(rewards[b, i]) else rewards[b, i]
+            return (p, r, -(lengths[b, i] if lengths is not None else 0), -i)
+        out.append(max(range(rewards.shape[1]), key=key))
+    return np.asarray(out)
+
+
+def test_best_response_is_correct_first_then_shaped_reward_then_shortest() -> None:
+    """The issue's case: Eq. 10 (literal) gives all six 0.5; the best is the shorter correct answer (index 3)."""
+    raw = jnp.array([[0.0, 1.0, 0.0, 1.0, 0.0, 0.0]])
+    lengths = jnp.array([[200, 900, 300, 700, 250, 350]])
+    shaped = length_aware_reward(raw, lengths, variant="paper")
+    np.testing.assert_allclose(shaped, 0.5)
+    assert int(jnp.argmax(shaped)) == 0  # Eq. 9's plain argmax would cache a wrong answer
+    assert int(best_response(shaped, raw > 0.5, lengths)[0]) == 3
+    assert int(best_response(shaped, raw > 0.5)[0]) == 1  # without lengths: the first correct one
+    chosen, took_best = jit_choose(shaped, jax.random.key(0), 1.0, primary=raw, lengths=lengths)
+    assert int(chosen[0]) == 3 and bool(took_best[0])
+    # the epsilon-greedy update stores it, with the shaped reward as last_reward
+    pool = cp.create(1, 900, PAD)
+    toks = jnp.broadcast_to(jnp.arange(6, dtype=jnp.int32)[None, :, None] + 1, (1, 6, 900))
+    res = jit_update(pool, jnp.array([0]), toks, lengths, shaped, jax.random.key(1), epsilon=1.0, primary=raw)
+    assert int(res.chosen[0]) == 3 and int(res.pool.lengths[0]) == 700
+    # against a plain-Python ranking on random groups with ties and NaNs
+    rng = np.random.default_rng(0)
+    r = rng.integers(0, 3, (400, 5)).astype(np.float32)
+    r[rng.random(r.shape) < 0.1] = np.nan
+    p = rng.integers(0, 2, (400, 5)).astype(np.float32)
+    ln = rng.integers(1, 4, (400, 5))
+    for prim, lens in ((p, ln), (None, ln), (p, None), (None, None)):
+        got = best_response(jnp.asarray(r), None if prim is None else jnp.asarray(prim),
+                            None if lens is None else jnp.asarray(lens))
+        np.testing.assert_array_equal(got, _best_reference(r, prim, lens))
 
 
 def test_authors_update_never_randomly_picks_last_sample() -> None:

@@ -50,6 +50,7 @@ def _overrides(env: dict, workdir: Path, **extra) -> list[str]:
         "reward.length_aware": True, "reward.length_variant": "correct_only", "loss.beta": 0.0,
         "optim.learning_rate": 1e-3, "train.max_steps": 3, "train.checkpoint_every": 1, "eval.enabled": False,
         "eval.max_new_tokens": 24, "mesh.num_devices": 1, "train.export_final": False,
+        "warm_start.path": None, "cache.init": "sample", "optim.micro_batches": 1,  # not configs/toy.py's demo
     }
     base.update({k.replace("__", "."): v for k, v in extra.items()})
     return [f"{k}={v}" for k, v in base.items()]

@@ -12,9 +12,10 @@ from poer_jax.poer.cache_pool import (
     shard_pool,
     to_state_dict,
 )
-from poer_jax.poer.cache_update import UpdateResult, cache_metrics, choose_responses, update
+from poer_jax.poer.cache_update import UpdateResult, best_response, cache_metrics, choose_responses, update
 from poer_jax.poer.length_reward import LENGTH_REWARD_VARIANTS, length_aware_reward
 from poer_jax.poer.truncation import (
+    LIMIT_MODES,
     Truncation,
     TruncationConfig,
     join_prefix_continuation,
@@ -25,10 +26,12 @@ from poer_jax.poer.truncation import (
 
 __all__ = [
     "LENGTH_REWARD_VARIANTS",
+    "LIMIT_MODES",
     "CachePool",
     "Truncation",
     "TruncationConfig",
     "UpdateResult",
+    "best_response",
     "cache_metrics",
     "choose_responses",
     "create",

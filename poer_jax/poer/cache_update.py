@@ -5,16 +5,26 @@ rewards {R_i}, u ~ U(0, 1):
     C^(t) = C^(t-1) u {(q_k, o_argmax R_i)} \\ {(q_k, a_k)}   if u <= epsilon
     C^(t) = C^(t-1) u {(q_k, o_g')}         \\ {(q_k, a_k)}   otherwise,  g' a random OTHER response
 
+Which response is "best": the correct one first, then the highest R, then the shortest. With ``primary``
+[B, G] given (the loop passes the accuracy verdict, or the raw reward r when the run has no accuracy
+reward), the candidates are the responses whose primary key is the group's largest; among them the
+highest R, and among equal R the shortest response (``best_response``). Eq. 9 takes the argmax of R alone,
+but R is the length-shaped reward of Eq. 10, which clips a wrong answer (r = 0) up to m = 0.5 and so
+every correct answer at or above the group's mean length: with raw rewards [0, 1, 0, 1, 0, 0] and lengths
+[200, 900, 300, 700, 250, 350] all six R are 0.5, and the plain argmax caches the first, wrong, answer.
+Ranked this way the "best" is the 700-token correct answer: right whenever the group has a right answer,
+and the shortest of them, as Eq. 10 intends. Without ``primary`` the ranking is R, then length.
+
 Modes:
 * ``"epsilon_greedy"`` (paper): best with probability epsilon, else g' uniform over the G - 1 responses
-  other than the argmax (for G = 1 the only response). The coin is drawn as u < epsilon, which has the
-  paper's probability and is exact at epsilon = 0 (never best) and 1 (always best). Ties in the reward go
-  to the first maximal response; NaN rewards count as -inf.
+  other than the best (for G = 1 the only response). The coin is drawn as u < epsilon, which has the
+  paper's probability and is exact at epsilon = 0 (never best) and 1 (always best). Ties go to the first
+  maximal response; NaN rewards count as -inf.
 * ``"none"``: the "no update" baseline of Table 9: the pool is returned unchanged, including
   ``shortest_len``, so dynamic truncation keeps using len(a_k) of the initial answer.
-* ``"authors"``: the authors' code: with probability 0.5 (epsilon is ignored) the argmax, else
+* ``"authors"``: the authors' code: with probability 0.5 (epsilon is ignored) the best, else
   randint(0, G - 1), i.e. uniform over indices 0..G-2 — the last sample is never picked at random, and
-  the random pick may be the argmax. (As shipped, their update never fires; this mode is what it would do.)
+  the random pick may be the best. (As shipped, their update never fires; this mode is what it would do.)
 
 Every updated row also records last_reward = R_chosen and shortest_len = min_i len(o_i) (l of Eq. 4).
 """
@@ -40,7 +50,7 @@ class UpdateResult:
 
     pool: CachePool
     chosen: jax.Array  # int32 [B]: response index stored, -1 when the row was not updated
-    took_best: jax.Array  # bool [B]: the stored response is the argmax-reward one
+    took_best: jax.Array  # bool [B]: the stored response is the best one (correct first, then highest R)
     updated: jax.Array  # bool [B]: this group's row was written (valid index, not superseded, mode != none)
 
 
@@ -48,17 +58,39 @@ jax.tree_util.register_dataclass(UpdateResult, data_fields=["pool", "chosen", "t
                                  meta_fields=[])
 
 
-def choose_responses(rewards: jax.Array, key: jax.Array, epsilon: float | jax.Array,
-                     mode: UpdateMode = "epsilon_greedy") -> tuple[jax.Array, jax.Array]:
-    """Index of the response to cache per group (Eq. 9) and whether it is the argmax; rewards [B, G].
+def best_response(rewards: jax.Array, primary: jax.Array | None = None,
+                  lengths: jax.Array | None = None) -> jax.Array:
+    """The best response of each group, int32 [B], ranked lexicographically: the largest ``primary`` key
+    (e.g. correctness) first, then the largest reward, then the shortest ``lengths``, then the first.
+    All [B, G]; NaN keys rank lowest."""
+    rewards = jnp.asarray(rewards, jnp.float32)
+    cand = jnp.ones(rewards.shape, jnp.bool_)
+    for key in (primary, rewards):
+        if key is None:
+            continue
+        key = jnp.asarray(key, jnp.float32)
+        if key.shape != rewards.shape:
+            raise ValueError(f"cache update: a ranking key has shape {key.shape}, rewards {rewards.shape}")
+        key = jnp.where(cand & ~jnp.isnan(key), key, -jnp.inf)
+        cand = cand & (key == jnp.max(key, axis=1, keepdims=True))
+    if lengths is not None:
+        key = jnp.where(cand, jnp.asarray(lengths, jnp.int32), jnp.iinfo(jnp.int32).max)
+        cand = cand & (key == jnp.min(key, axis=1, keepdims=True))
+    return jnp.argmax(cand, axis=1).astype(jnp.int32)
 
-    ``key``: one PRNG key (split into one per group) or [B] keys, one per group."""
+
+def choose_responses(rewards: jax.Array, key: jax.Array, epsilon: float | jax.Array,
+                     mode: UpdateMode = "epsilon_greedy", primary: jax.Array | None = None,
+                     lengths: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Index of the response to cache per group (Eq. 9) and whether it is the best; rewards [B, G].
+
+    ``key``: one PRNG key (split into one per group) or [B] keys, one per group. ``primary`` / ``lengths``
+    [B, G]: the other ranking keys of "best" (``best_response``; see the module docstring)."""
     if mode not in ("epsilon_greedy", "authors"):
         raise ValueError(f"cache update: choose_responses needs mode 'epsilon_greedy' or 'authors', "
                          f"got {mode!r}")
     batch, group = rewards.shape
-    rewards = jnp.where(jnp.isnan(rewards), -jnp.inf, rewards.astype(jnp.float32))
-    best = jnp.argmax(rewards, axis=1).astype(jnp.int32)
+    best = best_response(rewards, primary, lengths)
     keys = jax.random.split(key, batch) if jnp.ndim(key) == 0 else key
     if keys.shape != (batch,):
         raise ValueError(f"cache update: expected one key or {batch} keys, got key shape {keys.shape}")
@@ -83,11 +115,12 @@ def choose_responses(rewards: jax.Array, key: jax.Array, epsilon: float | jax.Ar
 
 def update(pool: CachePool, indices: jax.Array, tokens: jax.Array, lengths: jax.Array, rewards: jax.Array,
            key: jax.Array, *, epsilon: float | jax.Array = 0.1, mode: UpdateMode = "epsilon_greedy",
-           ) -> UpdateResult:
+           primary: jax.Array | None = None) -> UpdateResult:
     """Eq. 9 for B groups: rows ``indices`` [B] get one of their group's responses.
 
     tokens [B, G, T] / lengths [B, G] are the FULL responses (prefix + continuation; see
-    ``truncation.join_prefix_continuation``), rewards [B, G]. A response longer than max_len is cut.
+    ``truncation.join_prefix_continuation``), rewards [B, G] (R, the shaped rewards), ``primary`` [B, G] the
+    first key of "best" (correctness; see the module docstring). A response longer than max_len is cut.
     Pure and jittable (``mode`` must be static; ``epsilon`` may be traced).
     """
     if mode not in UPDATE_MODES:
@@ -108,7 +141,7 @@ def update(pool: CachePool, indices: jax.Array, tokens: jax.Array, lengths: jax.
                             took_best=jnp.zeros((batch,), jnp.bool_), updated=jnp.zeros((batch,), jnp.bool_))
     # one key per question row: the draws do not depend on batch position, padding or process count
     row_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, indices.astype(jnp.uint32))
-    chosen, took_best = choose_responses(rewards, row_keys, epsilon, mode)
+    chosen, took_best = choose_responses(rewards, row_keys, epsilon, mode, primary, lengths)
     rows = jnp.arange(batch)
     new_len = jnp.clip(lengths[rows, chosen], 0, pool.max_len)
     new_tokens = mask_beyond_length(fit_width(tokens[rows, chosen], pool.max_len, pool.pad_id), new_len,

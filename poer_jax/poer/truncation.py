@@ -1,7 +1,14 @@
 """Truncated answer sampling: which prefix of the cached answer a rollout continues (paper Sec. 3.2).
 
 Eq. 3:  o = a_k^[0:-m] || pi_theta(. | q_k, a_k^[0:-m]),   m ~ U{0, 1, ..., L}
-Eq. 4:  l = min{len(o_1), ..., len(o_G)}   (dynamic L = fraction * l, the paper uses fraction = 0.5)
+Eq. 4:  l = min{len(o_1), ..., len(o_G)}
+
+How L is set (``TruncationConfig.limit``):
+* ``"fixed"``:   L = max_truncation (the paper's speed study: L = 300, Figure 3 / Table 2);
+* ``"dynamic"``: L = floor(fraction * l), l the shortest response of the question's last group (Eq. 4;
+  the paper's main experiments, fraction = 0.5, Sec. 4.1); before a question's first update l is the
+  length of its cached answer;
+* ``"both"``:    the smaller of the two (dynamic, capped at max_truncation).
 
 One m is drawn per group (per question), inclusive of both 0 and L. The group's G continuations then
 share the prefix a_k^[0:-m]. Rules beyond the paper, chosen so every prefix is a valid generation state:
@@ -38,40 +45,44 @@ from poer_jax.poer.cache_pool import CachePool, fit_width
 
 TruncationMode = Literal["paper", "authors"]
 BudgetMode = Literal["removed", "max_length"]
+LimitMode = Literal["fixed", "dynamic", "both"]
+LIMIT_MODES: tuple[str, ...] = ("fixed", "dynamic", "both")
 
 
 @dataclasses.dataclass(frozen=True)
 class TruncationConfig:
-    """Static (hashable) truncation settings.
+    """Static (hashable) truncation settings; the defaults are the command line's (``cache.*``).
 
-    L = max_truncation (fixed), or floor(fraction * l) (dynamic, Eq. 4), or the smaller of the two when
-    both are given. floor(fraction * l) is computed in integer arithmetic with ``fraction`` as the nearest
-    rational of denominator <= 1000 (0.5 -> 1/2, 0.3 -> 3/10), so it never depends on float rounding.
+    limit: how L is set, "fixed" (max_truncation), "dynamic" (floor(fraction * l), Eq. 4) or "both"
+    (the smaller); each rule reads only its own parameter. floor(fraction * l) is computed in integer
+    arithmetic with ``fraction`` as the nearest rational of denominator <= 1000 (0.5 -> 1/2, 0.3 -> 3/10),
+    so it never depends on float rounding.
     """
 
     max_completion_len: int
-    max_truncation: int | None = 300
-    fraction: float | None = None
+    limit: LimitMode = "fixed"
+    max_truncation: int = 300
+    fraction: float = 0.5
     mode: TruncationMode = "paper"
-    budget: BudgetMode = "removed"
+    budget: BudgetMode = "max_length"
 
     def __post_init__(self) -> None:
         if self.max_completion_len < 1:
             raise ValueError(f"truncation: max_completion_len must be >= 1, got {self.max_completion_len}")
-        if self.max_truncation is None and self.fraction is None:
-            raise ValueError("truncation: set max_truncation (fixed L) and/or fraction (dynamic L)")
-        if self.max_truncation is not None and self.max_truncation < 0:
-            raise ValueError(f"truncation: max_truncation must be >= 0, got {self.max_truncation}")
-        if self.fraction is not None and not 0.0 <= self.fraction <= 1.0:
+        if self.limit not in LIMIT_MODES:
+            raise ValueError(f"truncation: limit must be one of {LIMIT_MODES}, got {self.limit!r}")
+        if self.max_truncation is None or self.max_truncation < 0:
+            raise ValueError(f"truncation: max_truncation must be an int >= 0, got {self.max_truncation}")
+        if self.fraction is None or not 0.0 <= self.fraction <= 1.0:
             raise ValueError(f"truncation: fraction must be in [0, 1], got {self.fraction}")
         if self.mode not in ("paper", "authors"):
             raise ValueError(f"truncation: mode must be 'paper' or 'authors', got {self.mode!r}")
         if self.budget not in ("removed", "max_length"):
             raise ValueError(f"truncation: budget must be 'removed' or 'max_length', got {self.budget!r}")
         if self.mode == "authors":
-            if self.fraction is not None:
-                raise ValueError("truncation: mode='authors' uses a fixed L; unset fraction")
-            if self.max_truncation is None or self.max_truncation < 2:
+            if self.limit != "fixed":
+                raise ValueError(f"truncation: mode='authors' uses a fixed L; got limit={self.limit!r}")
+            if self.max_truncation < 2:
                 raise ValueError("truncation: mode='authors' draws m = randint(1, L) in [1, L-1]; "
                                  f"needs max_truncation >= 2, got {self.max_truncation}")
 
@@ -111,13 +122,14 @@ def is_eos(tokens: jax.Array, eos_ids: Sequence[int] | jax.Array) -> jax.Array:
 
 def max_truncation_per_group(config: TruncationConfig, shortest_len: jax.Array) -> jax.Array:
     """L per group: fixed, floor(fraction * l) with l from Eq. 4, or the min of both; int32 [B]."""
-    if config.fraction is None:
-        return jnp.full(shortest_len.shape, config.max_truncation, jnp.int32)
+    fixed = jnp.full(shortest_len.shape, config.max_truncation, jnp.int32)
+    if config.limit == "fixed":
+        return fixed
     frac = Fraction(config.fraction).limit_denominator(1000)
     big = jnp.maximum(shortest_len, 0).astype(jnp.int32)
     L = (big * frac.numerator) // frac.denominator
-    if config.max_truncation is not None:
-        L = jnp.minimum(L, config.max_truncation)
+    if config.limit == "both":
+        L = jnp.minimum(L, fixed)
     return L.astype(jnp.int32)
 
 

@@ -65,7 +65,7 @@ class UpdateConfig:
 
     micro_batches: int = 1
     temperature: float = 1.0
-    chunk_size: int = 512
+    chunk_size: int = 256
     compute_entropy: bool = True
 
     def __post_init__(self) -> None:

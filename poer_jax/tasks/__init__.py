@@ -1,1 +1,85 @@
-"""Built-in tasks: a synthetic arithmetic task (``toy``) and a tiny local tokenizer (``tiny_tokenizer``)."""
+"""Built-in tasks, generated locally (no download), and a tiny local tokenizer (``tiny_tokenizer``).
+
+* ``arithmetic`` (``toy``): short worked arithmetic (~40-token answers), whose deciding tokens come first.
+* ``dial`` (``dial``): 30-50 steps of one skill (~150-250-token answers), every step deciding the answer:
+  the task of the CPU demo, in POER's regime (truncating the last ~10 % of an answer still matters).
+
+``make_task_splits(name, ...)`` maps the ``toy.*`` config knobs onto a task; ``task_completion(name, row)``
+is the supervised warm-start target; ``TASKS[name].word_tokens`` are the multi-character tokens of its
+tokenizer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["TASKS", "BuiltinTask", "make_task_splits", "task_completion"]
+
+Rows = list[dict[str, str]]
+
+
+@dataclasses.dataclass(frozen=True)
+class BuiltinTask:
+    """A generated task: ``splits(num_train, num_test, seed, knobs)`` -> (train, test) rows in open-rs's
+    columns; ``completion(row)`` -> the warm-start target; ``word_tokens``: one token each in its tokenizer."""
+
+    name: str
+    splits: Callable[[int, int, int, dict[str, Any]], tuple[Rows, Rows]]
+    completion: Callable[[dict[str, str]], str]
+    word_tokens: tuple[str, ...] = ()
+
+
+def _arithmetic_splits(num_train: int, num_test: int, seed: int, knobs: dict[str, Any]) -> tuple[Rows, Rows]:
+    from poer_jax.tasks.toy import ToyTaskConfig, make_toy_splits
+
+    cfg = ToyTaskConfig(min_value=0, max_value=knobs["max_value"], min_operands=knobs["min_operands"],
+                        max_operands=knobs["max_operands"], word_problem_fraction=knobs["word_problem_fraction"])
+    return make_toy_splits(num_train, num_test, seed=seed, cfg=cfg)
+
+
+def _dial_splits(num_train: int, num_test: int, seed: int, knobs: dict[str, Any]) -> tuple[Rows, Rows]:
+    from poer_jax.tasks.dial import DialTaskConfig, make_dial_splits
+
+    cfg = DialTaskConfig(min_turns=knobs["min_operands"], max_turns=knobs["max_operands"],
+                         max_turn=knobs["max_value"])
+    return make_dial_splits(num_train, num_test, seed=seed, cfg=cfg)
+
+
+def _arithmetic_completion(row: dict[str, str]) -> str:
+    from poer_jax.tasks.toy import toy_completion
+
+    return toy_completion(row)
+
+
+def _dial_completion(row: dict[str, str]) -> str:
+    from poer_jax.tasks.dial import dial_completion
+
+    return dial_completion(row)
+
+
+TASKS: dict[str, BuiltinTask] = {
+    "arithmetic": BuiltinTask("arithmetic", _arithmetic_splits, _arithmetic_completion),
+    "dial": BuiltinTask("dial", _dial_splits, _dial_completion, word_tokens=("<think>", "</think>", "\\boxed{")),
+}
+
+
+def _task(name: str) -> BuiltinTask:
+    if name not in TASKS:
+        raise ValueError(f"unknown built-in task {name!r}; known: {', '.join(sorted(TASKS))}")
+    return TASKS[name]
+
+
+def make_task_splits(name: str, num_train: int, num_test: int, seed: int, *, max_value: int, min_operands: int,
+                     max_operands: int, word_problem_fraction: float = 0.0) -> tuple[Rows, Rows]:
+    """Train and held-out rows of task ``name`` from the ``toy.*`` knobs: the operand range (a dial turn is at
+    most ``max_value``) and the number of operands (a dial has ``min_operands`` .. ``max_operands`` turns)."""
+    knobs = dict(max_value=max_value, min_operands=min_operands, max_operands=max_operands,
+                 word_problem_fraction=word_problem_fraction)
+    return _task(name).splits(num_train, num_test, seed, knobs)
+
+
+def task_completion(name: str, row: dict[str, str]) -> str:
+    """The supervised warm-start target of a row of task ``name``."""
+    return _task(name).completion(row)

@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import json
 import string
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from tokenizers import Tokenizer, decoders, models, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, trainers
 
 __all__ = [
     "CHAT_TEMPLATE",
@@ -59,12 +59,15 @@ def _alphabet(corpus: list[str]) -> list[str]:
 
 
 def make_tiny_tokenizer(
-    out_dir: str | Path, corpus_texts: Iterable[str], vocab_size: int | None = None
+    out_dir: str | Path, corpus_texts: Iterable[str], vocab_size: int | None = None,
+    word_tokens: Sequence[str] = (),
 ) -> Path:
     """Build, save and return the path of a tiny tokenizer for ``corpus_texts``.
 
     vocab_size None (or exactly the alphabet size): character level. Larger: byte-pair merges trained
     on the corpus up to ``vocab_size`` tokens. Smaller than specials + alphabet: ValueError.
+    ``word_tokens``: strings that become one (non-special) token each wherever they occur, as
+    ``</think>`` is one token of the R1-distilled models' tokenizer; the round trip stays exact.
     """
     from transformers import PreTrainedTokenizerFast
 
@@ -87,6 +90,10 @@ def make_tiny_tokenizer(
         )
         tok.train_from_iterator(corpus, trainer)
     tok.decoder = decoders.Fuse()
+    words = [w for w in dict.fromkeys(word_tokens) if w]
+    if any(len(w) < 2 or w in SPECIAL_TOKENS for w in words):
+        raise ValueError(f"word_tokens must be strings of 2+ characters other than the special tokens, got {words}")
+    tok.add_tokens([AddedToken(w, normalized=False, special=False) for w in words])
 
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,

@@ -91,9 +91,12 @@ SCHEMA: dict[str, Any] = {
         "init": _f("sample", str, "sample: one answer per question from the initial policy (Eq. 1)",
                    choices=("sample", "solutions", "file")),
         "init_file": _f(None, str, "JSONL of answers from another model (cache.init='file')", optional=True),
-        "max_truncation": _f(300, int, "L in m ~ U{0..L} (Eq. 3)", min=0),
-        "truncation_fraction": _f(None, NUM, "dynamic L = fraction x shortest response (Eq. 4)",
-                                  optional=True, min=0.0, max=1.0),
+        "truncation": _f("fixed", str, "how L of m ~ U{0..L} is set (Eq. 3-4): fixed = cache.max_truncation; "
+                         "dynamic = cache.truncation_fraction x the shortest response of the question's last group "
+                         "(the paper's main setting with 0.5); both = the smaller",
+                         choices=("fixed", "dynamic", "both")),
+        "max_truncation": _f(300, int, "L of cache.truncation=fixed (the cap with both)", min=0),
+        "truncation_fraction": _f(0.5, NUM, "fraction of cache.truncation=dynamic / both", min=0.0, max=1.0),
         "truncation_mode": _f("paper", str, choices=("paper", "authors")),
         "budget": _f("max_length", str, "continuation budget", choices=("removed", "max_length")),
         "update_mode": _f("epsilon_greedy", str, "Eq. 9", choices=("epsilon_greedy", "none", "authors")),
@@ -132,7 +135,7 @@ SCHEMA: dict[str, Any] = {
         "min_lr_ratio": _f(0.1, NUM, min=0.0, max=1.0),
         "weight_decay": _f(0.0, NUM, min=0.0),
         "b1": _f(0.9, NUM, min=0.0, max=1.0),
-        "b2": _f(0.99, NUM, min=0.0, max=1.0),
+        "b2": _f(0.999, NUM, min=0.0, max=1.0),
         "eps": _f(1e-8, NUM, min=0.0),
         "max_grad_norm": _f(1.0, NUM, min=0.0),
         "num_iterations": _f(1, int, "mu: updates per rollout", min=1),
@@ -163,15 +166,23 @@ SCHEMA: dict[str, Any] = {
         "num_devices": _f(0, int, "use the first N devices (0 = all)", min=0),
     },
     "warm_start": {
-        "steps": _f(0, int, "supervised steps on the reference solutions before RL (toy demo); 0 = off", min=0),
+        "steps": _f(0, int, "supervised steps on the reference solutions before RL (toy demo; what "
+                    "scripts/warm_start.py runs); 0 = off", min=0),
+        "path": _f(None, str, "an HF model directory to start RL from instead of running the warm start (the "
+                   "demo's committed one; regenerate: python scripts/warm_start.py --config=...)", optional=True),
         "learning_rate": _f(3e-3, NUM, min=0.0),
         "batch_size": _f(32, int, min=1),
+        "micro_batches": _f(1, int, "gradient accumulation slices of a warm-start batch (same update, less memory)",
+                            min=1),
     },
     "toy": {
-        "enabled": _f(False, bool, "generate the built-in arithmetic task, tokenizer and tiny model in workdir"),
+        "enabled": _f(False, bool, "generate a built-in task, its tokenizer and a tiny model in workdir"),
+        "task": _f("arithmetic", str, "arithmetic: short worked sums; dial: 30-50 steps of one skill (the demo)",
+                   choices=("arithmetic", "dial")),
         "num_train": _f(2000, int, min=1),
         "num_test": _f(200, int, min=1),
-        "max_value": _f(9, int, "operands are drawn from 0..max_value", min=1),
+        "max_value": _f(9, int, "operands are drawn from 0..max_value (dial: turns of 1..max_value <= 9)", min=1),
+        "min_operands": _f(2, int, "operands per problem (dial: turns, at most 52)", min=2),
         "max_operands": _f(3, int, min=2),
         "word_problem_fraction": _f(0.0, NUM, min=0.0, max=1.0),
         "hidden_size": _f(64, int, min=8),
@@ -246,6 +257,12 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ConfigError("config keys 'model.path' and 'model.preset': set exactly one")
     if cfg.data.train_path is None and not cfg.toy.enabled:
         raise ConfigError("config key 'data.train_path' is required")
+    if cfg.cache.truncation_mode == "authors" and cfg.cache.truncation != "fixed":
+        raise ConfigError("config key 'cache.truncation' must be 'fixed' with cache.truncation_mode='authors' "
+                          f"(the authors' code draws m from a fixed L), got {cfg.cache.truncation!r}")
+    if cfg.cache.truncation_mode == "authors" and cfg.cache.max_truncation < 2:
+        raise ConfigError("config key 'cache.max_truncation' must be >= 2 with cache.truncation_mode='authors' "
+                          f"(m = randint(1, L)), got {cfg.cache.max_truncation}")
     if cfg.cache.init == "file" and not cfg.cache.init_file:
         raise ConfigError("config key 'cache.init_file' is required when cache.init='file'")
     if cfg.reward.weights is not None and len(cfg.reward.weights) != len(cfg.reward.functions):

@@ -55,6 +55,8 @@ class PoerTrainer:
     def __init__(self, cfg: ml_collections.ConfigDict):
         if cfg.toy.enabled:
             cfg = setup.prepare_toy(cfg)
+        if cfg.warm_start.path:
+            cfg = setup.use_warm_start(cfg)
         self.workdir = Path(cfg.workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         setup.enable_compilation_cache(cfg)
@@ -67,8 +69,8 @@ class PoerTrainer:
 
         self.checkpointer = Checkpointer(self.workdir / "checkpoints", keep=cfg.train.keep_checkpoints)
         resuming = cfg.resume and self.checkpointer.latest_step() is not None
-        if cfg.warm_start.steps > 0:
-            targets = [_warm_start_target(r, cfg) for r in self.prompts.rows(range(len(self.prompts)))]
+        if cfg.warm_start.steps > 0 and not cfg.warm_start.path:
+            targets = [setup.warm_start_target(r, cfg) for r in self.prompts.rows(range(len(self.prompts)))]
             cfg = setup.run_warm_start(cfg, self.tokenizer, list(self.prompts.ids), targets, self.mesh)
         self.cfg = cfg
         params, self.mcfg = setup.load_model(cfg, self.mesh)
@@ -99,6 +101,7 @@ class PoerTrainer:
                                               self.mesh)
         self.key = jax.random.key(cfg.seed)
         self.step = 0
+        self.last_eval_correct: np.ndarray | None = None  # [problems, k] of the latest evaluate()
         if resuming:
             self._restore()
         self.metrics = MetricsWriter(self.workdir, resume_step=self.step if resuming else None) \
@@ -115,6 +118,7 @@ class PoerTrainer:
             ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] + [self.eos_ids[0]] for t in texts]
             self.pool = poer.from_token_lists(ids, self.pool.max_len, self.pad_id, self.eos_ids[0],
                                               sharding=poer.pool_sharding(self.pool, self.mesh))
+            log.info("cache pool: %d reference solutions, %.1f tokens on average", n, np.mean([len(x) for x in ids]))
         elif c.init == "file":
             problems = [r["problem"] for r in rows]
             mapping = poer.load_answers_file(
@@ -230,7 +234,8 @@ class PoerTrainer:
             info["reward_s"] += time.perf_counter() - t0
             lengths = r.response_lengths.reshape(-1, G)
             shaped = self._shape(raw, correct, lengths)
-            cache_updates.append((r, shaped, raw))
+            # the cache's "best" response: correct first (raw reward without an accuracy reward), then R
+            cache_updates.append((r, shaped, raw, raw if correct is None else correct.astype(np.float32)))
             if dyn is None:
                 info["cache_updates"] = cache_updates
                 return r, raw, shaped, res, info
@@ -284,18 +289,20 @@ class PoerTrainer:
         cache_metrics: dict[str, Any] = {}
         if cfg.rollout.strategy == "poer":
             put = self.rows.to_global
-            for j, (ru, sh, _) in enumerate(info["cache_updates"]):
+            for j, (ru, sh, _, primary) in enumerate(info["cache_updates"]):
                 toks, lens = responses_array(ru, self.pool.max_len, self.pad_id)
                 res_u = _cache_update(self.pool, put(np.asarray(ru.indices, np.int32), fill=-1),
                                       put(toks, fill=self.pad_id), put(lens), put(np.asarray(sh, np.float32)),
                                       jax.random.fold_in(k_cache, j), epsilon=float(cfg.cache.epsilon),
-                                      mode=cfg.cache.update_mode)
+                                      mode=cfg.cache.update_mode, primary=put(np.asarray(primary, np.float32)))
                 self.pool = res_u.pool
             cache_metrics = poer.cache_metrics(self.pool, res_u)
         self.step += 1
 
         m = rollout_metrics(r, raw, shaped, gather_reward_result(res, self.rows), info, self.rows)
         m["time/update_s"] = self.rows.max(update_s)
+        # every token of prompt + response goes through the update's forward and backward (POER's prefix too)
+        m["tokens/trained"] = int(self.rows.gather(np.asarray([int(batch.attention_mask.sum())], np.int64)).sum())
         umetrics = {k: float(v) for k, v in jax.device_get(umetrics).items()}
         if umetrics.get("skipped", 0.0) > 0:
             log.warning("step %d: non-finite loss or gradient in %d update(s): skipped, parameters unchanged",
@@ -326,7 +333,8 @@ class PoerTrainer:
                            first_index=int(mine[0]))
             correct[: mine.size], lengths[: mine.size], seconds = res.correct, res.lengths, res.seconds
         # padding rows sit after the last problem: process p holds problems [p * share, (p + 1) * share)
-        return EvalResult(correct=self.rows.gather(correct)[:n], completions=[], lengths=self.rows.gather(lengths)[:n],
+        self.last_eval_correct = self.rows.gather(correct)[:n]  # [problems, k], for paired tests
+        return EvalResult(correct=self.last_eval_correct, completions=[], lengths=self.rows.gather(lengths)[:n],
                           seconds=self.rows.max(seconds)).metrics()
 
     def run(self) -> dict[str, float]:
@@ -334,8 +342,10 @@ class PoerTrainer:
         progress = Progress(cfg.train.max_steps, self.step) if is_main_process() else None
         last: dict[str, float] = {}
         try:
+            first_correct = None
             if self.step == 0 and self.eval_prompts is not None:
                 first = self.evaluate()
+                first_correct = self.last_eval_correct
                 log.info("initial held-out accuracy %.3f", first["eval/accuracy"])
                 self._write_metrics(0, first)
             while self.step < cfg.train.max_steps:
@@ -349,6 +359,10 @@ class PoerTrainer:
                 last = m
                 if self.step % cfg.train.checkpoint_every == 0 or last_step:
                     self._save(force=last_step)
+            if first_correct is not None and self.step > 0 and is_main_process():
+                from poer_jax.eval.paired import paired_sign_flip_test
+
+                log.info("%s", paired_sign_flip_test(first_correct, self.last_eval_correct).summary())
             self.checkpointer.wait()
             if cfg.train.export_final and is_main_process():
                 from poer_jax.model import export_hf
@@ -372,22 +386,14 @@ class PoerTrainer:
             self.metrics.write(step, metrics)
 
 
-def _warm_start_target(row: dict[str, Any], cfg: ml_collections.ConfigDict) -> str:
-    if cfg.toy.enabled:
-        from poer_jax.tasks.toy import toy_completion
-
-        return toy_completion(row)
-    return row.get("solution") or f"\\boxed{{{row.get('answer')}}}"
-
-
-def _select_groups(parts: list[tuple[Rollout, np.ndarray, np.ndarray]], attempt: np.ndarray, row: np.ndarray,
-                   G: int) -> tuple[Rollout, np.ndarray]:
+def _select_groups(parts: list[tuple[Rollout, np.ndarray, np.ndarray, np.ndarray]], attempt: np.ndarray,
+                   row: np.ndarray, G: int) -> tuple[Rollout, np.ndarray]:
     """Concatenate the kept groups (dynamic sampling) of several rollouts into one Rollout."""
     raws = []
     groups: dict[str, list[Any]] = {k: [] for k in ("indices", "prompt_ids", "prefix_ids", "m", "L")}
     samples: dict[str, list[Any]] = {k: [] for k in ("cont", "lps", "finish")}
     for a, g in zip(attempt, row, strict=True):
-        r, _, raw = parts[int(a)]
+        r, _, raw, _ = parts[int(a)]
         raws.append(raw[int(g)])
         groups["indices"].append(r.indices[g])
         groups["prompt_ids"].append(r.prompt_ids[g])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -116,20 +117,25 @@ def prepare_toy(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     Returns a copy of cfg pointing ``model.path`` and (where not set) ``data.train_path`` /
     ``data.eval_path`` at them. Multi-host: process 0 writes them (``workdir`` is shared), the others wait.
     """
+    from poer_jax.tasks import TASKS, make_task_splits, task_completion
     from poer_jax.tasks.tiny_tokenizer import make_tiny_tokenizer
-    from poer_jax.tasks.toy import ToyTaskConfig, make_toy_splits, toy_completion, write_jsonl
+    from poer_jax.tasks.toy import write_jsonl
 
     root = Path(cfg.workdir) / "toy"
     model_dir = root / "model"
     train_path, test_path = root / "train.jsonl", root / "test.jsonl"
     if not (model_dir / "config.json").is_file() and is_main_process():
-        task = ToyTaskConfig(min_value=0, max_value=cfg.toy.max_value, max_operands=cfg.toy.max_operands,
-                             word_problem_fraction=cfg.toy.word_problem_fraction)
-        train, test = make_toy_splits(cfg.toy.num_train, cfg.toy.num_test, seed=cfg.seed, cfg=task)
+        t = cfg.toy
+        try:
+            train, test = make_task_splits(t.task, t.num_train, t.num_test, seed=cfg.seed, max_value=t.max_value,
+                                           min_operands=t.min_operands, max_operands=t.max_operands,
+                                           word_problem_fraction=t.word_problem_fraction)
+        except ValueError as e:
+            raise ConfigError(f"config section 'toy': {e}") from e
         write_jsonl(train, train_path)
         write_jsonl(test, test_path)
-        corpus = [r["problem"] for r in train] + [toy_completion(r) for r in train]
-        make_tiny_tokenizer(root / "tokenizer", corpus)
+        corpus = [r["problem"] for r in train] + [task_completion(t.task, r) for r in train]
+        make_tiny_tokenizer(root / "tokenizer", corpus, word_tokens=TASKS[t.task].word_tokens)
         tok = load_tokenizer(root / "tokenizer")
         h = cfg.toy.hidden_size
         mcfg = QwenConfig(vocab_size=len(tok), hidden_size=h, intermediate_size=4 * h, num_layers=cfg.toy.num_layers,
@@ -151,18 +157,54 @@ def prepare_toy(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return out
 
 
+def use_warm_start(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Start from the model in ``warm_start.path`` (weights and tokenizer) instead of a supervised run.
+
+    The directory must hold an HF model; with a generated toy task its tokenizer must be the task's (same
+    vocabulary), else the weights would read other token ids: both failures name the regeneration command.
+    """
+    path = Path(cfg.warm_start.path)
+    redo = "regenerate it with: python scripts/warm_start.py --config=<this config>"
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"config key 'warm_start.path': {path} holds no model (no config.json); {redo}")
+    tok_path = cfg.model.tokenizer_path or cfg.model.path
+    if cfg.toy.enabled and tok_path is not None:
+        mine, theirs = load_tokenizer(tok_path).get_vocab(), load_tokenizer(path).get_vocab()
+        if mine != theirs:
+            raise ConfigError(f"config key 'warm_start.path': the tokenizer in {path} is not the one of the "
+                              f"task in {tok_path} (toy.task={cfg.toy.task!r}); {redo}")
+    out = ml_collections.ConfigDict(cfg.to_dict())
+    out.model.path = str(path)
+    out.model.preset = None
+    out.model.tokenizer_path = str(path)
+    return out
+
+
+def warm_start_target(row: dict[str, Any], cfg: ml_collections.ConfigDict) -> str:
+    """The supervised target of a training row: the built-in task's completion, else the reference solution."""
+    if cfg.toy.enabled:
+        from poer_jax.tasks import task_completion
+
+        return task_completion(cfg.toy.task, row)
+    return row.get("solution") or f"\\boxed{{{row.get('answer')}}}"
+
+
 def warm_start_dir(cfg: ml_collections.ConfigDict) -> Path:
     return Path(cfg.workdir) / "warm_start"
 
 
 def run_warm_start(cfg: ml_collections.ConfigDict, tokenizer: Any, prompt_ids: list[np.ndarray],
-                   targets: list[str], mesh: Mesh) -> ml_collections.ConfigDict:
-    """Supervised warm start on (prompt, reference solution) pairs, cached as an HF directory in workdir.
+                   targets: list[str], mesh: Mesh, out_dir: str | Path | None = None,
+                   callback: Callable[[int, Any, QwenConfig], bool] | None = None,
+                   callback_every: int = 0) -> ml_collections.ConfigDict:
+    """Supervised warm start on (prompt, reference solution) pairs, cached as an HF directory in workdir
+    (or ``out_dir``).
 
-    A second run finds ``workdir/warm_start/config.json`` and skips the training. Returns a config whose
-    ``model.path`` is the warm-started model. Multi-host: every process trains, process 0 writes.
+    A second run finds ``config.json`` there and skips the training. Returns a config whose ``model.path``
+    is the warm-started model. ``callback(step, params, model_config)`` every ``callback_every`` steps may
+    stop it early (``supervised_warm_start``). Multi-host: every process trains, process 0 writes.
     """
-    out_dir = warm_start_dir(cfg)
+    out_dir = Path(out_dir) if out_dir is not None else warm_start_dir(cfg)
     if not (out_dir / "config.json").is_file():
         params, mcfg = load_model(cfg, mesh)
         eos_ids, pad_id = eos_and_pad(tokenizer, cfg.model.path)
@@ -173,7 +215,9 @@ def run_warm_start(cfg: ml_collections.ConfigDict, tokenizer: Any, prompt_ids: l
         params, losses = supervised_warm_start(
             params, mcfg, prompt_ids, target_ids, steps=cfg.warm_start.steps,
             learning_rate=cfg.warm_start.learning_rate, batch_size=cfg.warm_start.batch_size, seed=cfg.seed,
-            pad_id=pad_id)
+            pad_id=pad_id, warmup_steps=min(50, cfg.warm_start.steps // 10), micro_batches=cfg.warm_start.micro_batches,
+            callback=None if callback is None else lambda step, p: callback(step, p, mcfg),
+            callback_every=callback_every)
         params = host_copy(params)  # a collective: every process takes part
         if is_main_process():
             tmp = out_dir.with_name(out_dir.name + ".tmp")
@@ -192,3 +236,27 @@ def run_warm_start(cfg: ml_collections.ConfigDict, tokenizer: Any, prompt_ids: l
     out.model.path = str(out_dir)
     out.model.preset = None
     return out
+
+
+def prepare_shared_start(cfg: ml_collections.ConfigDict, workdir: str | Path) -> ml_collections.ConfigDict:
+    """One starting point for several runs (benchmarks, sweeps): generate the built-in task in ``workdir`` and
+    resolve the warm start (``warm_start.path``, or a supervised run cached in ``workdir``) once.
+
+    Returns a config pointing at the task's files and the starting model, with task generation and warm start
+    off, so every run built from it (with its own ``workdir``) starts from the same weights and data.
+    """
+    from poer_jax.model.sharding import make_mesh
+    from poer_jax.train import builders
+    from poer_jax.train.config import apply_overrides, validate
+
+    cfg = apply_overrides(cfg, [f"workdir={workdir}"])
+    if cfg.toy.enabled:
+        cfg = prepare_toy(cfg)
+    if cfg.warm_start.path:
+        cfg = use_warm_start(cfg)
+    elif cfg.warm_start.steps > 0:
+        text = builders.build_text(cfg)
+        prompts = builders.build_prompts(cfg, text.tokenizer).train
+        targets = [warm_start_target(r, cfg) for r in prompts.rows(range(len(prompts)))]
+        cfg = run_warm_start(cfg, text.tokenizer, list(prompts.ids), targets, make_mesh({"fsdp": -1}))
+    return validate(apply_overrides(cfg, ["toy.enabled=false", "warm_start.steps=0", "warm_start.path=None"]))
