@@ -6,7 +6,7 @@ in sequence chunks (never a [B, T, V] array), Adam with a constant learning rate
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -35,8 +35,12 @@ def _batch(prompts: Sequence[np.ndarray], targets: Sequence[np.ndarray], rows: n
 def supervised_warm_start(
     params: Params, cfg: Any, prompts: Sequence[np.ndarray], targets: Sequence[np.ndarray], *, steps: int,
     learning_rate: float, batch_size: int, seed: int, pad_id: int, chunk_size: int = 256,
+    progress: Callable[[int, float], None] | None = None,
 ) -> tuple[Params, list[float]]:
-    """``steps`` Adam steps on random mini-batches; returns (params, per-step losses)."""
+    """``steps`` Adam steps on random mini-batches; returns (params, per-step losses).
+
+    ``progress(done, loss)`` is called about 50 times over the run (each call waits for that step's loss,
+    so the device runs at most ``steps / 50`` steps ahead of the host)."""
     if len(prompts) != len(targets) or not prompts:
         raise ValueError(f"warm start: {len(prompts)} prompts and {len(targets)} targets")
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(learning_rate))
@@ -56,8 +60,11 @@ def supervised_warm_start(
 
     rng = np.random.default_rng(seed)
     losses = []
-    for _ in range(steps):
+    every = max(1, steps // 50)
+    for i in range(steps):
         rows = rng.choice(len(prompts), size=min(batch_size, len(prompts)), replace=False)
         params, opt_state, loss = step(params, opt_state, *_batch(prompts, targets, rows, pad_id, width))
         losses.append(loss)
+        if progress is not None and ((i + 1) % every == 0 or i + 1 == steps):
+            progress(i + 1, float(loss))
     return params, [float(x) for x in jax.device_get(losses)]
