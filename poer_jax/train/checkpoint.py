@@ -98,17 +98,16 @@ def _words(x: jax.Array) -> jax.Array:
 
 
 @jax.jit
-def _leaf_checksums(leaves: list[Any]) -> jax.Array:
-    """uint32[len(leaves)]: each leaf's words summed mod 2**32 (order-free, so sharding does not matter)."""
-    return jnp.stack([jnp.sum(_words(jnp.asarray(x)), dtype=jnp.uint32) for x in leaves])
+def _leaf_checksum(x: jax.Array) -> jax.Array:
+    """The leaf's words summed mod 2**32 (order-free, so how the leaf is sharded does not matter)."""
+    return jnp.sum(_words(jnp.asarray(x)), dtype=jnp.uint32)
 
 
 def checksums(tree: Any) -> list[int]:
-    """Per-leaf checksums of ``tree`` (flattening order), one jitted reduction and one host transfer."""
-    leaves = jax.tree.leaves(tree)
-    if not leaves:
-        return []
-    return [int(c) for c in np.asarray(jax.device_get(_leaf_checksums(leaves)))]
+    """Per-leaf checksums of ``tree`` (flattening order): one reduction per leaf (leaves may live on
+    different devices), one host transfer for all."""
+    sums = [_leaf_checksum(x) for x in jax.tree.leaves(tree)]
+    return [int(c) for c in jax.device_get(sums)]
 
 
 def _as_abstract(x: Any) -> Any:
@@ -311,7 +310,8 @@ class Checkpointer:
                 state, pool, extra = self.restore(step, abstract_state, abstract_pool)
                 error = None
             except Exception as e:  # noqa: BLE001 - orbax / tensorstore raise bare Exception for unreadable data
-                error = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+                text = (str(e).splitlines() or [""])[0].split(" See full TensorStore details")[0]
+                error = f"{type(e).__name__}: {text[:240]}"
             if agree(error is None):
                 for broken, reason in reasons:
                     self._quarantine(broken, reason, step)

@@ -149,11 +149,11 @@ def truncate_jsonl(path: str, resume_step: int | None) -> int:
             dropped += 1
     if dropped:
         if resume_step is None:
-            log.warning("metrics: dropping %d line(s) of %s written by a run that never reached a checkpoint "
-                        "(it starts again from step 0)", dropped, path)
+            log.warning("dropping %d line(s) of %s written by a run that never reached a checkpoint (it starts "
+                        "again from step 0)", dropped, path)
         else:
-            log.warning("metrics: dropping %d line(s) of %s after step %d, the checkpoint resumed from", dropped,
-                        path, resume_step)
+            log.warning("dropping %d line(s) of %s after step %d, the checkpoint resumed from", dropped, path,
+                        resume_step)
     if dropped or lines[-1] != "":
         _rewrite_atomically(path, keep)
     return dropped

@@ -67,8 +67,8 @@ def summary_lines(summary: dict[str, Any], workdir: Path) -> list[str]:
                      + f"{final:.3f} at step {summary.get('step')}")
     if summary.get("final_reward") is not None:
         lines.append(f"last step's mean reward: {summary['final_reward']:.3f}")
-    export = summary.get("export")
-    if export:
+    if summary.get("export"):
+        export = workdir / "export"  # where it is now (a workdir may have been moved since)
         lines.append(f"model exported to {export}")
         data = f" --data {summary['eval_data']}" if summary.get("eval_data") else " --data FILE"
         lines.append(f"evaluate it: python -m poer_jax.evaluate --model {export}{data}")
