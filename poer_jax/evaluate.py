@@ -47,7 +47,7 @@ def _model_from_checkpoint(path: Path, mesh: Any) -> tuple[Any, Any, str, dict[s
             params = init_params(mcfg, __import__("jax").random.key(0))
         assert isinstance(mcfg, QwenConfig)
         trainer = Trainer(mcfg, LossConfig(), OptimConfig(learning_rate=1e-6, total_steps=1), mesh=mesh)
-        _, state, _, _ = ckpt.restore_latest_intact(create_train_state(params, trainer))
+        _, state, _, _ = ckpt.restore_latest_intact(create_train_state(params, trainer), move_broken=False)
     return state.params, mcfg, cfg.model.tokenizer_path or cfg.model.path, eval_settings(cfg)
 
 

@@ -49,18 +49,19 @@ def toy_env(tmp_path_factory):
 
 
 FINISHED_RUN = {"eval.enabled": True, "eval.every": 3, "train.export_final": True, "train.samples_every": 2,
-                "train.keep_checkpoints": 3}
+                "train.keep_checkpoints": 3, "optim.learning_rate": 0.01}
 
 
 @pytest.fixture(scope="session")
 def finished_run(toy_env, tmp_path_factory):
     """A finished 3-step POER run from the command line (eval at steps 0 and 3, checkpoints 1-3, export,
     samples at step 2); tests copy its workdir before changing anything. Rewards: accuracy and format,
-    plus the completion length (tests/helpers_rewards.py) so that groups have a spread and the policy moves."""
+    plus the number of digits (tests/helpers_rewards.py): groups of an untrained model's answers have a
+    spread in it, so the policy moves."""
     from tests.helpers_runs import HELPERS, run_cli
 
     workdir = tmp_path_factory.mktemp("finished") / "run"
-    r = run_cli(toy_env, workdir, **FINISHED_RUN, **{"reward.functions": f"accuracy,format,{HELPERS}:length_reward"})
+    extra = {**FINISHED_RUN, "reward.functions": f"accuracy,format,{HELPERS}:digit_count"}
+    r = run_cli(toy_env, workdir, **extra)
     assert r.returncode == 0, r.stderr[-3000:]
-    return {"workdir": workdir, "stderr": r.stderr, "extra": {**FINISHED_RUN, "reward.functions":
-                                                               f"accuracy,format,{HELPERS}:length_reward"}}
+    return {"workdir": workdir, "stderr": r.stderr, "extra": extra}

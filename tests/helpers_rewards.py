@@ -69,3 +69,9 @@ def spread_on_even_answers(prompts: list[Any], completions: list[str], completio
                            ) -> list[float]:
     """Completion length for problems with an even answer, 0 otherwise: only those groups have a spread."""
     return [float(len(c)) if int(a) % 2 == 0 else 0.0 for c, a in zip(completions, columns["answer"], strict=True)]
+
+
+def digit_count(prompts: list[Any], completions: list[str], completion_ids: Any, **columns: Any) -> list[float]:
+    """Number of digits in the completion: spread even among the random completions of an untrained model,
+    so the advantages are not all 0 and the policy moves."""
+    return [float(sum(ch.isdigit() for ch in c)) for c in completions]

@@ -90,7 +90,7 @@ def test_rerun_with_only_resume_safe_changes_is_still_complete(toy_env, run, cap
 INCOMPATIBLE = [
     ("data.questions_per_step", 8, "data.questions_per_step: 4 -> 8"),
     ("rollout.group_size", 6, "rollout.group_size: 4 -> 6"),
-    ("optim.learning_rate", 0.01, "optim.learning_rate: 0.001 -> 0.01"),
+    ("optim.learning_rate", 0.02, "optim.learning_rate: 0.01 -> 0.02"),
     ("warm_start.steps", 5, "warm_start.steps: 0 -> 5"),
     ("rollout.max_completion_len", 32, "rollout.max_completion_len: 24 -> 32"),
     ("seed", 1, "seed: 0 -> 1"),
@@ -196,12 +196,12 @@ def _break(step_dir: Path, how: str) -> str:
     if how == "missing_extra_metadata":
         os.remove(step_dir / "extra" / "metadata")
         return "FileNotFoundError"
-    if how == "garbled_bytes":  # decodes to other finite numbers: only the checksums can tell
+    if how == "garbled_bytes":  # decodes to other numbers: non-finite ones, or finite ones only checksums catch
         raw = bytearray(Path(data[-1]).read_bytes())
         mid = len(raw) // 2
         raw[mid: mid + 64] = bytes((b + 1) % 256 for b in raw[mid: mid + 64])
         Path(data[-1]).write_bytes(bytes(raw))
-        return "checksums"
+        return "BrokenCheckpointError"
     raise AssertionError(how)
 
 
@@ -309,3 +309,34 @@ def test_compare_configs_classifies_by_the_schema():
     assert allowed == ["train.max_steps: 100 -> 500", "eval.every: 0 -> 7"]
     b["reward"]["on_error"] = "raise"
     assert "reward.on_error: 'zero' -> 'raise'" in run_dir.compare_configs(a, b)[1]
+
+
+def test_failing_rewards_are_loud_once_per_function_and_counted_every_step(caplog):
+    """The first traceback of each failing function is logged (once), then a count per step; a cut by the
+    step deadline is logged with its count."""
+    from types import SimpleNamespace
+
+    from poer_jax.train.loop import PoerTrainer
+    from poer_jax.train.reward_pool import RewardResult
+
+    def result(errors: int, cut: int = 0) -> RewardResult:
+        n = 8
+        first = {"mine": "reward function 'x.py:mine' failed on completion 0: Traceback ...\nValueError: bad"} \
+            if errors else {}
+        return RewardResult(["accuracy", "mine"], np.ones(2), np.zeros((n, 2)), np.zeros(n), {"accuracy": 0, "mine": 0},
+                            {"accuracy": 0, "mine": errors}, {"accuracy": 0, "mine": 0}, first, cut)
+
+    fake = SimpleNamespace(_reported_reward_errors=set(), step=4,
+                           cfg=SimpleNamespace(reward=SimpleNamespace(step_timeout_s=120.0)))
+    with caplog.at_level(logging.INFO, logger="poer_jax"):
+        PoerTrainer._report_reward_problems(fake, result(3))
+        fake.step = 5
+        PoerTrainer._report_reward_problems(fake, result(8, cut=2))
+        PoerTrainer._report_reward_problems(fake, result(0))
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "ValueError: bad" in errors[0].getMessage()
+    assert "reward.on_error=zero" in errors[0].getMessage()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == ["step 5: reward function errors: mine on 3 of 8 completions",
+                        "step 6: reward function errors: mine on 8 of 8 completions",
+                        "step 6: reward.step_timeout_s=120 s passed: 2 reward call(s) not finished got reward 0"]

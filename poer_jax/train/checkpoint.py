@@ -98,16 +98,31 @@ def _words(x: jax.Array) -> jax.Array:
 
 
 @jax.jit
-def _leaf_checksum(x: jax.Array) -> jax.Array:
-    """The leaf's words summed mod 2**32 (order-free, so how the leaf is sharded does not matter)."""
-    return jnp.sum(_words(jnp.asarray(x)), dtype=jnp.uint32)
+def _group_checksums(leaves: list[Any]) -> jax.Array:
+    """uint32[len(leaves)]: each leaf's words summed mod 2**32 (order-free, so how a leaf is sharded does
+    not matter)."""
+    return jnp.stack([jnp.sum(_words(jnp.asarray(x)), dtype=jnp.uint32) for x in leaves])
 
 
 def checksums(tree: Any) -> list[int]:
-    """Per-leaf checksums of ``tree`` (flattening order): one reduction per leaf (leaves may live on
-    different devices), one host transfer for all."""
-    sums = [_leaf_checksum(x) for x in jax.tree.leaves(tree)]
-    return [int(c) for c in jax.device_get(sums)]
+    """Per-leaf checksums of ``tree`` (flattening order): one jitted reduction per set of devices the
+    leaves live on (one compile, not one per leaf; a jit cannot mix device sets), one host transfer."""
+    leaves = jax.tree.leaves(tree)
+    groups: dict[Any, list[int]] = {}
+    for i, x in enumerate(leaves):
+        committed = isinstance(x, jax.Array) and getattr(x, "committed", True)
+        key = frozenset(d.id for d in x.sharding.device_set) if committed else None
+        groups.setdefault(key, []).append(i)
+    if None in groups and len(groups) > 1:  # host arrays join any group
+        host = groups.pop(None)
+        groups[next(iter(groups))] += host
+    indices = list(groups.values())
+    sums = jax.device_get([_group_checksums([leaves[i] for i in idx]) for idx in indices])
+    out = [0] * len(leaves)
+    for idx, values in zip(indices, sums, strict=True):
+        for i, v in zip(idx, values, strict=True):
+            out[i] = int(v)
+    return out
 
 
 def _as_abstract(x: Any) -> Any:
@@ -290,12 +305,13 @@ class Checkpointer:
                                             "checksums saved with them (garbled files)")
 
     def restore_latest_intact(self, abstract_state: Any, abstract_pool: Mapping[str, Any] | None = None, *,
-                              agree: Callable[[bool], bool] = bool) -> tuple[int, Any, dict[str, Any] | None,
-                                                                                dict[str, Any]]:
+                              agree: Callable[[bool], bool] = bool, move_broken: bool = True
+                              ) -> tuple[int, Any, dict[str, Any] | None, dict[str, Any]]:
         """``(step, train_state, pool_state, extra)`` of the newest step that restores and verifies.
 
-        Newer steps that fail are moved into :attr:`broken_directory` with a warning naming each and why
-        (so the run can save those step numbers again). ``agree(ok)`` makes every process take the same
+        Newer steps that fail are named in a warning with the reason and, with ``move_broken`` (a run that
+        continues; not a reader such as the evaluator), moved into :attr:`broken_directory` so the run can
+        save those step numbers again. ``agree(ok)`` makes every process take the same
         decision on a multi-host run (default: this process alone). Raises :class:`BrokenCheckpointError`
         listing every step's reason when none is intact, or FileNotFoundError when there is no checkpoint;
         then nothing is moved.
@@ -314,13 +330,17 @@ class Checkpointer:
                 error = f"{type(e).__name__}: {text[:240]}"
             if agree(error is None):
                 for broken, reason in reasons:
-                    self._quarantine(broken, reason, step)
+                    self._quarantine(broken, reason, step, move_broken)
                 return step, state, pool, extra
             reasons.append((step, error or "broken on another process"))
         listed = "\n".join(f"  step {s}: {r}" for s, r in reasons)
         raise BrokenCheckpointError(f"checkpoint: no intact checkpoint in {self.directory}:\n{listed}")
 
-    def _quarantine(self, step: int, reason: str, fallback: int) -> None:
+    def _quarantine(self, step: int, reason: str, fallback: int, move: bool) -> None:
+        if not move:
+            log.warning("checkpoint: step %d in %s is broken (%s); using step %d instead", step, self.directory,
+                        reason, fallback)
+            return
         log.warning("checkpoint: step %d in %s is broken (%s); resuming from step %d instead. The broken step is "
                     "kept in %s", step, self.directory, reason, fallback, self.broken_directory)
         if jax.process_index() == 0:

@@ -133,12 +133,11 @@ class PoerTrainer:
     def close(self) -> None:
         """Close what the run opened (idempotent): writers, reward workers, the checkpointer (after its
         in-flight saves are on disk, so no Orbax thread outlives the run)."""
-        for name in ("metrics", "samples", "rewards", "grader", "checkpointer"):
+        for name in ("metrics", "samples", "rewards", "grader", "checkpointer"):  # grader may be rewards: idempotent
             part = getattr(self, name, None)
             if part is not None:
                 setattr(self, name, None)
-                if name != "grader" or part is not getattr(self, "rewards", None):
-                    part.close()
+                part.close()
 
     def __enter__(self) -> PoerTrainer:
         return self
@@ -167,7 +166,7 @@ class PoerTrainer:
             chunk = self.cfg.data.questions_per_step * self.cfg.rollout.group_size
             key = jax.random.fold_in(self.key, -1 & 0x7FFFFFFF)
             width, P, p = self.pool.max_len, self.rows.count, self.rows.index
-            bar = TaskProgress("cache pool", n, unit="answer", quiet=not is_main_process())
+            bar = TaskProgress("cache pool", n, unit="answers", quiet=not is_main_process())
             for start in range(0, n, chunk):
                 idx = np.arange(start, min(n, start + chunk))
                 share = _cdiv(len(idx), P)
@@ -233,7 +232,7 @@ class PoerTrainer:
         self.checkpointer.save(self.step, self.state, _pool_items(self.pool), extra, force=force)
 
     # ---- one step ---------------------------------------------------------------------------------------
-    def _rewards(self, r: Rollout) -> tuple[np.ndarray, np.ndarray | None, RewardResult]:
+    def _rewards(self, r: Rollout, deadline_s: float) -> tuple[np.ndarray, np.ndarray | None, RewardResult]:
         G = r.group_size
         n = r.num_samples
         rows = self.prompts.rows(r.indices)
@@ -243,8 +242,7 @@ class PoerTrainer:
                                       for k in ("solution", "answer")}
         prompts = [self.prompts.texts[i] for i in r.indices for _ in range(G)]
         res = self.rewards.compute(prompts, texts, completion_ids=[x.tolist() for x in resp], columns=cols,
-                                   completion_lengths=[len(x) for x in resp],
-                                   deadline_s=self.cfg.reward.step_timeout_s)
+                                   completion_lengths=[len(x) for x in resp], deadline_s=deadline_s)
         self._report_reward_problems(res)
         self._last_batch = (r, texts, res.total)
         finite = np.isfinite(res.total)
@@ -303,8 +301,8 @@ class PoerTrainer:
             info["decoded"] += r.decoded_tokens
             info["full_equiv"] += r.full_equivalent_decoded()
             info["rollout_s"] += r.seconds
-            t0 = time.perf_counter()
-            raw, correct, res = self._rewards(r)
+            t0 = time.perf_counter()  # the step's reward deadline is shared by its sampling attempts
+            raw, correct, res = self._rewards(r, max(0.01, cfg.reward.step_timeout_s - info["reward_s"]))
             info["reward_s"] += time.perf_counter() - t0
             lengths = r.response_lengths.reshape(-1, G)
             shaped = self._shape(raw, correct, lengths)

@@ -250,8 +250,7 @@ def finish_interrupted_moves(workdir: Path) -> None:
             data = read_json(journal) or {"names": list(RUN_FILES)}
             log.warning("finishing the move of an old run into %s (it was interrupted)", journal.parent)
             _move(workdir, journal.parent, [n for n in data.get("names", []) if n in RUN_FILES])
-    if journals:
-        barrier("poer_jax.finish_interrupted_moves")
+    barrier("poer_jax.finish_interrupted_moves")  # every process, journal or not: none may read half a move
 
 
 def write_summary(workdir: str | os.PathLike[str], summary: dict[str, Any]) -> None:

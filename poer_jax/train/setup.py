@@ -185,7 +185,7 @@ def run_warm_start(cfg: ml_collections.ConfigDict, tokenizer: Any, prompt_ids: l
         target_ids = [np.asarray(tokenizer(t, add_special_tokens=False)["input_ids"] + [eos], np.int32)
                       for t in targets]
         log.info("warm start: %d supervised steps on %d examples", cfg.warm_start.steps, len(targets))
-        with TaskProgress("warm start", cfg.warm_start.steps, unit="step", quiet=not is_main_process()) as bar:
+        with TaskProgress("warm start", cfg.warm_start.steps, unit="steps", quiet=not is_main_process()) as bar:
             params, losses = supervised_warm_start(
                 params, mcfg, prompt_ids, target_ids, steps=cfg.warm_start.steps,
                 learning_rate=cfg.warm_start.learning_rate, batch_size=cfg.warm_start.batch_size, seed=cfg.seed,
