@@ -54,6 +54,7 @@ def _setup_logging() -> None:
         root.addHandler(handler)
     root.setLevel(logging.WARNING)  # orbax and absl stay at WARNING
     logging.getLogger("poer_jax").setLevel(logging.INFO)
+    logging.captureWarnings(True)  # warnings.warn goes through the same handler: never glued onto a bar
 
 
 def _error(message: object) -> None:

@@ -6,6 +6,8 @@ shaping -> length-aware shaping (Eq. 10) -> group-relative advantages (Eq. 6) ->
 
 Every random draw of step s derives from fold_in(key(seed), s), and the data position, cache pool,
 parameters and optimizer state are checkpointed together, so a resumed run repeats an uninterrupted one.
+How a run starts in its workdir (fresh, resumed, already complete or refused) is ``run_dir``'s, the input
+checks before any heavy work ``preflight``'s, and what the run reports (samples, summary, export) ``report``'s.
 """
 
 from __future__ import annotations
