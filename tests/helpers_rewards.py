@@ -76,3 +76,9 @@ def constant_one(
 ) -> list[float]:
     """1.0 for every completion: raw rewards carry no signal, so only reward shaping can spread a group."""
     return [1.0] * len(completions)
+
+
+def digit_count(prompts: list[Any], completions: list[str], completion_ids: Any, **columns: Any) -> list[float]:
+    """Number of digits in the completion: spread even among the random completions of an untrained model,
+    so the advantages are not all 0 and the policy moves."""
+    return [float(sum(ch.isdigit() for ch in c)) for c in completions]

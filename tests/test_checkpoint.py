@@ -21,7 +21,13 @@ from jax.sharding import PartitionSpec as P
 
 from poer_jax.model.sharding import make_mesh, single_device_mesh
 from poer_jax.poer import cache_pool
-from poer_jax.train.checkpoint import Checkpointer, NonFiniteCheckpointError, nonfinite_leaves
+from poer_jax.train.checkpoint import (
+    BrokenCheckpointError,
+    Checkpointer,
+    NonFiniteCheckpointError,
+    checksums,
+    nonfinite_leaves,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's name for a step directory still being written
@@ -274,3 +280,69 @@ def test_async_save_survives_buffer_deletion(tmp_path, mesh8):
         _assert_trees_equal(got, expected)
         raw, _, _ = ckpt.restore()  # no template: stored structure (NamedTuples become lists/dicts)
     np.testing.assert_array_equal(np.asarray(raw["params"]["embed"]), expected.params["embed"])
+
+
+def _garble(step_dir: Path) -> None:
+    """Add 1 to 16 bytes in the middle of every state data file of the step (compressed: they fail to decode)."""
+    for f in (step_dir / "state").rglob("d/*"):
+        raw = bytearray(f.read_bytes())
+        mid = len(raw) // 2
+        raw[mid: mid + 16] = bytes((b + 1) % 256 for b in raw[mid: mid + 16])
+        f.write_bytes(bytes(raw))
+
+
+def test_restore_verifies_and_falls_back_past_broken_steps(tmp_path):
+    """Step 4 garbled, step 3 with another checksum on record (what garbled bytes that still decode look
+    like), step 2 without its JSON: the restore falls back to step 1, moves 2-4 aside (kept, with the
+    reason) and can save those steps again."""
+    state = {"w": jnp.arange(256.0).reshape(16, 16), "k": jax.random.key_data(jax.random.key(0))}
+    directory = tmp_path / "ckpt"
+    with Checkpointer(directory, keep=5) as ckpt:
+        for s in (1, 2, 3, 4):
+            ckpt.save(s, {**state, "w": state["w"] + s}, {"t": np.arange(4) + s}, {"step": s})
+    _garble(directory / "4")
+    record = json.loads((directory / "3" / "integrity" / "metadata").read_text())
+    record["state"][0] += 1
+    (directory / "3" / "integrity" / "metadata").write_text(json.dumps(record))
+    os.remove(directory / "2" / "extra" / "metadata")
+    with Checkpointer(directory, keep=5) as ckpt:
+        with pytest.raises(BrokenCheckpointError, match=r"3: state leaves \['k'\] do not match the checksums"):
+            ckpt.restore(3, state)
+        step, got, pool, extra = ckpt.restore_latest_intact(state)
+        assert (step, extra) == (1, {"step": 1})
+        np.testing.assert_array_equal(np.asarray(got["w"]), np.asarray(state["w"]) + 1)
+        np.testing.assert_array_equal(pool["t"], np.arange(4) + 1)
+        assert ckpt.all_steps() == [1]
+        assert ckpt.save(2, {**state, "w": state["w"] + 20}, None, {"step": 2}, force=True)
+        ckpt.wait()
+        assert ckpt.restore_latest_intact(state)[0] == 2
+    reasons = {p.name.split("-")[0]: (p / "BROKEN.txt").read_text() for p in (tmp_path / "broken_ckpt").iterdir()}
+    assert sorted(reasons) == ["2", "3", "4"]
+    assert "FileNotFoundError" in reasons["2"] and "extra/metadata" in reasons["2"]
+    assert "checksums" in reasons["3"]
+
+
+def test_no_intact_step_raises_listing_each_and_moves_nothing(tmp_path):
+    state = {"w": jnp.arange(256.0).reshape(16, 16)}
+    with Checkpointer(tmp_path / "ckpt", keep=3) as ckpt:
+        for s in (1, 2):
+            ckpt.save(s, state, None, {"step": s})
+    for s in (1, 2):
+        _garble(tmp_path / "ckpt" / str(s))
+    with Checkpointer(tmp_path / "ckpt", keep=3) as ckpt:
+        with pytest.raises(BrokenCheckpointError, match=r"(?s)no intact checkpoint.*step 2: .*step 1: "):
+            ckpt.restore_latest_intact(state)
+        assert ckpt.all_steps() == [1, 2]
+    assert not (tmp_path / "broken_ckpt").exists()
+
+
+def test_checksums_see_every_dtype_and_are_sharding_free(mesh8):
+    x = jnp.arange(64.0).reshape(8, 8)
+    tree = {"f": x, "bf": x.astype(jnp.bfloat16), "i": jnp.arange(5), "b": jnp.array([True, False]),
+            "key": jax.random.key(3), "u8": jnp.arange(3, dtype=jnp.uint8)}
+    base = checksums(tree)
+    sharded = {**tree, "f": jax.device_put(x, NamedSharding(mesh8, P("fsdp", "tensor")))}
+    assert checksums(sharded) == base
+    for name in ("f", "bf", "i", "u8"):
+        changed = {**tree, name: tree[name].at[1].add(1)}
+        assert checksums(changed) != base, name

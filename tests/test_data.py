@@ -102,13 +102,18 @@ def test_saved_hf_dataset_directory(tmp_path: Path) -> None:
         ([json.dumps(ROWS[0]), "[1, 2]"], r"d\.jsonl:2: expected a JSON object"),
         (
             [json.dumps({"question": "x", "answer": "1"})],
-            r"d\.jsonl:1: missing column 'problem'; columns found: \['question', 'answer'\]",
+            r"d\.jsonl:1: missing column 'problem' \(config key 'data.problem_key'\); columns found: "
+            r"\['question', 'answer'\]",
         ),
         (
             [json.dumps({"problem": "x", "level": 1})],
-            r"d\.jsonl:1: no gold: columns \['solution', 'answer'\] are missing or empty; columns found",
+            r"d\.jsonl:1: no gold: columns 'solution' \(config key 'data.solution_key'\), 'answer' \(config key "
+            r"'data.answer_key'\) are missing or empty; columns found",
         ),
-        ([json.dumps({"problem": "", "answer": "1"})], r"d\.jsonl:1: column 'problem' must be a non-empty"),
+        (
+            [json.dumps({"problem": "", "answer": "1"})],
+            r"d\.jsonl:1: column 'problem' \(config key 'data.problem_key'\) must be a non-empty",
+        ),
         (["", "  "], r"d\.jsonl: the dataset has no rows"),
     ],
 )
@@ -124,7 +129,8 @@ def test_parquet_missing_column_and_unreadable_paths(tmp_path: Path) -> None:
     p = tmp_path / "d.parquet"
     pq.write_table(pa.Table.from_pylist([{"prob": "x", "answer": "1"}]), p)
     with pytest.raises(
-        DataError, match=r"d\.parquet row 0: missing column 'problem'; columns found: \['prob'"
+        DataError,
+        match=r"d\.parquet row 0: missing column 'problem' \(config key 'data.problem_key'\); columns found: \['prob'",
     ):
         load_dataset_file(p)
     bad = tmp_path / "bad.parquet"
@@ -239,3 +245,15 @@ def test_finite_epochs_stop() -> None:
     it = EpochIterator(9, 3, seed=0, num_epochs=2)
     assert len(it) == 6
     assert len(list(it)) == 6
+
+
+@pytest.mark.parametrize("answer, kind", [(["1"], "list"), ({"v": 1}, "dict"), (True, "bool")])
+def test_answers_that_are_not_strings_or_numbers_are_refused(tmp_path: Path, answer, kind) -> None:
+    """They would be graded as their repr ("['1']"), which no completion matches: every reward 0, silently."""
+    p = _write_jsonl(tmp_path / "d.jsonl", [json.dumps(ROWS[0]), json.dumps({"problem": "x", "answer": answer})])
+    cmap = ColumnMap(answer="answer", options=("--problem-key", "--solution-key", "--answer-key"))
+    with pytest.raises(DataError, match=rf"d\.jsonl:2: column 'answer' \(--answer-key\) must be a string or a number, "
+                                        rf"got {kind}"):
+        load_dataset_file(p, cmap)
+    assert load_dataset_file(_write_jsonl(tmp_path / "n.jsonl", ['{"problem": "x", "answer": 2.5}'])).rows[0][
+        "answer"] == "2.5"

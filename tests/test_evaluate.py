@@ -70,16 +70,6 @@ def test_evaluate_cli_bad_data_file(toy_env_model, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def toy_env_model(tmp_path_factory):
-    from poer_jax.train.config import default_config
-    from poer_jax.train.setup import prepare_toy
-
-    c = default_config()
-    c.workdir = str(tmp_path_factory.mktemp("evalenv"))
-    c.toy.enabled = True
-    c.toy.num_train = 8
-    c.toy.num_test = 6
-    c.toy.hidden_size = 32
-    c.toy.num_layers = 1
-    p = prepare_toy(c)
-    return Path(p.model.path), Path(p.data.eval_path)
+def toy_env_model(toy_env):
+    """The session's tiny toy model (tests/conftest.py) and its held-out file."""
+    return Path(toy_env["model"]), Path(toy_env["test"])

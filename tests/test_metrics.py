@@ -213,3 +213,43 @@ def test_plot_script_errors(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 0, "other": 1}\n')
     proc = _plot(str(tmp_path))
     assert proc.returncode == 2 and "none of the plotted metrics" in proc.stderr
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_task_progress_plain_lines_at_each_tenth(caplog):
+    from poer_jax.train.progress import TaskProgress
+
+    with caplog.at_level("INFO", logger="poer_jax"), TaskProgress("warm start", 50, unit="steps",
+                                                                   stream=io.StringIO()) as bar:
+        for done in range(1, 51):
+            bar.update(done, f"loss {1 / done:.3f}")
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 10 and lines[0].startswith("warm start: 5/50 steps (10%) | loss 0.200 |")
+    assert lines[-1].startswith("warm start: 50/50 steps (100%)")
+
+
+def test_log_records_are_not_glued_to_a_live_bar():
+    import logging
+
+    from poer_jax.train.progress import Progress, TqdmLoggingHandler
+
+    stream = _Tty()
+    logger = logging.getLogger("poer_jax.test_bar")
+    handler = TqdmLoggingHandler(stream)
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        with Progress(10, stream=stream) as bar:
+            bar.update(1, {"reward": 0.5})
+            logger.warning("a message while the bar is live")
+            bar.update(2, {"reward": 0.5})
+    finally:
+        logger.removeHandler(handler)
+    text = stream.getvalue()
+    # the message sits on a line of its own: the bar's carriage-return updates never precede it on its line
+    line = next(x for x in text.replace("\r", "\n").split("\n") if "a message while" in x)
+    assert line == "a message while the bar is live"

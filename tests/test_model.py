@@ -254,3 +254,37 @@ def test_nnx_module_matches_functional_and_trains(hf_qwen2_dir, tmp_path):
     with pytest.raises(ValueError, match="rngs"):
         QwenForCausalLM(cfg)
     assert QwenForCausalLM(cfg, rngs=nnx.Rngs(0)).params["embed"].shape == (cfg.vocab_size, cfg.hidden_size)
+
+
+def test_truncated_weight_file_is_named(hf_qwen2_dir, tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(hf_qwen2_dir, d)
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(WeightFileError, match=r"model\.safetensors: truncated: its header describes \d+ bytes"):
+        load_hf(d)
+
+
+def test_architectures_must_match_model_type(hf_qwen2_dir, tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(hf_qwen2_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["architectures"] = ["MistralForCausalLM"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelConfigError, match=r"config\.json: model_type='qwen2' but architectures="
+                                               r"\['MistralForCausalLM'\]; a qwen2 checkpoint is Qwen2ForCausalLM"):
+        load_hf(d)
+
+
+def test_nonfinite_weights_are_named_at_load(hf_qwen2_dir, tmp_path):
+    name = "model.layers.1.self_attn.v_proj.weight"
+
+    def edit(t):
+        t[name] = t[name].copy()
+        t[name][3, 5] = np.inf
+
+    d = _rewrite_weights(hf_qwen2_dir, tmp_path / "m", edit)
+    with pytest.raises(WeightFileError, match=rf"non-finite weights \(NaN or inf\) in '{name}' \(.*safetensors\)"):
+        load_hf(d)
+    params, _ = load_hf(d, check_finite=False)  # for inspection
+    assert not np.isfinite(np.asarray(params["layers"]["v_proj"])).all()

@@ -235,3 +235,28 @@ def test_hanging_math_verify_is_killed_once_for_all_grading_rewards() -> None:
         assert res["accuracy"].tolist() == [0.0, 1.0] and res["format"].tolist() == [0.0, 1.0]
         # cosine was not retried on the item whose grading hung: exactly one worker was killed
         assert len(before - set(p.worker_pids())) == 1
+
+
+def test_step_deadline_bounds_the_whole_batch() -> None:
+    """Three calls that would each run into the 60 s per-call deadline, one at a time on one worker: the
+    batch's 1 s deadline cuts all three (counted as timeouts and in deadline_cut) and the worker is replaced."""
+    with RewardPool([f"{HELPERS}:hang_on_marker"], num_workers=1, timeout_s=60.0, timeout_reward=-3.0) as p:
+        before = set(p.worker_pids())
+        res = p.compute(["p"] * 3, ["HANG a", "HANG b", "fine"], deadline_s=1.0)
+        assert res.deadline_cut == 3 and res.timeouts["hang_on_marker"] == 3
+        assert res["hang_on_marker"].tolist() == [-3.0, -3.0, -3.0]
+        assert res.metrics()["rewards/deadline_cut"] == 3.0
+        assert not before & set(p.worker_pids())
+        done = p.compute(["p"] * 2, ["fine", "NONE"], deadline_s=30.0)  # within its deadline: nothing cut
+        assert done.deadline_cut == 0 and done["hang_on_marker"][0] == 1.0 and done.nones["hang_on_marker"] == 1
+
+
+def test_failures_keep_each_functions_first_traceback() -> None:
+    specs = [RewardSpec(f"{HELPERS}:crash_on_marker"), RewardSpec(f"{HELPERS}:wrong_type")]
+    with RewardPool(specs, num_workers=1, timeout_s=5.0, on_error="zero") as p:
+        res = p.compute(["p"] * 3, ["fine", "RAISE", "RAISE"])
+    assert res.errors == {"crash_on_marker": 2, "wrong_type": 3}
+    assert res["crash_on_marker"].tolist() == [2.0, 0.0, 0.0]
+    assert "failed on completion 1" in res.first_errors["crash_on_marker"]
+    assert "ZeroDivisionError: deliberate failure" in res.first_errors["crash_on_marker"]  # the traceback
+    assert "returned 'not a number'" in res.first_errors["wrong_type"]

@@ -12,6 +12,7 @@ from poer_jax.train.config import (
     apply_overrides,
     config_from_argv,
     default_config,
+    field,
     load_config_file,
     parse_value,
     validate,
@@ -117,3 +118,15 @@ def test_missing_or_wrong_config_file(tmp_path):
 def test_schema_covers_issue_sections():
     assert {"workdir", "seed", "model", "data", "rollout", "cache", "loss", "optim", "train", "eval",
             "mesh"} <= set(SCHEMA)
+
+
+def test_every_key_has_help_text_and_unknown_keys_get_a_suggestion():
+    from poer_jax.train.config import describe, keys, suggest
+
+    missing = [k for k in keys() if not field(k).help.strip()]
+    assert not missing, f"keys without help text: {missing}"
+    assert suggest("optim.lerning_rate") == "; did you mean 'optim.learning_rate'?"
+    assert suggest("group_size") == "; did you mean 'rollout.group_size'?"
+    assert suggest("completely.unrelated") == ""
+    text = describe(load_config_file(ROOT / "configs/toy.py"))
+    assert "rollout.group_size" in text and "[resume-safe]" in text

@@ -12,70 +12,20 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from poer_jax.train.config import apply_overrides, default_config, validate
-
-ROOT = Path(__file__).resolve().parents[1]
-HELPERS = Path(__file__).resolve().parent / "helpers_rewards.py"
-
-
-@pytest.fixture(scope="session")
-def toy_env(tmp_path_factory):
-    """Toy task files, tokenizer and a tiny random Qwen2, generated once."""
-    from poer_jax.train.setup import prepare_toy
-
-    work = tmp_path_factory.mktemp("toyenv")
-    c = default_config()
-    c.workdir = str(work)
-    c.toy.enabled = True
-    c.toy.num_train = 24
-    c.toy.num_test = 8
-    c.toy.hidden_size = 32
-    c.toy.num_layers = 1
-    prepared = prepare_toy(c)
-    return {"model": prepared.model.path, "train": prepared.data.train_path, "test": prepared.data.eval_path}
-
-
-def _overrides(env: dict, workdir: Path, **extra) -> list[str]:
-    base = {
-        "workdir": str(workdir), "model.path": env["model"], "data.train_path": env["train"],
-        "data.eval_path": env["test"], "data.chat_template": "never", "data.system_prompt": "Answer in \\boxed{}.",
-        "data.max_prompt_len": 128, "data.questions_per_step": 4, "rollout.group_size": 4,
-        "rollout.max_completion_len": 24, "rollout.temperature": 1.0, "rollout.page_size": 8,
-        "cache.max_truncation": 4, "reward.functions": "accuracy,format", "reward.num_workers": 1,
-        "reward.length_aware": True, "reward.length_variant": "correct_only", "loss.beta": 0.0,
-        "optim.learning_rate": 1e-3, "train.max_steps": 3, "train.checkpoint_every": 1, "eval.enabled": False,
-        "eval.max_new_tokens": 24, "mesh.num_devices": 1, "train.export_final": False,
-        "warm_start.path": None, "cache.init": "sample", "optim.micro_batches": 1,  # not configs/toy.py's demo
-    }
-    base.update({k.replace("__", "."): v for k, v in extra.items()})
-    return [f"{k}={v}" for k, v in base.items()]
+from tests.helpers_runs import HELPERS, ROOT
+from tests.helpers_runs import cli as _cli
+from tests.helpers_runs import metrics as _metrics
+from tests.helpers_runs import overrides as _overrides
+from tests.helpers_runs import run_cli as _run_cli
 
 
 def _config(env, workdir, **extra):
     return validate(apply_overrides(default_config(), _overrides(env, workdir, **extra)))
-
-
-def _cli(env, workdir, timeout=600, **extra):
-    args = [sys.executable, "-m", "poer_jax.train", f"--config={ROOT / 'configs' / 'toy.py'}",
-            "--config.toy.enabled=false", "--config.warm_start.steps=0"]
-    args += [f"--config.{o}" for o in _overrides(env, workdir, **extra)]
-    env_vars = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-    env_vars.pop("XLA_FLAGS", None)
-    return args, env_vars
-
-
-def _run_cli(env, workdir, timeout=600, **extra):
-    args, env_vars = _cli(env, workdir, **extra)
-    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env_vars, cwd=ROOT)
-
-
-def _metrics(workdir: Path) -> list[dict]:
-    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
 TIME_KEYS = ("time/", "tokens/decoded_per_s", "eval/time_s")
@@ -91,12 +41,13 @@ REQUIRED = ["reward", "reward_std", "rewards/accuracy/mean", "rewards/format/mea
             "logp_diff/sampler_vs_trainer"]
 
 
-def test_poer_and_grpo_from_the_command_line(toy_env, tmp_path):
-    r = _run_cli(toy_env, tmp_path / "poer", **{"eval.enabled": True, "eval.every": 3})
-    assert r.returncode == 0, r.stderr[-3000:]
+def test_poer_and_grpo_from_the_command_line(toy_env, finished_run, tmp_path):
+    """The shared finished POER run (conftest.py) against a GRPO run; the README's evaluate command on the
+    POER run's export reports the held-out accuracy (and mean length: the same samples) the run printed."""
+    poer_dir = finished_run["workdir"]
     g = _run_cli(toy_env, tmp_path / "grpo", **{"rollout.strategy": "full"})
     assert g.returncode == 0, g.stderr[-3000:]
-    poer, grpo = _metrics(tmp_path / "poer"), _metrics(tmp_path / "grpo")
+    poer, grpo = _metrics(poer_dir), _metrics(tmp_path / "grpo")
     train_rows = [m for m in poer if m["step"] > 0]
     assert [m["step"] for m in train_rows] == [1, 2, 3]
     for key in REQUIRED:
@@ -107,16 +58,18 @@ def test_poer_and_grpo_from_the_command_line(toy_env, tmp_path):
     dec_grpo = sum(m["tokens/decoded"] for m in grpo)
     assert dec_poer < 0.5 * dec_grpo, (dec_poer, dec_grpo)
     assert all(m["tokens/decoded_full_equiv"] > m["tokens/decoded"] for m in train_rows)
-    assert (tmp_path / "poer" / "checkpoints").is_dir()
-    assert list((tmp_path / "poer" / "tb").glob("events*"))
-    # the evaluator reads a training workdir's latest checkpoint (model and tokenizer from its config)
-    ev = subprocess.run([sys.executable, "-m", "poer_jax.evaluate", "--model", str(tmp_path / "poer"), "--data",
-                         toy_env["test"], "--k", "2", "--max-new-tokens", "8", "--chat-template", "never",
-                         "--system-prompt", "Answer in \\boxed{}.", "--json", str(tmp_path / "ev.json")],
+    assert (poer_dir / "checkpoints").is_dir()
+    assert list((poer_dir / "tb").glob("events*"))
+    assert max(m["grad_norm"] for m in train_rows) > 0  # the policy moved: the export is not the initial model
+    ev = subprocess.run([sys.executable, "-m", "poer_jax.evaluate", "--model", str(poer_dir / "export"),
+                         "--json", str(tmp_path / "ev.json")],
                         capture_output=True, text=True, timeout=300, cwd=ROOT,
                         env={**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
     assert ev.returncode == 0, ev.stderr[-3000:]
-    assert json.loads((tmp_path / "ev.json").read_text())["num_problems"] == 8
+    got = json.loads((tmp_path / "ev.json").read_text())
+    assert got["num_problems"] == 8 and got["k"] == 4
+    assert got["avg@4"] == poer[-1]["eval/accuracy"]
+    assert got["mean_length"] == poer[-1]["eval/mean_length"]
 
 
 def test_exact_resume_after_sigkill(toy_env, tmp_path):
@@ -148,9 +101,9 @@ def test_exact_resume_after_sigkill(toy_env, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(sa["params"]), jax.device_get(sb["params"]))
     for k in pa:
         np.testing.assert_array_equal(pa[k], pb[k])
-    # resuming with another dataset (so another cache pool) is refused before anything is restored
+    # resuming with another dataset (so another cache pool) is refused before anything is loaded
     other = _run_cli(toy_env, tmp_path / "ref", **{"train.max_steps": steps + 1, "data.limit": 20})
-    assert other.returncode == 2 and "holds a cache pool of shape (24, 24)" in other.stderr, other.stderr[-3000:]
+    assert other.returncode == 2 and "data.limit: None -> 20" in other.stderr, other.stderr[-3000:]
 
 
 def _assert_same_metrics(a_rows: list[dict], b_rows: list[dict]) -> None:
@@ -228,53 +181,6 @@ def test_eight_devices_and_two_processes_equal_one_device(toy_env, tmp_path):
     # a batch that does not split over the processes: a clear error on each, no hang
     for r in _run_two_processes(toy_env, tmp_path / "bad", **{**run, **mesh, "data.questions_per_step": 3}):
         assert r.returncode == 2 and "data.questions_per_step" in r.stderr, r.stderr[-3000:]
-
-
-# ---- bad input: a clear message naming the file / line / key, a non-zero exit, nothing half-written ----
-def _write(path: Path, text: str) -> str:
-    path.write_text(text)
-    return str(path)
-
-
-@pytest.mark.parametrize("case", ["malformed_jsonl", "missing_column", "empty", "too_long", "bad_model_dir"])
-def test_bad_input_exits_with_a_clear_message(toy_env, tmp_path, case):
-    extra: dict = {}
-    if case == "malformed_jsonl":
-        extra["data.train_path"] = _write(tmp_path / "d.jsonl", '{"problem": "1+1", "answer": "2"}\n{oops\n')
-        expect = "d.jsonl:2"
-    elif case == "missing_column":
-        extra["data.train_path"] = _write(tmp_path / "d.jsonl", '{"question": "1+1", "answer": "2"}\n')
-        expect = "missing column 'problem'"
-    elif case == "empty":
-        extra["data.train_path"] = _write(tmp_path / "d.jsonl", "")
-        expect = "no rows"
-    elif case == "too_long":
-        extra["data.max_prompt_len"] = 10
-        expect = "longer than max_prompt_len=10"
-    else:
-        (tmp_path / "m").mkdir()
-        _write(tmp_path / "m" / "config.json", "{not json")
-        extra["model.path"] = str(tmp_path / "m")
-        expect = "config.json"
-    r = _run_cli(toy_env, tmp_path / "w", **extra)
-    assert r.returncode != 0
-    assert expect in r.stderr, r.stderr[-2000:]
-    assert "Traceback" not in r.stderr
-    assert not (tmp_path / "w" / "checkpoints").exists() or not any((tmp_path / "w" / "checkpoints").iterdir())
-
-
-@pytest.mark.parametrize("flag, expect", [
-    ("--config.rollout.group_sise=4", "unknown config key 'rollout.group_sise'"),
-    ("--config.train.max_steps=many", "'train.max_steps': cannot parse 'many' as int"),
-])
-def test_bad_config_fails_before_any_work(flag, expect, tmp_path):
-    t0 = time.time()
-    r = subprocess.run([sys.executable, "-m", "poer_jax.train", f"--config={ROOT / 'configs' / 'toy.py'}", flag,
-                        f"--config.workdir={tmp_path / 'w'}"], capture_output=True, text=True, timeout=120,
-                       cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"})
-    assert r.returncode == 2 and expect in r.stderr, r.stderr
-    assert not (tmp_path / "w").exists()
-    assert time.time() - t0 < 60
 
 
 def test_hanging_reward_is_cut_off_and_nonfinite_update_is_skipped(toy_env, tmp_path, caplog, monkeypatch):

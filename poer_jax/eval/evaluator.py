@@ -19,6 +19,12 @@ from poer_jax.sampler import GroupSampler, SamplingParams
 from poer_jax.train.reward_pool import RewardPool
 
 
+def eval_key(seed: int) -> jax.Array:
+    """The sampling key of an evaluation with ``seed``: the training loop's held-out evaluation and
+    ``python -m poer_jax.evaluate --seed`` draw the same samples for the same seed."""
+    return jax.random.fold_in(jax.random.key(seed), 1 << 30)
+
+
 @dataclasses.dataclass
 class EvalResult:
     correct: np.ndarray  # [num_problems, k] bool

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 from poer_jax.model.attention import ATTENTION_IMPLEMENTATIONS
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3")
+# the transformers classes whose weights and forward pass each model_type stands for
+ARCHITECTURES = {"qwen2": ("Qwen2ForCausalLM",), "qwen3": ("Qwen3ForCausalLM",)}
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -104,6 +106,12 @@ class QwenConfig:
             raise ModelConfigError(
                 f"{source}: model_type={model_type!r} (architectures={archs}) is not supported; "
                 f"poer_jax runs {', '.join(SUPPORTED_MODEL_TYPES)}")
+
+        if not isinstance(archs, list) or any(a not in ARCHITECTURES[model_type] for a in archs):
+            # e.g. a Llama or Mistral checkpoint relabelled qwen2: same tensor names, another model
+            raise ModelConfigError(
+                f"{source}: model_type={model_type!r} but architectures={archs}; a {model_type} checkpoint is "
+                f"{' or '.join(ARCHITECTURES[model_type])}")
 
         def need(key: str) -> Any:
             if key not in hf:

@@ -41,9 +41,21 @@ class SafetensorsFile:
                 header = json.loads(f.read(n))
         except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise WeightFileError(f"{self.path}: not a readable safetensors file ({e})") from e
+        if not isinstance(header, dict):
+            raise WeightFileError(f"{self.path}: not a safetensors file (its header is not a JSON object)")
         self._data_start = 8 + n
         header.pop("__metadata__", None)
         self.header: dict[str, dict] = header
+        try:
+            data_len = max((int(e["data_offsets"][1]) for e in header.values()), default=0)
+        except (KeyError, IndexError, TypeError, ValueError) as e:
+            raise WeightFileError(f"{self.path}: corrupt safetensors header ({e!r})") from e
+        size = self.path.stat().st_size
+        if size < self._data_start + data_len:
+            # np.memmap would fail later with "mmap length is greater than file size", naming nothing
+            raise WeightFileError(
+                f"{self.path}: truncated: its header describes {self._data_start + data_len} bytes, the file has "
+                f"{size} (an interrupted download or copy?)")
 
     def keys(self) -> list[str]:
         return list(self.header)
@@ -99,6 +111,10 @@ class SafetensorsCheckpoint:
         else:
             raise WeightFileError(f"{d}: no model.safetensors or model.safetensors.index.json")
         self.dir = d
+
+    def files(self) -> list[SafetensorsFile]:
+        """Every weight file, opened (headers read and sizes checked, no tensor data read)."""
+        return [self._file(f) for f in sorted(set(self._where.values()))]
 
     def _file(self, fname: str) -> SafetensorsFile:
         if fname not in self._files:

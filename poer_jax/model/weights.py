@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
@@ -64,27 +65,56 @@ def _hf_shape(shape: tuple[int, ...], transform: str) -> tuple[int, ...]:
     return tuple(reversed(shape)) if transform == "T" else shape
 
 
-def load_hf(
-    model_dir: str | Path, cfg: QwenConfig | None = None, mesh: Mesh | None = None, **cfg_overrides: Any
-) -> tuple[Params, QwenConfig]:
-    """Load a local HF Qwen2/Qwen3 directory into a parameter tree sharded over ``mesh``.
-
-    Returns (params, cfg). Tensor names, shapes and presence are checked against the table before any
-    device memory is allocated; errors name the file and the tensor.
-    """
+def check_hf_dir(model_dir: str | Path, cfg: QwenConfig | None = None, **cfg_overrides: Any
+                 ) -> tuple[QwenConfig, SafetensorsCheckpoint]:
+    """Check a local HF directory without reading any tensor data: config.json (model_type, architectures,
+    shapes), every weight file's header and size (a truncated file is named), and that every tensor the
+    config implies is present with its shape. Errors name the file (and the tensor)."""
     cfg = cfg or QwenConfig.from_pretrained(model_dir, **cfg_overrides)
-    mesh = mesh or single_device_mesh()
     ckpt = SafetensorsCheckpoint(model_dir)
-    shapes = flat_param_names(param_shapes(cfg))
-    shardings = flat_param_names(param_shardings(cfg, mesh))
-    dtype = np.dtype(cfg.jnp_param_dtype)
-
-    for name, shape in shapes.items():  # validate everything first: fail before allocating
+    ckpt.files()
+    for name, shape in flat_param_names(param_shapes(cfg)).items():
         hf_name, tr = WEIGHT_TABLE[name]
         per_layer = shape[1:] if name.startswith("layers/") else shape
         names = [hf_name.format(i=i) for i in range(cfg.num_layers)] if "{i}" in hf_name else [hf_name]
         for n in names:
             _check_shape(ckpt, n, _hf_shape(per_layer, tr))
+    return cfg, ckpt
+
+
+@jax.jit
+def _finite_per_row(leaves: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Per parameter: all-finite per layer for stacked [L, ...] parameters, else one flag."""
+    return {k: jnp.all(jnp.isfinite(x), axis=tuple(range(1, x.ndim))) if k.startswith("layers/")
+            else jnp.all(jnp.isfinite(x)) for k, x in leaves.items()}
+
+
+def nonfinite_tensors(flat: dict[str, jax.Array], cfg: QwenConfig) -> list[str]:
+    """HF names of the loaded tensors holding NaN or inf (one fused reduction per parameter)."""
+    flags = jax.device_get(_finite_per_row(flat))
+    bad = []
+    for name, ok in flags.items():
+        hf_name = WEIGHT_TABLE[name][0]
+        ok = np.atleast_1d(np.asarray(ok))
+        bad += [hf_name.format(i=i) for i in np.flatnonzero(~ok)]
+    return bad
+
+
+def load_hf(
+    model_dir: str | Path, cfg: QwenConfig | None = None, mesh: Mesh | None = None, *, check_finite: bool = True,
+    **cfg_overrides: Any,
+) -> tuple[Params, QwenConfig]:
+    """Load a local HF Qwen2/Qwen3 directory into a parameter tree sharded over ``mesh``.
+
+    Returns (params, cfg). Tensor names, shapes and presence are checked against the table before any
+    device memory is allocated; errors name the file and the tensor. ``check_finite`` then checks the
+    loaded weights on device and names the tensors (and files) holding NaN or inf.
+    """
+    cfg, ckpt = check_hf_dir(model_dir, cfg, **cfg_overrides)
+    mesh = mesh or single_device_mesh()
+    shapes = flat_param_names(param_shapes(cfg))
+    shardings = flat_param_names(param_shardings(cfg, mesh))
+    dtype = np.dtype(cfg.jnp_param_dtype)
 
     flat: dict[str, jax.Array] = {}
     for name, shape in shapes.items():
@@ -101,6 +131,12 @@ def load_hf(
                              for i in layers])
 
         flat[name] = jax.make_array_from_callback(shape, shardings[name], read)
+    if check_finite:
+        bad = nonfinite_tensors(flat, cfg)
+        if bad:
+            shown = ", ".join(f"{n!r} ({ckpt.file_of(n)})" for n in bad[:4])
+            raise WeightFileError(f"{model_dir}: non-finite weights (NaN or inf) in {shown}"
+                                  + (f" and {len(bad) - 4} more" if len(bad) > 4 else ""))
     return unflatten_param_names(flat), cfg
 
 

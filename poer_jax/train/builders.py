@@ -24,13 +24,12 @@ from poer_jax.rl.update import Trainer
 from poer_jax.sampler import GroupSampler, SamplerConfig, SamplerError, SamplingParams
 from poer_jax.sampler.budget import budget_bytes, device_free_bytes, kv_bytes_per_page, pages_for_bytes
 from poer_jax.sampler.sharded import head_shards
-from poer_jax.train import setup
+from poer_jax.train import preflight, setup
 from poer_jax.train.data import (
-    ColumnMap,
+    DataError,
     EpochIterator,
     PromptConfig,
     TokenizedPrompts,
-    load_dataset_file,
     tokenize_prompts,
 )
 from poer_jax.train.multihost import ProcessLocalParams, ProcessRows
@@ -100,17 +99,31 @@ class Prompts:
 
 
 def build_prompts(cfg: ml_collections.ConfigDict, tokenizer: Any) -> Prompts:
-    columns = ColumnMap(problem=cfg.data.problem_key, solution=cfg.data.solution_key, answer=cfg.data.answer_key)
+    """Load and tokenize the training (and held-out) rows; errors name the config key, the file and the row."""
     pcfg = PromptConfig(chat_template=cfg.data.chat_template, max_prompt_len=cfg.data.max_prompt_len,
                         on_too_long=cfg.data.on_too_long,
                         **({"system_prompt": cfg.data.system_prompt} if cfg.data.system_prompt else {}))
-    rows = load_dataset_file(cfg.data.train_path, columns, limit=cfg.data.limit)
-    train = tokenize_prompts(tokenizer, rows, pcfg)
+    rows = preflight.load_data(cfg, "data.train_path", limit=cfg.data.limit)
+    train = _tokenize(tokenizer, rows, pcfg, "data.train_path")
+    if len(train) < cfg.data.questions_per_step:
+        raise setup.ConfigError(
+            f"config key 'data.questions_per_step' is {cfg.data.questions_per_step}, but data.train_path "
+            f"({cfg.data.train_path}) has only {len(train)} usable rows" +
+            (f" ({train.num_skipped} skipped as longer than data.max_prompt_len)" if train.num_skipped else ""))
     held_out = None
     if cfg.data.eval_path and cfg.eval.enabled:
-        eval_rows = load_dataset_file(cfg.data.eval_path, columns, limit=cfg.data.eval_limit)
-        held_out = tokenize_prompts(tokenizer, eval_rows, pcfg)
+        eval_rows = preflight.load_data(cfg, "data.eval_path", limit=cfg.data.eval_limit)
+        held_out = _tokenize(tokenizer, eval_rows, pcfg, "data.eval_path")
     return Prompts(rows, train, held_out)
+
+
+def _tokenize(tokenizer: Any, rows: Any, pcfg: PromptConfig, key: str) -> TokenizedPrompts:
+    try:
+        return tokenize_prompts(tokenizer, rows, pcfg)
+    except DataError as e:
+        raise DataError(f"config key {key!r}: {e}") from e
+    except ValueError as e:  # chat_template='always' without a template
+        raise setup.ConfigError(f"config key 'data.chat_template': {e}") from e
 
 
 # ---- the update step ----------------------------------------------------------------------------------
@@ -235,10 +248,14 @@ def reward_specs(cfg: ml_collections.ConfigDict) -> list[RewardSpec]:
 def build_rewards(cfg: ml_collections.ConfigDict) -> tuple[RewardPool, RewardPool]:
     """(the reward pool of training, the accuracy grader of evaluation: the same pool when it has accuracy)."""
     rewards = RewardPool(reward_specs(cfg), num_workers=cfg.reward.num_workers, timeout_s=cfg.reward.timeout_s,
-                         on_error="default")
+                         on_error=cfg.reward.on_error)
     if "accuracy" in rewards.names:
         return rewards, rewards
-    return rewards, RewardPool(["accuracy"], num_workers=1, timeout_s=cfg.reward.timeout_s, on_error="default")
+    try:
+        return rewards, RewardPool(["accuracy"], num_workers=1, timeout_s=cfg.reward.timeout_s, on_error="zero")
+    except BaseException:
+        rewards.close()
+        raise
 
 
 def build_iterator(cfg: ml_collections.ConfigDict, num_questions: int) -> EpochIterator:

@@ -8,11 +8,21 @@ One checkpoint is a step directory ``<directory>/<step>/`` with three Orbax item
          (:func:`poer.cache_pool.to_state_dict`) or jax arrays, possibly sharded over several processes;
          absent when the run has no pool
   extra  a JSON object: data-iterator position (:meth:`EpochIterator.get_state`), host RNG state, config...
+  integrity  JSON: per-leaf checksums of state and pool (the uint32 words of each leaf summed mod 2**32),
+         computed on device when saving
 
 Crash safety comes from Orbax: a step is written into ``<step>.orbax-checkpoint-tmp`` and renamed into place
 only after every item is on disk (on a local filesystem; on GCS a commit-success file plays that role), so a
 process killed mid-save leaves a tmp directory that the step listing ignores and the next ``Checkpointer``
 on the directory deletes. Old steps are deleted only after the new one is committed, so ``keep=1`` is safe.
+
+Restoring verifies what it read: every array was readable, has the template's shape, the train state is
+finite and every leaf's checksum matches the one saved (this catches garbled bytes that still decode to
+finite numbers). :meth:`Checkpointer.restore_latest_intact` walks back from the newest step to the first
+that passes, moves the broken ones into ``broken_checkpoints/`` next to the directory (so their step
+numbers can be saved again, and nothing is deleted) and warns naming each with the reason. Orbax and
+TensorStore report unreadable files as ``FileNotFoundError``, ``ValueError`` or a bare ``Exception``, so a
+step's restore catches ``Exception``.
 
 Non-finite train states are refused by raising :class:`NonFiniteCheckpointError` (a ``ValueError``) that
 names the offending leaves; nothing is written. Raising rather than skipping with a warning is deliberate: a
@@ -26,7 +36,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -36,11 +48,16 @@ import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
 
-ITEM_NAMES = ("state", "pool", "extra")
+ITEM_NAMES = ("state", "pool", "extra", "integrity")
 
 
 class NonFiniteCheckpointError(ValueError):
     """The train state handed to :meth:`Checkpointer.save` holds NaN or inf values."""
+
+
+class BrokenCheckpointError(ValueError):
+    """A checkpoint step that cannot be used: a file missing or unreadable, a shape, checksum or non-finite
+    value that does not match what was saved."""
 
 
 def _is_inexact(x: Any) -> bool:
@@ -64,6 +81,48 @@ def nonfinite_leaves(tree: Any) -> list[str]:
         return []
     finite = np.asarray(jax.device_get(_leaves_finite([x for _, x in flat])))
     return [jax.tree_util.keystr(path) for (path, _), ok in zip(flat, finite) if not ok]
+
+
+def _words(x: jax.Array) -> jax.Array:
+    """The leaf's bits as uint32 words (PRNG keys by their key data; 8-byte types as two words)."""
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    size = jnp.dtype(x.dtype).itemsize
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    if size == 4:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32)
+    if size < 4:
+        return jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16}[size]).astype(jnp.uint32)
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)  # 8 bytes -> [..., 2]
+
+
+@jax.jit
+def _group_checksums(leaves: list[Any]) -> jax.Array:
+    """uint32[len(leaves)]: each leaf's words summed mod 2**32 (order-free, so how a leaf is sharded does
+    not matter)."""
+    return jnp.stack([jnp.sum(_words(jnp.asarray(x)), dtype=jnp.uint32) for x in leaves])
+
+
+def checksums(tree: Any) -> list[int]:
+    """Per-leaf checksums of ``tree`` (flattening order): one jitted reduction per set of devices the
+    leaves live on (one compile, not one per leaf; a jit cannot mix device sets), one host transfer."""
+    leaves = jax.tree.leaves(tree)
+    groups: dict[Any, list[int]] = {}
+    for i, x in enumerate(leaves):
+        committed = isinstance(x, jax.Array) and getattr(x, "committed", True)
+        key = frozenset(d.id for d in x.sharding.device_set) if committed else None
+        groups.setdefault(key, []).append(i)
+    if None in groups and len(groups) > 1:  # host arrays join any group
+        host = groups.pop(None)
+        groups[next(iter(groups))] += host
+    indices = list(groups.values())
+    sums = jax.device_get([_group_checksums([leaves[i] for i in idx]) for idx in indices])
+    out = [0] * len(leaves)
+    for idx, values in zip(indices, sums, strict=True):
+        for i, v in zip(idx, values, strict=True):
+            out[i] = int(v)
+    return out
 
 
 def _as_abstract(x: Any) -> Any:
@@ -102,7 +161,7 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str | os.PathLike[str], keep: int, save_interval_steps: int = 1, *,
-                 async_save: bool = True) -> None:
+                 async_save: bool = True, broken_directory: str | os.PathLike[str] | None = None) -> None:
         if int(keep) < 1:
             raise ValueError(f"checkpoint: keep must be >= 1, got {keep}")
         if int(save_interval_steps) < 1:
@@ -119,6 +178,8 @@ class Checkpointer:
         )
         self._mngr = ocp.CheckpointManager(os.path.abspath(os.fspath(directory)), options=options,
                                            item_names=ITEM_NAMES)
+        d = Path(self.directory)
+        self.broken_directory = Path(broken_directory) if broken_directory else d.parent / f"broken_{d.name}"
 
     @property
     def directory(self) -> str:
@@ -158,7 +219,9 @@ class Checkpointer:
             raise NonFiniteCheckpointError(
                 f"checkpoint: refusing to save step {step} to {self.directory}: non-finite values in "
                 f"train_state leaves {shown}")
-        items: dict[str, Any] = {"state": ocp.args.StandardSave(train_state), "extra": ocp.args.JsonSave(dict(extra))}
+        integrity = {"state": checksums(train_state), "pool": checksums(pool) if pool is not None else []}
+        items: dict[str, Any] = {"state": ocp.args.StandardSave(train_state), "extra": ocp.args.JsonSave(dict(extra)),
+                                 "integrity": ocp.args.JsonSave(integrity)}
         if pool is not None:
             items["pool"] = ocp.args.StandardSave(pool)
         saved = bool(self._mngr.save(step, args=ocp.args.Composite(**items), force=force))
@@ -167,7 +230,8 @@ class Checkpointer:
         return saved
 
     def restore(self, step: int | None = None, abstract_state: Any = None,
-                abstract_pool: Mapping[str, Any] | None = None) -> tuple[Any, dict[str, Any] | None, dict[str, Any]]:
+                abstract_pool: Mapping[str, Any] | None = None, *, verify: bool = True
+                ) -> tuple[Any, dict[str, Any] | None, dict[str, Any]]:
         """Load ``(train_state, pool_state, extra)`` of ``step`` (default: the latest).
 
         ``abstract_state`` is the target pytree: ``jax.ShapeDtypeStruct`` leaves (with ``.sharding``) or
@@ -178,6 +242,9 @@ class Checkpointer:
         inspection, not to resume. ``pool_state`` is None when the checkpoint has no pool; it is a dict of
         numpy arrays, or, given ``abstract_pool`` (a template dict, as for ``abstract_state``), of arrays placed
         like the template's (needed on several processes, where no process holds the whole pool).
+
+        ``verify`` checks shapes against the template, finiteness and the saved checksums, raising
+        :class:`BrokenCheckpointError`; unreadable items raise what Orbax raises.
         """
         self.wait()
         steps = self.all_steps()
@@ -189,11 +256,15 @@ class Checkpointer:
         if step not in steps:
             raise FileNotFoundError(f"checkpoint: no step {step} in {self.directory}; available steps {steps}")
         target = None if abstract_state is None else jax.tree.map(_as_abstract, abstract_state)
+        step_dir = Path(self.directory) / str(step)
         items: dict[str, Any] = {"state": ocp.args.StandardRestore(target), "extra": ocp.args.JsonRestore()}
-        has_pool = (self._mngr.directory / str(step) / "pool").exists()
+        has_pool = (step_dir / "pool").exists()
         if has_pool:
             items["pool"] = ocp.args.StandardRestore(
                 None if abstract_pool is None else jax.tree.map(_as_abstract, dict(abstract_pool)))
+        has_integrity = (step_dir / "integrity").exists()  # checkpoints written before it existed lack it
+        if has_integrity:
+            items["integrity"] = ocp.args.JsonRestore()
         try:
             out = self._mngr.restore(step, args=ocp.args.Composite(**items))
         except (ValueError, KeyError, TypeError) as e:
@@ -203,7 +274,84 @@ class Checkpointer:
         if has_pool:
             restored = dict(out["pool"])
             pool = restored if abstract_pool is not None else {k: np.asarray(v) for k, v in restored.items()}
+        if verify:
+            self._verify(step, out["state"], target, pool, out["integrity"] if has_integrity else None)
         return out["state"], pool, dict(out["extra"])
+
+    def _verify(self, step: int, state: Any, target: Any, pool: Mapping[str, Any] | None,
+                integrity: Mapping[str, Any] | None) -> None:
+        where = f"{self.directory}/{step}"
+        if target is not None:
+            for (path, got), want in zip(jax.tree_util.tree_flatten_with_path(state)[0], jax.tree.leaves(target),
+                                         strict=True):
+                if tuple(np.shape(got)) != tuple(np.shape(want)):
+                    raise BrokenCheckpointError(f"{where}: leaf {jax.tree_util.keystr(path)} has shape "
+                                                f"{np.shape(got)}, the run needs {np.shape(want)}")
+        bad = nonfinite_leaves(state)
+        if bad:
+            raise BrokenCheckpointError(f"{where}: non-finite values in {', '.join(bad[:4])} (never saved so: the "
+                                        "files were altered)")
+        if integrity is None:
+            return
+        for name, tree in (("state", state), ("pool", pool)):
+            saved = list(integrity.get(name, []))
+            if tree is None or not saved:
+                continue
+            got = checksums(tree)
+            if sorted(got) != sorted(saved):  # order-free: restoring without a template reorders containers
+                paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+                wrong = [p for p, c in zip(paths, got, strict=True) if c not in saved]
+                raise BrokenCheckpointError(f"{where}: {name} leaves {', '.join(wrong[:4]) or '?'} do not match the "
+                                            "checksums saved with them (garbled files)")
+
+    def restore_latest_intact(self, abstract_state: Any, abstract_pool: Mapping[str, Any] | None = None, *,
+                              agree: Callable[[bool], bool] = bool, move_broken: bool = True
+                              ) -> tuple[int, Any, dict[str, Any] | None, dict[str, Any]]:
+        """``(step, train_state, pool_state, extra)`` of the newest step that restores and verifies.
+
+        Newer steps that fail are named in a warning with the reason and, with ``move_broken`` (a run that
+        continues; not a reader such as the evaluator), moved into :attr:`broken_directory` so the run can
+        save those step numbers again. ``agree(ok)`` makes every process take the same
+        decision on a multi-host run (default: this process alone). Raises :class:`BrokenCheckpointError`
+        listing every step's reason when none is intact, or FileNotFoundError when there is no checkpoint;
+        then nothing is moved.
+        """
+        self.wait()
+        steps = self.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"checkpoint: no checkpoint in {self.directory}")
+        reasons: list[tuple[int, str]] = []
+        for step in reversed(steps):
+            try:
+                state, pool, extra = self.restore(step, abstract_state, abstract_pool)
+                error = None
+            except Exception as e:  # noqa: BLE001 - orbax / tensorstore raise bare Exception for unreadable data
+                text = (str(e).splitlines() or [""])[0].split(" See full TensorStore details")[0]
+                error = f"{type(e).__name__}: {text[:240]}"
+            if agree(error is None):
+                for broken, reason in reasons:
+                    self._quarantine(broken, reason, step, move_broken)
+                return step, state, pool, extra
+            reasons.append((step, error or "broken on another process"))
+        listed = "\n".join(f"  step {s}: {r}" for s, r in reasons)
+        raise BrokenCheckpointError(f"checkpoint: no intact checkpoint in {self.directory}:\n{listed}")
+
+    def _quarantine(self, step: int, reason: str, fallback: int, move: bool) -> None:
+        if not move:
+            log.warning("checkpoint: step %d in %s is broken (%s); using step %d instead", step, self.directory,
+                        reason, fallback)
+            return
+        log.warning("checkpoint: step %d in %s is broken (%s); resuming from step %d instead. The broken step is "
+                    "kept in %s", step, self.directory, reason, fallback, self.broken_directory)
+        if jax.process_index() == 0:
+            self.broken_directory.mkdir(parents=True, exist_ok=True)
+            dest = self.broken_directory / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+            os.replace(Path(self.directory) / str(step), dest)
+            (dest / "BROKEN.txt").write_text(reason + "\n")
+        from poer_jax.train.multihost import barrier
+
+        barrier("poer_jax.checkpoint_quarantine")
+        self._mngr.reload()
 
     def restore_extra(self, step: int | None = None) -> dict[str, Any]:
         """Only the JSON ``extra`` of ``step`` (default: the latest), e.g. the run's config."""

@@ -3,15 +3,23 @@
 Config files are Python files with ``get_config() -> ml_collections.ConfigDict`` that start from
 ``default_config()`` (locked: assigning a key that does not exist fails at once, naming it). Overrides come
 as ``--config.KEY=VALUE`` and are parsed with the key's declared type. ``validate`` checks every key
-(unknown keys, types, choices, ranges, cross-field rules) before any work starts, and every message
-names the offending key.
+(unknown keys, types, choices, ranges, cross-field rules, that reward import paths import) before any work
+starts, and every message names the offending key; an unknown key gets the closest known one suggested.
+
+Every key is a :class:`Field` with help text (``--help`` prints them with a config file's values). A
+field marked ``resume_safe`` may change when a run is resumed (logged); changing any other field of a run
+in progress is refused (``poer_jax.train.run_dir``), since the resumed run would no longer be the run its
+checkpoints came from.
 """
 
 from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import importlib.util
+import re
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +40,7 @@ class Field:
     min: float | None = None
     max: float | None = None
     optional: bool = False  # None allowed
+    resume_safe: bool = False  # may change when a run is resumed (else the resume is refused)
 
 
 def _f(default: Any, typ: Any, help: str = "", **kw: Any) -> Field:
@@ -43,150 +52,187 @@ NUM = (int, float)
 # (2^-6 * 2^-8 = 6.1e-5), so bfloat16 master weights would not move at all.
 BF16_MIN_LEARNING_RATE = 1e-4
 SCHEMA: dict[str, Any] = {
-    "workdir": _f("runs/poer", str, "checkpoints, metrics.jsonl, TensorBoard events, exported model"),
+    "workdir": _f("runs/poer", str, "the run's directory: checkpoints/, metrics.jsonl, samples.jsonl, tb/, export/, "
+                  "summary.json", resume_safe=True),
     "seed": _f(0, int, "seeds data order, sampling, truncation and cache updates"),
-    "resume": _f(True, bool, "continue from the latest checkpoint in workdir when there is one"),
+    "resume": _f(True, bool, "continue the run in workdir when there is one (its config is compared key by key); "
+                 "false: refuse to touch a workdir that holds a run", resume_safe=True),
+    "overwrite": _f(False, bool, "start over in a workdir that holds a run: its files are moved to "
+                    "workdir/previous/<time>/ first (nothing is deleted)", resume_safe=True),
     "model": {
         "path": _f(None, str, "local HF model directory (config.json + safetensors)", optional=True),
         "preset": _f(None, str, "random weights of a real shape (poer_jax.model.preset_names())", optional=True),
         "tokenizer_path": _f(None, str, "tokenizer directory; default: model.path", optional=True),
-        "param_dtype": _f("float32", str, choices=("float32", "bfloat16")),
+        "param_dtype": _f("float32", str, "storage dtype of the weights and optimizer state",
+                          choices=("float32", "bfloat16")),
         "dtype": _f("float32", str, "matmul dtype", choices=("float32", "bfloat16")),
-        "remat": _f(False, bool, "rematerialise each layer in the backward pass"),
-        "attention": _f("auto", str, "prefill / training attention: auto = splash on TPU, cudnn on GPU, dense on CPU",
-                        choices=("auto", "dense", "chunked", "cudnn", "splash")),
+        "remat": _f(False, bool, "rematerialise each layer in the backward pass (less memory, same numbers)",
+                    resume_safe=True),
+        "attention": _f("auto", str, "prefill / training attention: auto = splash on TPU, cudnn on GPU, dense on CPU; "
+                        "chunked: O(T) memory anywhere", choices=("auto", "dense", "chunked", "cudnn", "splash"),
+                        resume_safe=True),
     },
     "data": {
-        "train_path": _f(None, str, "JSONL, Parquet or saved HF dataset directory", optional=True),
-        "eval_path": _f(None, str, optional=True),
-        "problem_key": _f("problem", str),
-        "solution_key": _f("solution", str),
-        "answer_key": _f("answer", str),
-        "system_prompt": _f(None, str, "default: the open-rs system prompt", optional=True),
-        "chat_template": _f("auto", str, choices=("auto", "always", "never")),
-        "max_prompt_len": _f(512, int, min=1),
-        "on_too_long": _f("error", str, choices=("error", "skip")),
-        "questions_per_step": _f(8, int, "questions (groups) per step, global", min=1),
-        "limit": _f(None, int, "use only the first N rows", optional=True, min=1),
-        "eval_limit": _f(None, int, optional=True, min=1),
+        "train_path": _f(None, str, "training problems: JSONL, Parquet or a saved HF dataset directory", optional=True),
+        "eval_path": _f(None, str, "held-out problems for eval.* (same formats); none: no evaluation",
+                        optional=True, resume_safe=True),
+        "problem_key": _f("problem", str, "column holding the problem text"),
+        "solution_key": _f("solution", str, "column holding a worked solution with a \\boxed{} answer (optional)"),
+        "answer_key": _f("answer", str, "column holding the final answer (a string or a number)"),
+        "system_prompt": _f(None, str, "system prompt; default: the open-rs system prompt", optional=True),
+        "chat_template": _f("auto", str, "auto: the tokenizer's chat template if it has one; always: require it; "
+                            "never: the plain 'Problem: ... Answer:' template", choices=("auto", "always", "never")),
+        "max_prompt_len": _f(512, int, "longest prompt in tokens (data.on_too_long decides what happens to longer)",
+                             min=1),
+        "on_too_long": _f("error", str, "a prompt over data.max_prompt_len: error (naming the row) or skip the row",
+                          choices=("error", "skip")),
+        "questions_per_step": _f(8, int, "questions (groups) per step, over all processes", min=1),
+        "limit": _f(None, int, "use only the first N training rows", optional=True, min=1),
+        "eval_limit": _f(None, int, "use only the first N held-out rows", optional=True, min=1, resume_safe=True),
     },
     "rollout": {
         "strategy": _f("poer", str, "poer: continue cached prefixes; full: plain GRPO/DAPO", choices=("poer", "full")),
-        "group_size": _f(6, int, "G", min=1),
-        "temperature": _f(0.7, NUM, min=0.0),
-        "top_p": _f(1.0, NUM, min=0.0, max=1.0),
-        "top_k": _f(0, int, "0 = off", min=0),
-        "max_completion_len": _f(4096, int, min=1),
-        "page_size": _f(16, int, min=1),
+        "group_size": _f(6, int, "G: samples per question; the advantage is relative to the group (Eq. 6)", min=1),
+        "temperature": _f(0.7, NUM, "sampling temperature (0: greedy)", min=0.0),
+        "top_p": _f(1.0, NUM, "nucleus sampling mass (1: off)", min=0.0, max=1.0),
+        "top_k": _f(0, int, "sample among the k most likely tokens; 0 = off", min=0),
+        "max_completion_len": _f(4096, int, "longest response in tokens (cached prefix + continuation)", min=1),
+        "page_size": _f(16, int, "tokens per KV-cache page of the sampler", min=1, resume_safe=True),
         "kv_cache_gb": _f(16.0, NUM, "KV pool per device in GB (K and V, all layers), capped at what the device's "
                           "share of a step can use at once; samples that do not fit wait for finished ones' pages",
-                          min=0.0),
+                          min=0.0, resume_safe=True),
         "kv_cache_fraction": _f(None, NUM, "KV pool per device as this fraction of its free memory when the "
-                                "sampler is built (backends that report memory: GPU, TPU); overrides kv_cache_gb",
-                                optional=True, min=0.0, max=1.0),
+                                "sampler is built, less the sampler's weights (backends that report memory: GPU, "
+                                "TPU); overrides kv_cache_gb", optional=True, min=0.0, max=1.0, resume_safe=True),
         "num_pages": _f(0, int, "KV pages per device, overriding the budget; 0 = from kv_cache_gb / "
-                        "kv_cache_fraction", min=0),
+                        "kv_cache_fraction", min=0, resume_safe=True),
     },
     "cache": {
-        "init": _f("sample", str, "sample: one answer per question from the initial policy (Eq. 1)",
+        "init": _f("sample", str, "how the cache pool starts (Eq. 1): sample: one answer per question from the "
+                   "initial policy; solutions: the dataset's solutions; file: cache.init_file",
                    choices=("sample", "solutions", "file")),
         "init_file": _f(None, str, "JSONL of answers from another model (cache.init='file')", optional=True),
         "truncation": _f("fixed", str, "how L of m ~ U{0..L} is set (Eq. 3-4): fixed = cache.max_truncation; "
                          "dynamic = cache.truncation_fraction x the shortest response of the question's last group "
                          "(the paper's main setting with 0.5); both = the smaller",
                          choices=("fixed", "dynamic", "both")),
-        "max_truncation": _f(300, int, "L of cache.truncation=fixed (the cap with both)", min=0),
-        "truncation_fraction": _f(0.5, NUM, "fraction of cache.truncation=dynamic / both", min=0.0, max=1.0),
-        "truncation_mode": _f("paper", str, choices=("paper", "authors")),
-        "budget": _f("max_length", str, "continuation budget", choices=("removed", "max_length")),
-        "update_mode": _f("epsilon_greedy", str, "Eq. 9", choices=("epsilon_greedy", "none", "authors")),
-        "epsilon": _f(0.1, NUM, min=0.0, max=1.0),
+        "max_truncation": _f(300, int, "L of cache.truncation=fixed (the cap with both): at most this many tokens "
+                             "are cut off a cached answer (Eq. 3)", min=0),
+        "truncation_fraction": _f(0.5, NUM, "fraction of cache.truncation=dynamic / both (Eq. 4)", min=0.0, max=1.0),
+        "truncation_mode": _f("paper", str, "paper: one m ~ U{0..L} per group; authors: m ~ randint(1, L) per batch",
+                              choices=("paper", "authors")),
+        "budget": _f("max_length", str, "continuation budget: max_length: up to rollout.max_completion_len; "
+                     "removed: at most the m removed tokens", choices=("removed", "max_length")),
+        "update_mode": _f("epsilon_greedy", str, "cache update (Eq. 9): epsilon_greedy; none: keep the initial "
+                          "answers; authors: best with p 0.5, else a random one",
+                          choices=("epsilon_greedy", "none", "authors")),
+        "epsilon": _f(0.1, NUM, "epsilon of the epsilon-greedy cache update (Eq. 9)", min=0.0, max=1.0),
     },
     "reward": {
-        "functions": _f(("accuracy",), (tuple, list), "accuracy | format | cosine | module:function"),
+        "functions": _f(("accuracy",), (tuple, list), "accuracy | format | cosine | module:function | "
+                        "file.py:function (TRL's signature); import paths are checked before the run starts"),
         "weights": _f(None, (tuple, list), "one weight per function; default all 1", optional=True),
-        "cosine_max_len": _f(1000, int, min=1),
-        "timeout_s": _f(10.0, NUM, min=0.01),
-        "num_workers": _f(2, int, min=1),
+        "cosine_max_len": _f(1000, int, "length in tokens at which the cosine reward reaches its end value", min=1),
+        "timeout_s": _f(10.0, NUM, "deadline of one (completion, function) call; past it the reward is 0 and "
+                        "counted in rewards/<fn>/timeouts", min=0.01, resume_safe=True),
+        "step_timeout_s": _f(120.0, NUM, "deadline of all reward calls of a step together; calls not done by "
+                             "then get 0 and are counted as timeouts", min=0.01, resume_safe=True),
+        "num_workers": _f(2, int, "reward worker processes", min=1, resume_safe=True),
+        "on_error": _f("zero", str, "a reward function that raises or returns a bad value: zero: reward 0, first "
+                       "traceback per function logged, failures counted per step; raise: stop the run",
+                       choices=("zero", "raise"), resume_safe=True),
         "length_aware": _f(True, bool, "length-aware reward shaping (Eq. 10)"),
-        "length_variant": _f("paper", str, choices=("paper", "correct_only")),
-        "alpha": _f(0.01, NUM, min=0.0),
-        "r_min": _f(0.5, NUM),
-        "r_max": _f(1.0, NUM),
+        "length_variant": _f("paper", str, "Eq. 10 on every response, l_ref = group mean (paper); or on correct "
+                             "answers only (correct_only, the authors' code)", choices=("paper", "correct_only")),
+        "alpha": _f(0.01, NUM, "alpha of the length-aware reward (Eq. 10)", min=0.0),
+        "r_min": _f(0.5, NUM, "m: lower clip of the length-aware reward (Eq. 10)"),
+        "r_max": _f(1.0, NUM, "M: upper clip of the length-aware reward (Eq. 10)"),
         "overlong_buffer": _f(0, int, "DAPO overlong shaping buffer in tokens; 0 = off", min=0),
-        "overlong_penalty": _f(1.0, NUM, min=0.0),
+        "overlong_penalty": _f(1.0, NUM, "DAPO overlong penalty at the maximum length", min=0.0),
         "dynamic_sampling": _f(False, bool, "DAPO: drop zero-spread groups and refill"),
-        "max_sampling_attempts": _f(10, int, min=1),
-        "advantage_scale": _f("group", str, choices=("group", "batch", "none")),
+        "max_sampling_attempts": _f(10, int, "dynamic sampling: batches sampled per step before giving up", min=1),
+        "advantage_scale": _f("group", str, "divide advantages by the group's std (GRPO), the batch's, or none "
+                              "(Dr.GRPO)", choices=("group", "batch", "none")),
     },
     "loss": {
-        "objective": _f("ppo_clip", str, choices=("ppo_clip", "vanilla_pg")),
-        "epsilon_low": _f(0.2, NUM, min=0.0),
-        "epsilon_high": _f(0.2, NUM, min=0.0),
-        "dual_clip": _f(None, NUM, optional=True, min=1.0),
+        "objective": _f("ppo_clip", str, "clipped surrogate (Eq. 5) or plain policy gradient",
+                        choices=("ppo_clip", "vanilla_pg")),
+        "epsilon_low": _f(0.2, NUM, "lower clip of the ratio: 1 - epsilon_low", min=0.0),
+        "epsilon_high": _f(0.2, NUM, "upper clip of the ratio: 1 + epsilon_high (DAPO clip-higher: 0.28)", min=0.0),
+        "dual_clip": _f(None, NUM, "dual-clip constant c for negative advantages; none: off", optional=True, min=1.0),
         "beta": _f(0.0, NUM, "KL weight; 0 loads no reference model", min=0.0),
-        "aggregation": _f("seq_mean_token_mean", str, choices=("token_mean", "seq_mean_token_mean", "dr_grpo")),
+        "aggregation": _f("seq_mean_token_mean", str, "how token losses are averaged: GRPO (seq_mean_token_mean), "
+                          "DAPO (token_mean) or Dr.GRPO (dr_grpo)",
+                          choices=("token_mean", "seq_mean_token_mean", "dr_grpo")),
         "prefix_in_loss": _f(False, bool, "train the reused prefix too (the authors' code)"),
-        "logprob_chunk": _f(256, int, "sequence chunk for log-probs (never a [B, T, V] array)", min=1),
+        "logprob_chunk": _f(256, int, "sequence chunk for log-probs (never a [B, T, V] array)", min=1,
+                            resume_safe=True),
     },
     "optim": {
-        "learning_rate": _f(1e-6, NUM, min=0.0),
-        "warmup_steps": _f(0, int, min=0),
-        "min_lr_ratio": _f(0.1, NUM, min=0.0, max=1.0),
-        "weight_decay": _f(0.0, NUM, min=0.0),
-        "b1": _f(0.9, NUM, min=0.0, max=1.0),
-        "b2": _f(0.999, NUM, min=0.0, max=1.0),
-        "eps": _f(1e-8, NUM, min=0.0),
-        "max_grad_norm": _f(1.0, NUM, min=0.0),
+        "learning_rate": _f(1e-6, NUM, "peak learning rate (AdamW)", min=0.0),
+        "warmup_steps": _f(0, int, "linear warmup in updates", min=0),
+        "min_lr_ratio": _f(0.1, NUM, "cosine decay to this fraction of the peak at the last step", min=0.0,
+                           max=1.0),
+        "weight_decay": _f(0.0, NUM, "AdamW weight decay", min=0.0),
+        "b1": _f(0.9, NUM, "Adam beta1", min=0.0, max=1.0),
+        "b2": _f(0.999, NUM, "Adam beta2", min=0.0, max=1.0),
+        "eps": _f(1e-8, NUM, "Adam epsilon", min=0.0),
+        "max_grad_norm": _f(1.0, NUM, "clip the global gradient norm; 0 = off", min=0.0),
         "num_iterations": _f(1, int, "mu: updates per rollout", min=1),
-        "num_minibatches": _f(1, int, min=1),
-        "micro_batches": _f(1, int, "gradient accumulation per mini-batch", min=1),
+        "num_minibatches": _f(1, int, "mini-batches per update iteration", min=1),
+        "micro_batches": _f(1, int, "gradient accumulation per mini-batch", min=1, resume_safe=True),
     },
     "train": {
-        "max_steps": _f(100, int, min=1),
-        "checkpoint_every": _f(50, int, min=1),
-        "keep_checkpoints": _f(2, int, min=1),
-        "log_every": _f(1, int, min=1),
-        "export_final": _f(True, bool, "write workdir/export as an HF directory at the end"),
+        "max_steps": _f(100, int, "training steps; may be raised when resuming (the learning-rate schedule then "
+                        "spans the new length)", min=1, resume_safe=True),
+        "checkpoint_every": _f(50, int, "save a checkpoint every N steps (and at the last)", min=1, resume_safe=True),
+        "keep_checkpoints": _f(2, int, "checkpoints kept; older ones are deleted once a newer one is on disk",
+                               min=1, resume_safe=True),
+        "log_every": _f(10, int, "print the progress line every N steps when stderr is not a terminal", min=1,
+                        resume_safe=True),
+        "samples_every": _f(10, int, "log one group's completions every N steps (console and samples.jsonl); "
+                            "0 = off", min=0, resume_safe=True),
+        "export_final": _f(True, bool, "write workdir/export as an HF directory at the end", resume_safe=True),
         "compilation_cache_dir": _f(None, str, "JAX persistent compilation cache; default workdir/jax_cache, '' = off",
-                                    optional=True),
+                                    optional=True, resume_safe=True),
     },
     "eval": {
-        "every": _f(0, int, "evaluate every N steps; 0 = only at the start and the end", min=0),
-        "num_samples": _f(1, int, "k samples per problem (avg@k)", min=1),
-        "temperature": _f(0.6, NUM, min=0.0),
-        "top_p": _f(0.95, NUM, min=0.0, max=1.0),
-        "max_new_tokens": _f(None, int, "default: rollout.max_completion_len", optional=True, min=1),
-        "enabled": _f(True, bool),
+        "every": _f(0, int, "evaluate every N steps; 0 = only at the start and the end", min=0, resume_safe=True),
+        "num_samples": _f(1, int, "k samples per problem (avg@k)", min=1, resume_safe=True),
+        "temperature": _f(0.6, NUM, "evaluation sampling temperature", min=0.0, resume_safe=True),
+        "top_p": _f(0.95, NUM, "evaluation nucleus sampling mass", min=0.0, max=1.0, resume_safe=True),
+        "max_new_tokens": _f(None, int, "default: rollout.max_completion_len", optional=True, min=1,
+                             resume_safe=True),
+        "enabled": _f(True, bool, "evaluate on data.eval_path", resume_safe=True),
     },
     "mesh": {
-        "data": _f(1, int, min=-1),
-        "fsdp": _f(-1, int, min=-1),
-        "tensor": _f(1, int, min=-1),
-        "num_devices": _f(0, int, "use the first N devices (0 = all)", min=0),
+        "data": _f(1, int, "data-parallel axis size (-1: the remaining devices)", min=-1, resume_safe=True),
+        "fsdp": _f(-1, int, "FSDP axis size (-1: the remaining devices)", min=-1, resume_safe=True),
+        "tensor": _f(1, int, "tensor-parallel axis size (-1: the remaining devices)", min=-1, resume_safe=True),
+        "num_devices": _f(0, int, "use the first N devices (0 = all)", min=0, resume_safe=True),
     },
     "warm_start": {
         "steps": _f(0, int, "supervised steps on the reference solutions before RL (toy demo; what "
                     "scripts/warm_start.py runs); 0 = off", min=0),
-        "path": _f(None, str, "an HF model directory to start RL from instead of running the warm start (the "
-                   "demo's committed one; regenerate: python scripts/warm_start.py --config=...)", optional=True),
-        "learning_rate": _f(3e-3, NUM, min=0.0),
-        "batch_size": _f(32, int, min=1),
+        "path": _f(None, str, "an HF model directory to start RL from instead of running the warm start "
+                   "(regenerate: python scripts/warm_start.py --config=...)", optional=True),
+        "learning_rate": _f(3e-3, NUM, "warm start learning rate (Adam)", min=0.0),
+        "batch_size": _f(32, int, "warm start examples per step", min=1),
         "micro_batches": _f(1, int, "gradient accumulation slices of a warm-start batch (same update, less memory)",
                             min=1),
     },
     "toy": {
-        "enabled": _f(False, bool, "generate a built-in task, its tokenizer and a tiny model in workdir"),
-        "task": _f("arithmetic", str, "arithmetic: short worked sums; dial: 30-50 steps of one skill (the demo)",
-                   choices=("arithmetic", "dial")),
-        "num_train": _f(2000, int, min=1),
-        "num_test": _f(200, int, min=1),
+        "enabled": _f(False, bool, "generate a built-in task (toy.task), its tokenizer and a tiny model in workdir"),
+        "task": _f("arithmetic", str, "arithmetic: short worked sums (the demo); dial: many steps of one skill "
+                   "(configs/dial.py)", choices=("arithmetic", "dial")),
+        "num_train": _f(2000, int, "training problems generated", min=1),
+        "num_test": _f(200, int, "held-out problems generated", min=1),
         "max_value": _f(9, int, "operands are drawn from 0..max_value (dial: turns of 1..max_value <= 9)", min=1),
         "min_operands": _f(2, int, "operands per problem (dial: turns, at most 52)", min=2),
-        "max_operands": _f(3, int, min=2),
-        "word_problem_fraction": _f(0.0, NUM, min=0.0, max=1.0),
-        "hidden_size": _f(64, int, min=8),
-        "num_layers": _f(2, int, min=1),
+        "max_operands": _f(3, int, "operands per problem: min_operands..max_operands", min=2),
+        "word_problem_fraction": _f(0.0, NUM, "fraction of problems phrased in words", min=0.0, max=1.0),
+        "hidden_size": _f(64, int, "hidden size of the tiny Qwen2", min=8),
+        "num_layers": _f(2, int, "layers of the tiny Qwen2", min=1),
     },
 }
 
@@ -205,11 +251,35 @@ def default_config() -> ml_collections.ConfigDict:
     return cfg
 
 
+def keys(schema: dict[str, Any] | None = None, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema, in schema order."""
+    out: list[str] = []
+    for k, f in (SCHEMA if schema is None else schema).items():
+        out += keys(f, f"{prefix}{k}.") if isinstance(f, dict) else [prefix + k]
+    return out
+
+
+def suggest(key: str) -> str:
+    """``"; did you mean 'x.y'?"`` for the known key closest to ``key`` (or to its last part), else ``""``."""
+    known = keys()
+    match = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
+    if not match:  # a key without its section (max_steps) or in the wrong one (data.group_size)
+        last = key.rsplit(".", 1)[-1]
+        by_last = {k.rsplit(".", 1)[-1]: k for k in known}
+        close = difflib.get_close_matches(last, list(by_last), n=1, cutoff=0.75)
+        match = [by_last[close[0]]] if close else []
+    return f"; did you mean {match[0]!r}?" if match else ""
+
+
+def unknown_key_error(key: str) -> ConfigError:
+    return ConfigError(f"unknown config key {key!r}{suggest(key)} (python -m poer_jax.train --help lists every key)")
+
+
 def field(key: str) -> Field:
     node: Any = SCHEMA
     for part in key.split("."):
         if not isinstance(node, dict) or part not in node:
-            raise ConfigError(f"unknown config key {key!r}")
+            raise unknown_key_error(key)
         node = node[part]
     if not isinstance(node, Field):
         raise ConfigError(f"config key {key!r} is a section, not a value")
@@ -237,7 +307,7 @@ def _check_value(key: str, f: Field, value: Any) -> None:
 def _walk(schema: dict[str, Any], cfg: Any, prefix: str) -> None:
     given = set(cfg.keys())
     for k in sorted(given - set(schema)):
-        raise ConfigError(f"unknown config key {prefix + k!r}")
+        raise unknown_key_error(prefix + k)
     for k, f in schema.items():
         key = prefix + k
         if k not in given:
@@ -248,6 +318,26 @@ def _walk(schema: dict[str, Any], cfg: Any, prefix: str) -> None:
             _walk(f, cfg[k], key + ".")
         else:
             _check_value(key, f, cfg[k])
+
+
+def _check_reward_functions(names: Sequence[str]) -> None:
+    """Built-in names exist and ``module:function`` / ``file.py:function`` paths import, before any work."""
+    from poer_jax.train.rewards import BUILTIN_REWARDS, load_reward_function
+
+    for name in names:
+        if not isinstance(name, str):
+            raise ConfigError(f"config key 'reward.functions': {name!r} is not a name or an import path")
+        if ":" not in name:
+            if name not in BUILTIN_REWARDS:
+                close = difflib.get_close_matches(name, BUILTIN_REWARDS, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(f"config key 'reward.functions': unknown reward {name!r}{hint} (built-ins: "
+                                  f"{', '.join(BUILTIN_REWARDS)}, or an import path 'module:function')")
+            continue
+        try:
+            load_reward_function(name)
+        except ValueError as e:
+            raise ConfigError(f"config key 'reward.functions': {e}") from e
 
 
 def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -283,6 +373,14 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             f"{cfg.optim.learning_rate:g} (Adam moves a weight by ~lr per step; bfloat16 rounds away changes below "
             f"~2^-9 of a weight, 4e-5 at 0.02): use model.param_dtype='float32' with model.dtype='bfloat16' "
             f"(float32 weights and moments, bfloat16 matmuls) or optim.learning_rate >= {BF16_MIN_LEARNING_RATE:g}")
+    if cfg.rollout.group_size == 1:
+        raise ConfigError("config key 'rollout.group_size' is 1: every group-relative advantage (Eq. 6) would be 0 "
+                          "and nothing would be learned; use 2 or more samples per question")
+    if cfg.cache.max_truncation > cfg.rollout.max_completion_len:
+        raise ConfigError(f"config key 'cache.max_truncation' ({cfg.cache.max_truncation}) is larger than "
+                          f"'rollout.max_completion_len' ({cfg.rollout.max_completion_len}): no cached answer is "
+                          "that long, so L would never be reached")
+    _check_reward_functions(cfg.reward.functions)
     q = cfg.data.questions_per_step
     if (q * cfg.rollout.group_size) % (cfg.optim.num_minibatches * cfg.optim.micro_batches):
         raise ConfigError(
@@ -334,13 +432,31 @@ def load_config_file(path: str | Path) -> ml_collections.ConfigDict:
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise ConfigError(f"{p}: defines no get_config() (start from poer_jax.train.config.default_config())")
         cfg = module.get_config()
-    except AttributeError as e:
-        # a locked ConfigDict names the key that does not exist
-        raise ConfigError(f"{p}: {e}") from e
+    except (AttributeError, TypeError) as e:
+        # a locked ConfigDict refuses a key that does not exist, or a value of another type
+        raise _config_file_error(p, e) from None
     if not isinstance(cfg, ml_collections.ConfigDict):
         raise ConfigError(f"{p}: get_config() must return an ml_collections.ConfigDict")
     return cfg
+
+
+def _config_file_error(path: Path, e: Exception) -> ConfigError:
+    """``file:line: unknown config key 'a.b'; did you mean 'a.c'?`` from a locked ConfigDict's error."""
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if Path(f.filename).resolve() == path.resolve()]
+    where = f"{path}:{frames[-1].lineno}" if frames else str(path)
+    source = (frames[-1].line or "") if frames else ""
+    assigned = re.match(r"\s*\w+\.([\w.]+)\s*=", source)  # "c.rollout.group_sise = 4" -> rollout.group_sise
+    if isinstance(e, AttributeError) and assigned and assigned.group(1) not in keys():
+        return ConfigError(f"{where}: {unknown_key_error(assigned.group(1))}")
+    missing = re.search(r'Key "(\w+)" does not exist', str(e))
+    if isinstance(e, AttributeError) and missing:
+        return ConfigError(f"{where}: {unknown_key_error(missing.group(1))}")
+    detail = str(e).split("\n")[0]
+    key = f"config key {assigned.group(1)!r}: " if assigned else ""
+    return ConfigError(f"{where}: {key}{detail}" + (f" (in {source.strip()!r})" if source and not assigned else ""))
 
 
 def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
@@ -359,8 +475,8 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) ->
     return cfg
 
 
-def config_from_argv(argv: Sequence[str]) -> ml_collections.ConfigDict:
-    """``--config=FILE [--config.KEY=VALUE ...]`` -> validated ConfigDict."""
+def parse_argv(argv: Sequence[str]) -> tuple[str | None, list[str]]:
+    """``--config=FILE [--config.KEY=VALUE ...]`` -> (FILE or None, ["KEY=VALUE", ...])."""
     path, overrides = None, []
     for arg in argv:
         if arg.startswith("--config="):
@@ -369,22 +485,48 @@ def config_from_argv(argv: Sequence[str]) -> ml_collections.ConfigDict:
             overrides.append(arg[len("--config."):])
         else:
             raise ConfigError(f"unknown argument {arg!r}; usage: --config=FILE [--config.KEY=VALUE ...]")
+    return path, overrides
+
+
+def config_from_argv(argv: Sequence[str]) -> ml_collections.ConfigDict:
+    """``--config=FILE [--config.KEY=VALUE ...]`` -> validated ConfigDict."""
+    path, overrides = parse_argv(argv)
     if path is None:
         raise ConfigError("missing --config=FILE (e.g. --config=configs/toy.py)")
     return validate(apply_overrides(load_config_file(path), overrides))
 
 
-def describe() -> str:
-    """All keys with defaults and help, for --help."""
+def describe(cfg: ml_collections.ConfigDict | None = None) -> str:
+    """Every key with its value (``cfg``'s, else the default) and help, for ``--help``.
+
+    A value that differs from the default is followed by ``(default: ...)``; keys that may change when a
+    run is resumed are marked ``[resume-safe]``.
+    """
     lines: list[str] = []
 
-    def walk(schema: dict[str, Any], prefix: str) -> None:
+    def walk(schema: dict[str, Any], node: Any, prefix: str) -> None:
         for k, f in schema.items():
+            key = prefix + k
             if isinstance(f, dict):
-                walk(f, f"{prefix}{k}.")
-            else:
-                extra = f" {list(f.choices)}" if f.choices else ""
-                lines.append(f"  {prefix + k:<32} {f.default!r:<22} {f.help}{extra}")
+                lines.append(f"{key}:")
+                walk(f, None if node is None else node[k], f"{key}.")
+                continue
+            value = f.default if node is None else node[k]
+            text = f"  {key:<32} {_show(value):<22} {f.help}"
+            if f.choices:
+                text += f" {{{', '.join(map(str, f.choices))}}}"
+            if node is not None and value != f.default:
+                text += f" (default: {_show(f.default)})"
+            if f.resume_safe:
+                text += " [resume-safe]"
+            lines.append(text)
 
-    walk(SCHEMA, "")
+    walk(SCHEMA, cfg, "")
     return "\n".join(lines)
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, (tuple, list)):
+        return ",".join(map(str, value)) if value else "()"
+    text = repr(value) if isinstance(value, str) else str(value)
+    return text if len(text) <= 40 else text[:37] + "..."

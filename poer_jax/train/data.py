@@ -66,11 +66,19 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class ColumnMap:
-    """Names of the problem / solution / answer columns in the file (None: the file has no such column)."""
+    """Names of the problem / solution / answer columns in the file (None: the file has no such column),
+    and the names of the options that set them, for error messages (the training config's keys, or the
+    evaluator's flags)."""
 
     problem: str = "problem"
     solution: str | None = "solution"
     answer: str | None = "answer"
+    options: tuple[str, str, str] = ("data.problem_key", "data.solution_key", "data.answer_key")
+
+    def option(self, column: str) -> str:
+        """``"config key 'data.problem_key'"``-style name of the option that sets ``column``."""
+        name = dict(zip(CANONICAL, self.options, strict=True))[column]
+        return f"config key {name!r}" if not name.startswith("-") else name
 
 
 @dataclass
@@ -188,17 +196,25 @@ def _read_hf_dir(p: Path, split: str | None) -> tuple[list[dict[str, Any]], list
 def _canonical_row(record: Mapping[str, Any], loc: str, cmap: ColumnMap) -> dict[str, Any]:
     found = list(record)
     if cmap.problem not in record:
-        raise DataError(f"{loc}: missing column {cmap.problem!r}; columns found: {found}")
+        raise DataError(f"{loc}: missing column {cmap.problem!r} ({cmap.option('problem')}); columns found: {found}")
     problem = record[cmap.problem]
     if not isinstance(problem, str) or not problem.strip():
-        raise DataError(f"{loc}: column {cmap.problem!r} must be a non-empty string, got {problem!r:.80}")
+        raise DataError(f"{loc}: column {cmap.problem!r} ({cmap.option('problem')}) must be a non-empty string, "
+                        f"got {problem!r:.80}")
     solution = record.get(cmap.solution) if cmap.solution else None
     answer = record.get(cmap.answer) if cmap.answer else None
+    if solution is not None and not isinstance(solution, str):
+        raise DataError(f"{loc}: column {cmap.solution!r} ({cmap.option('solution')}) must be a string, got "
+                        f"{type(solution).__name__} {solution!r:.80}")
+    if isinstance(answer, bool) or (answer is not None and not isinstance(answer, str | int | float)):
+        # a list, dict or bool would be graded as its repr ("['1']"), which no completion ever matches
+        raise DataError(f"{loc}: column {cmap.answer!r} ({cmap.option('answer')}) must be a string or a number, "
+                        f"got {type(answer).__name__} {answer!r:.80}")
     if answer is not None and not isinstance(answer, str):
         answer = str(answer)  # AIME-style integer answers
     if not (isinstance(solution, str) and solution.strip()) and not (answer is not None and answer.strip()):
-        wanted = [c for c in (cmap.solution, cmap.answer) if c]
-        raise DataError(f"{loc}: no gold: columns {wanted} are missing or empty; columns found: {found}")
+        wanted = [f"{c!r} ({cmap.option(k)})" for k, c in (("solution", cmap.solution), ("answer", cmap.answer)) if c]
+        raise DataError(f"{loc}: no gold: columns {', '.join(wanted)} are missing or empty; columns found: {found}")
     renamed = {c for c in (cmap.problem, cmap.solution, cmap.answer) if c}
     row = {k: v for k, v in record.items() if k not in renamed}
     clash = [k for k in CANONICAL if k in row]

@@ -6,6 +6,8 @@ shaping -> length-aware shaping (Eq. 10) -> group-relative advantages (Eq. 6) ->
 
 Every random draw of step s derives from fold_in(key(seed), s), and the data position, cache pool,
 parameters and optimizer state are checkpointed together, so a resumed run repeats an uninterrupted one.
+How a run starts in its workdir (fresh, resumed, already complete or refused) is ``run_dir``'s, the input
+checks before any heavy work ``preflight``'s, and what the run reports (samples, summary, export) ``report``'s.
 """
 
 from __future__ import annotations
@@ -32,12 +34,12 @@ from poer_jax.rl import (
 )
 from poer_jax.rl.batch import LENGTH_MULTIPLE
 from poer_jax.rl.update import TrainState, create_train_state
-from poer_jax.train import builders, setup
-from poer_jax.train.checkpoint import Checkpointer
-from poer_jax.train.metrics import MetricsWriter
-from poer_jax.train.multihost import is_main_process
-from poer_jax.train.progress import Progress
-from poer_jax.train.reward_pool import RewardResult
+from poer_jax.train import builders, preflight, report, run_dir, setup
+from poer_jax.train.checkpoint import BrokenCheckpointError, Checkpointer
+from poer_jax.train.metrics import MetricsWriter, SamplesWriter
+from poer_jax.train.multihost import barrier, is_main_process
+from poer_jax.train.progress import Progress, TaskProgress
+from poer_jax.train.reward_pool import RewardPool, RewardResult
 from poer_jax.train.rollout import Rollout, responses_array, rollout
 from poer_jax.train.step_metrics import gather_reward_result, rollout_metrics
 
@@ -50,15 +52,40 @@ def _cdiv(a: int, b: int) -> int:
 
 class PoerTrainer:
     """Builds everything from a validated config (``builders.py``, one named builder per part);
-    ``run()`` trains to ``train.max_steps``."""
+    ``run()`` trains to ``train.max_steps``.
+
+    Construction first decides how the run starts in its workdir (``run_dir.inspect``: fresh, resume,
+    already complete, or refused) and checks every input (``preflight``), before anything heavy is made.
+    Whatever fails later closes what was opened (checkpointer, reward workers, writers) before raising.
+    """
 
     def __init__(self, cfg: ml_collections.ConfigDict):
+        self.run_config = cfg.to_dict()  # as given (before the toy task / warm start fill in paths): compared on resume
+        self.cfg = cfg
+        self.workdir = Path(cfg.workdir)
+        self.checkpointer: Checkpointer | None = None
+        self.metrics: MetricsWriter | None = None
+        self.samples: SamplesWriter | None = None
+        self.rewards: RewardPool | None = None
+        self.grader: RewardPool | None = None
+        self._reported_reward_errors: set[str] = set()
+        self._last_batch: tuple[Rollout, list[str], np.ndarray] | None = None
+        self.start = run_dir.inspect(cfg)  # a refusal raises here, before anything is written
+        self.step = self.start.step or 0
+        if self.start.mode == "complete":
+            return
+        try:
+            self._build(cfg)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, cfg: ml_collections.ConfigDict) -> None:
+        preflight.check_inputs(cfg)
         if cfg.toy.enabled:
             cfg = setup.prepare_toy(cfg)
         if cfg.warm_start.path:
             cfg = setup.use_warm_start(cfg)
-        self.workdir = Path(cfg.workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
         setup.enable_compilation_cache(cfg)
         self.mesh, self.rows = builders.build_mesh(cfg)
         builders.check_before_work(cfg, self.mesh)  # batch layout and resident memory, before any loading
@@ -66,14 +93,18 @@ class PoerTrainer:
         self.tokenizer, self.eos_ids, self.pad_id = text.tokenizer, text.eos_ids, text.pad_id
         data = builders.build_prompts(cfg, self.tokenizer)
         self.train_data, self.prompts, self.eval_prompts = data.train_rows, data.train, data.eval
-
-        self.checkpointer = Checkpointer(self.workdir / "checkpoints", keep=cfg.train.keep_checkpoints)
-        resuming = cfg.resume and self.checkpointer.latest_step() is not None
         if cfg.warm_start.steps > 0 and not cfg.warm_start.path:
             targets = [setup.warm_start_target(r, cfg) for r in self.prompts.rows(range(len(self.prompts)))]
             cfg = setup.run_warm_start(cfg, self.tokenizer, list(self.prompts.ids), targets, self.mesh)
+        params, self.mcfg = setup.load_model(cfg, self.mesh)  # NaN weights are refused here
+        # the inputs are good: only now is the run's part of the workdir touched (an old run moved aside,
+        # the config recorded); toy/ and warm_start/ are caches
+        run_dir.prepare(self.cfg, self.start, main_process=is_main_process())
+        barrier("poer_jax.run_dir")
         self.cfg = cfg
-        params, self.mcfg = setup.load_model(cfg, self.mesh)
+        self.checkpointer = Checkpointer(self.workdir / run_dir.CHECKPOINTS, keep=cfg.train.keep_checkpoints,
+                                         broken_directory=self.workdir / run_dir.BROKEN)
+        resuming = self.start.mode == "resume"
 
         # -- the update step (Eq. 5-7) and its state
         self.trainer = builders.build_update_trainer(cfg, self.mcfg, self.mesh)
@@ -104,10 +135,26 @@ class PoerTrainer:
         self.last_eval_correct: np.ndarray | None = None  # [problems, k] of the latest evaluate()
         if resuming:
             self._restore()
-        self.metrics = MetricsWriter(self.workdir, resume_step=self.step if resuming else None) \
-            if is_main_process() else None  # one writer for the run
+        if is_main_process():  # one writer per file for the run
+            self.metrics = MetricsWriter(self.workdir, resume_step=self.step if resuming else None)
+            self.samples = SamplesWriter(self.workdir, resume_step=self.step if resuming else None)
         if self.step == 0 and cfg.rollout.strategy == "poer":
             self._init_cache()
+
+    def close(self) -> None:
+        """Close what the run opened (idempotent): writers, reward workers, the checkpointer (after its
+        in-flight saves are on disk, so no Orbax thread outlives the run)."""
+        for name in ("metrics", "samples", "rewards", "grader", "checkpointer"):  # grader may be rewards: idempotent
+            part = getattr(self, name, None)
+            if part is not None:
+                setattr(self, name, None)
+                part.close()
+
+    def __enter__(self) -> PoerTrainer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # ---- cache pool initialisation (Eq. 1) -------------------------------------------------------------
     def _init_cache(self) -> None:
@@ -131,6 +178,7 @@ class PoerTrainer:
             chunk = self.cfg.data.questions_per_step * self.cfg.rollout.group_size
             key = jax.random.fold_in(self.key, -1 & 0x7FFFFFFF)
             width, P, p = self.pool.max_len, self.rows.count, self.rows.index
+            bar = TaskProgress("cache pool", n, unit="answers", quiet=not is_main_process())
             for start in range(0, n, chunk):
                 idx = np.arange(start, min(n, start + chunk))
                 share = _cdiv(len(idx), P)
@@ -146,23 +194,41 @@ class PoerTrainer:
                 rows[: mine.size] = mine
                 self.pool = _insert(self.pool, self.rows.to_global(rows, fill=-1),
                                     self.rows.to_global(tokens, fill=self.pad_id), self.rows.to_global(lengths))
+                bar.update(min(n, start + chunk))
+            bar.close()
             log.info("cache pool: %d answers sampled in %.1fs", n, time.perf_counter() - t0)
 
     # ---- checkpoints ------------------------------------------------------------------------------------
+    def _newest_extra(self) -> dict[str, Any] | None:
+        """The JSON of the newest checkpoint whose JSON reads (a broken newest one is skipped)."""
+        assert self.checkpointer is not None
+        for step in reversed(self.checkpointer.all_steps()):
+            try:
+                return self.checkpointer.restore_extra(step)
+            except Exception:  # noqa: BLE001 - Orbax raises FileNotFoundError / ValueError / Exception
+                continue
+        return None
+
     def _restore(self) -> None:
-        saved = self.checkpointer.restore_extra().get("pool_shape")
+        """Continue from the newest intact checkpoint (broken newer ones are moved aside with a warning)."""
+        assert self.checkpointer is not None
+        saved = (self._newest_extra() or {}).get("pool_shape")
         if saved is not None and tuple(saved) != tuple(self.pool.tokens.shape):
             raise setup.ConfigError(
                 f"the checkpoint in workdir {self.workdir} holds a cache pool of shape {tuple(saved)} (questions, "
-                f"max length), this run needs {tuple(self.pool.tokens.shape)}: another dataset or "
-                "rollout.max_completion_len. Use another 'workdir' or --config.resume=false")
+                f"max length), this run needs {tuple(self.pool.tokens.shape)}: the data file changed since the "
+                "run started. Use another 'workdir', or --config.overwrite=true to start over")
         try:
-            state, pool_state, extra = self.checkpointer.restore(abstract_state=self.state,
-                                                                 abstract_pool=_pool_items(self.pool))
-        except ValueError as e:  # e.g. another model, or a dataset of another size (the pool has a row each)
+            step, state, pool_state, extra = self.checkpointer.restore_latest_intact(
+                self.state, _pool_items(self.pool), agree=self.rows.all)
+        except BrokenCheckpointError as e:
             raise setup.ConfigError(
-                f"{e}\nThe checkpoint in workdir {self.workdir} is from a different run: use another "
-                "'workdir' or --config.resume=false") from e
+                f"{e}\nNo checkpoint of workdir {self.workdir} can be restored into this run; its files are left "
+                "as they are. Use --config.overwrite=true to move them aside and start over") from e
+        refused, _ = run_dir.compare_configs(extra.get("run_config", self.run_config), self.run_config)
+        if refused:  # run_config.json said otherwise: the checkpoint's own record wins
+            raise setup.ConfigError(f"checkpoint step {step} in {self.checkpointer.directory} was made with "
+                                    "another config:\n" + "\n".join(f"  {r}" for r in refused))
         self.state = state
         if pool_state is not None:
             self.pool = _pool_from_items(pool_state)
@@ -172,12 +238,13 @@ class PoerTrainer:
         log.info("resumed from %s at step %d", self.checkpointer.directory, self.step)
 
     def _save(self, force: bool = False) -> None:
+        assert self.checkpointer is not None
         extra = {"step": self.step, "data": self.iterator.get_state(), "config": self.cfg.to_dict(),
-                 "pool_shape": list(self.pool.tokens.shape)}
+                 "run_config": self.run_config, "pool_shape": list(self.pool.tokens.shape)}
         self.checkpointer.save(self.step, self.state, _pool_items(self.pool), extra, force=force)
 
     # ---- one step ---------------------------------------------------------------------------------------
-    def _rewards(self, r: Rollout) -> tuple[np.ndarray, np.ndarray | None, RewardResult]:
+    def _rewards(self, r: Rollout, deadline_s: float) -> tuple[np.ndarray, np.ndarray | None, RewardResult]:
         G = r.group_size
         n = r.num_samples
         rows = self.prompts.rows(r.indices)
@@ -187,11 +254,28 @@ class PoerTrainer:
                                       for k in ("solution", "answer")}
         prompts = [self.prompts.texts[i] for i in r.indices for _ in range(G)]
         res = self.rewards.compute(prompts, texts, completion_ids=[x.tolist() for x in resp], columns=cols,
-                                   completion_lengths=[len(x) for x in resp])
+                                   completion_lengths=[len(x) for x in resp], deadline_s=deadline_s)
+        self._report_reward_problems(res)
+        self._last_batch = (r, texts, res.total)
         finite = np.isfinite(res.total)
         raw = np.where(finite, res.total, 0.0).reshape(-1, G)  # an inf / NaN reward counts as 0, and is counted
         correct = (np.nan_to_num(res["accuracy"], nan=0.0) > 0.5).reshape(-1, G) if "accuracy" in res.names else None
         return raw, correct, res
+
+    def _report_reward_problems(self, res: RewardResult) -> None:
+        """Failing reward functions are loud: the first traceback of each, then a count every step."""
+        for name, message in res.first_errors.items():
+            if name not in self._reported_reward_errors:
+                self._reported_reward_errors.add(name)
+                log.error("reward function %r failed; its completions get reward 0 (reward.on_error=zero; 'raise' "
+                          "stops the run). First failure, shown once:\n%s", name, message)
+        failed = [f"{name} on {n}" for name, n in res.errors.items() if n]
+        if failed:
+            log.warning("step %d: reward function errors: %s of %d completions", self.step + 1, ", ".join(failed),
+                        len(res.total))
+        if res.deadline_cut:
+            log.warning("step %d: reward.step_timeout_s=%g s passed: %d reward call(s) not finished got reward 0",
+                        self.step + 1, self.cfg.reward.step_timeout_s, res.deadline_cut)
 
     def _shape(self, raw: np.ndarray, correct: np.ndarray | None, lengths: np.ndarray) -> np.ndarray:
         rc = self.cfg.reward
@@ -229,8 +313,8 @@ class PoerTrainer:
             info["decoded"] += r.decoded_tokens
             info["full_equiv"] += r.full_equivalent_decoded()
             info["rollout_s"] += r.seconds
-            t0 = time.perf_counter()
-            raw, correct, res = self._rewards(r)
+            t0 = time.perf_counter()  # the step's reward deadline is shared by its sampling attempts
+            raw, correct, res = self._rewards(r, max(0.01, cfg.reward.step_timeout_s - info["reward_s"]))
             info["reward_s"] += time.perf_counter() - t0
             lengths = r.response_lengths.reshape(-1, G)
             shaped = self._shape(raw, correct, lengths)
@@ -316,7 +400,7 @@ class PoerTrainer:
 
     def evaluate(self) -> dict[str, float]:
         """Held-out avg@k / pass@k; on several processes each samples and grades its share of the problems."""
-        from poer_jax.eval.evaluator import EvalResult, evaluate
+        from poer_jax.eval.evaluator import EvalResult, eval_key, evaluate
 
         ep = self.eval_prompts
         assert ep is not None
@@ -329,7 +413,7 @@ class PoerTrainer:
             res = evaluate(self.sampler, self.tokenizer, [ep.ids[i] for i in mine], [r.get("solution") for r in rows],
                            [r.get("answer") for r in rows], k=k,
                            max_new_tokens=self.cfg.eval.max_new_tokens or self.cfg.rollout.max_completion_len,
-                           sampling=self.eval_sampling, key=jax.random.fold_in(self.key, 1 << 30), grader=self.grader,
+                           sampling=self.eval_sampling, key=eval_key(self.cfg.seed), grader=self.grader,
                            first_index=int(mine[0]))
             correct[: mine.size], lengths[: mine.size], seconds = res.correct, res.lengths, res.seconds
         # padding rows sit after the last problem: process p holds problems [p * share, (p + 1) * share)
@@ -338,8 +422,15 @@ class PoerTrainer:
                           seconds=self.rows.max(seconds)).metrics()
 
     def run(self) -> dict[str, float]:
+        """Train from the current step to ``train.max_steps``, export, write the summary; closes the run's
+        files and workers however it ends. Returns the last step's metrics ({} when already complete)."""
         cfg = self.cfg
-        progress = Progress(cfg.train.max_steps, self.step) if is_main_process() else None
+        if self.start.mode == "complete":
+            self._log_complete()
+            return {}
+        t0 = time.monotonic()
+        first_step = self.step
+        progress = Progress(cfg.train.max_steps, self.step, every=cfg.train.log_every) if is_main_process() else None
         last: dict[str, float] = {}
         try:
             first_correct = None
@@ -356,6 +447,8 @@ class PoerTrainer:
                 self._write_metrics(self.step, m)
                 if progress is not None:
                     progress.update(self.step, m)
+                if cfg.train.samples_every and self.step % cfg.train.samples_every == 0:
+                    self._log_samples()
                 last = m
                 if self.step % cfg.train.checkpoint_every == 0 or last_step:
                     self._save(force=last_step)
@@ -363,23 +456,49 @@ class PoerTrainer:
                 from poer_jax.eval.paired import paired_sign_flip_test
 
                 log.info("%s", paired_sign_flip_test(first_correct, self.last_eval_correct).summary())
+            assert self.checkpointer is not None
             self.checkpointer.wait()
-            if cfg.train.export_final and is_main_process():
-                from poer_jax.model import export_hf
-
-                # the sampler holds a whole copy on this process's devices: no collective needed
-                export_hf(jax.device_get(self.sampler.params), self.mcfg, self.workdir / "export",
-                          tokenizer_dir=cfg.model.tokenizer_path or cfg.model.path)
+            export = self._export() if cfg.train.export_final else None
+            if progress is not None:
+                progress.close()
+            if is_main_process():
+                self._finish(export, time.monotonic() - t0, self.step - first_step)
         finally:
             if progress is not None:
                 progress.close()
-            if self.metrics is not None:
-                self.metrics.close()
-            self.rewards.close()
-            if self.grader is not self.rewards:
-                self.grader.close()
-            self.checkpointer.close()
+            self.close()
         return last
+
+    def _export(self) -> Path | None:
+        if not is_main_process():
+            return None
+        # the sampler holds a whole copy on this process's devices: no collective needed
+        return report.export_run(self.workdir / run_dir.EXPORT, jax.device_get(self.sampler.params), self.mcfg,
+                                 self.cfg)
+
+    def _finish(self, export: Path | None, seconds: float, steps_here: int) -> None:
+        """The end-of-run summary: logged, and written to ``summary.json`` (which marks the run finished)."""
+        num_eval = len(self.eval_prompts) if self.eval_prompts is not None else None
+        summary = report.build_summary(self.workdir, self.cfg, self.step, export, seconds, steps_here, num_eval)
+        run_dir.write_summary(self.workdir, summary)
+        for line in report.summary_lines(summary, self.workdir):
+            log.info("%s", line)
+
+    def _log_complete(self) -> None:
+        log.info("the run in %s is already complete (step %s of train.max_steps=%d); nothing to do",
+                 self.workdir, self.start.step, self.cfg.train.max_steps)
+        for line in report.summary_lines(self.start.summary or {}, self.workdir)[1:]:
+            log.info("%s", line)
+        log.info("raise --config.train.max_steps to train further, or --config.overwrite=true to start over")
+
+    def _log_samples(self) -> None:
+        """One group of the last step's completions: logged (shortened) and written to samples.jsonl."""
+        if self._last_batch is None or self.samples is None:
+            return
+        r, texts, totals = self._last_batch
+        record, shown = report.sample_group(r, 0, texts, totals, self.prompts, self.tokenizer, self.step)
+        self.samples.write(self.step, record)
+        log.info("%s", shown)
 
     def _write_metrics(self, step: int, metrics: dict[str, float]) -> None:
         if self.metrics is not None:

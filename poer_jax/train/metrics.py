@@ -30,6 +30,7 @@ from poer_jax.jsonl import parse_json_object
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "samples.jsonl"
 TB_DIR = "tb"
 
 # Canonical metric names shared by the trainer, the progress line and scripts/plot_metrics.py.
@@ -123,6 +124,67 @@ def _rewrite_atomically(path: str, lines: list[str]) -> None:
         raise
 
 
+def truncate_jsonl(path: str, resume_step: int | None) -> int:
+    """Keep the lines of a per-step JSONL file (``{"step": s, ...}``) with ``step <= resume_step``; drop the
+    rest (all of them for ``resume_step=None``) and a last line cut short by a kill. Atomic; returns the
+    number of lines dropped."""
+    if not os.path.exists(path):
+        return 0
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    keep, dropped = [], 0
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            row = parse_line(line, f"{path}:{i + 1}")
+        except ValueError:
+            if i == len(lines) - 1:  # cut short by the kill that we are resuming from
+                dropped += 1
+                continue
+            raise
+        if resume_step is not None and row["step"] <= resume_step:
+            keep.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        if resume_step is None:
+            log.warning("dropping %d line(s) of %s written by a run that never reached a checkpoint (it starts "
+                        "again from step 0)", dropped, path)
+        else:
+            log.warning("dropping %d line(s) of %s after step %d, the checkpoint resumed from", dropped, path,
+                        resume_step)
+    if dropped or lines[-1] != "":
+        _rewrite_atomically(path, keep)
+    return dropped
+
+
+class SamplesWriter:
+    """``workdir/samples.jsonl``: one line per logged group, ``{"step": s, "prompt": ..., "completions":
+    [{"text": ..., "reward": ..., "length": ..., "prefix_length": ...}], ...}``; truncated on resume like
+    metrics.jsonl."""
+
+    def __init__(self, workdir: str | os.PathLike[str], resume_step: int | None = None) -> None:
+        self.path = os.path.join(os.fspath(workdir), SAMPLES_FILE)
+        truncate_jsonl(self.path, resume_step)
+        self._file = open(self.path, "a", encoding="utf-8")  # closed in close()
+
+    def write(self, step: int, record: Mapping[str, Any]) -> None:
+        row = {"step": int(step), **record}
+        self._file.write(json.dumps(row, allow_nan=False, default=_json_default) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return encode_value("sample", value)
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
 def _make_tb_writer(logdir: str, purge_step: int | None) -> Any:
     global _tb_missing_warned
     try:
@@ -157,30 +219,7 @@ class MetricsWriter:
             self._tb = _make_tb_writer(os.path.join(self.workdir, TB_DIR), purge)
 
     def _truncate_for_resume(self, resume_step: int | None) -> None:
-        if not os.path.exists(self.path):
-            return
-        with open(self.path, encoding="utf-8") as f:
-            lines = f.read().split("\n")
-        keep, dropped = [], 0
-        for i, line in enumerate(lines):
-            if not line.strip():
-                continue
-            try:
-                row = parse_line(line, f"{self.path}:{i + 1}")
-            except ValueError:
-                if i == len(lines) - 1:  # cut short by the kill that we are resuming from
-                    dropped += 1
-                    continue
-                raise
-            if resume_step is not None and row["step"] <= resume_step:
-                keep.append(line)
-            else:
-                dropped += 1
-        if dropped:
-            log.warning("metrics: dropping %d line(s) of %s after step %s (resume)", dropped, self.path,
-                        resume_step)
-        if dropped or lines[-1] != "":
-            _rewrite_atomically(self.path, keep)
+        truncate_jsonl(self.path, resume_step)
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
         step = int(step)

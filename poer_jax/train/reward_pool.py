@@ -10,7 +10,16 @@ run in a small pool of worker processes and the parent enforces the deadline:
   worker running it is killed (SIGKILL) and replaced, and the item's remaining functions are re-queued
   on another worker, so one hung item never stalls the step. When a grading reward (accuracy, cosine)
   hangs, the other grading rewards of that item are not retried: they would hang on the same parse;
-* a worker that dies (segfault, ``os._exit``) is replaced the same way and its call counts as an error.
+* a worker that dies (segfault, ``os._exit``) is replaced the same way and its call counts as an error;
+* ``compute(..., deadline_s=T)`` also bounds the whole batch: calls not finished T seconds after it
+  started (running or still queued) get ``timeout_reward``, are counted as timeouts and in
+  ``RewardResult.deadline_cut``, and the busy workers are replaced. Without it a batch can take
+  (completions x functions x timeout_s / num_workers) when every call hangs.
+
+A call that raises or returns something other than a number or None is an error: ``on_error="raise"``
+raises :class:`RewardFunctionError` after the batch (naming the function, the completion and the
+traceback); ``"zero"`` records ``error_reward`` (0), counts it, and keeps each function's first traceback
+in ``RewardResult.first_errors`` for the caller to log.
 
 Start-up is cheap: the default ``forkserver`` context preloads math-verify and this package once in the
 fork server, so starting or replacing a worker is a fork (milliseconds), and it is safe to use from a
@@ -79,6 +88,8 @@ class RewardResult:
     timeouts: dict[str, int]
     errors: dict[str, int]
     nones: dict[str, int]
+    first_errors: dict[str, str] = field(default_factory=dict)  # function -> its first failure, with traceback
+    deadline_cut: int = 0  # calls given timeout_reward because the batch's deadline passed
 
     def __getitem__(self, name: str) -> np.ndarray:
         if name not in self.names:
@@ -96,6 +107,7 @@ class RewardResult:
             out[f"rewards/{name}/timeouts"] = float(self.timeouts[name])
             out[f"rewards/{name}/errors"] = float(self.errors[name])
         out["reward"] = float(self.total.mean()) if self.total.size else float("nan")
+        out["rewards/deadline_cut"] = float(self.deadline_cut)
         return out
 
 
@@ -169,8 +181,8 @@ class RewardPool:
       timeout_s: deadline of one (completion, function) call, in seconds.
       timeout_reward: the value given to a call that timed out (NaN excludes it from the sum).
       error_reward / on_error: a call that raises is an error; "raise" raises ``RewardFunctionError``
-        (after the step, naming the function, the completion and the traceback), "default" records
-        ``error_reward`` and counts it.
+        (after the step, naming the function, the completion and the traceback), "zero" (or its old name
+        "default") records ``error_reward`` and counts it.
       none_policy: a None reward is NaN (excluded from the sum and the means, TRL) or "zero".
       start_method: "forkserver" (default) or "spawn".
       startup_timeout_s: how long a new worker may take to import and resolve the functions.
@@ -191,8 +203,8 @@ class RewardPool:
         self.specs = [RewardSpec(s) if isinstance(s, str) else s for s in specs]
         if not self.specs:
             raise ValueError("RewardPool needs at least one reward function")
-        if on_error not in ("raise", "default"):
-            raise ValueError(f"on_error must be 'raise' or 'default', got {on_error!r}")
+        if on_error not in ("raise", "zero", "default"):
+            raise ValueError(f"on_error must be 'raise' or 'zero', got {on_error!r}")
         if none_policy not in ("nan", "zero"):
             raise ValueError(f"none_policy must be 'nan' or 'zero', got {none_policy!r}")
         if start_method not in ("forkserver", "spawn"):
@@ -256,9 +268,11 @@ class RewardPool:
         completion_ids: Sequence[Sequence[int]] | None = None,
         columns: Mapping[str, Sequence[Any]] | None = None,
         completion_lengths: Sequence[int] | None = None,
+        deadline_s: float | None = None,
     ) -> RewardResult:
         """Score ``completions[i]`` (with ``prompts[i]``, token ids, and ``columns[c][i]``) with every
-        function. Returns per-function arrays [N, F] and their weighted sum [N].
+        function. Returns per-function arrays [N, F] and their weighted sum [N]. ``deadline_s`` bounds the
+        whole batch (worker mode only); each call is bounded by ``timeout_s`` either way.
 
         Token lengths (the cosine reward) are ``completion_lengths[i]`` when given, else
         ``len(completion_ids[i])``; the ids themselves are only shipped to workers for user functions.
@@ -292,7 +306,8 @@ class RewardPool:
         f = len(self.specs)
         values = np.full((n, f), np.nan)
         status = np.zeros((n, f), dtype=np.int8)  # 0 pending, 1 ok, 2 none, 3 timeout, 4 error
-        errors: list[str] = []
+        errors: list[tuple[str, str]] = []
+        cut = 0
         if self.num_workers == 0:
             for i, p in enumerate(payloads):
                 item = RewardItem(**p)
@@ -303,24 +318,28 @@ class RewardPool:
                         self._record(values, status, i, j, "error", traceback.format_exc(), errors)
         else:
             try:
-                self._run(payloads, values, status, errors)
+                cut = self._run(payloads, values, status, errors, deadline_s)
             except BaseException:
                 self._abort_busy()
                 raise
         if errors and self.on_error == "raise":
-            raise RewardFunctionError(errors[0])
+            raise RewardFunctionError(errors[0][1])
         if self.none_policy == "zero":
             values[status == 2] = 0.0
         total = np.nansum(values * self.weights[None, :], axis=1)
         count = {
             k: {name: int((status[:, j] == k).sum()) for j, name in enumerate(self.names)} for k in (2, 3, 4)
         }
+        first: dict[str, str] = {}
+        for name, message in errors:
+            first.setdefault(name, message)
         return RewardResult(
-            list(self.names), self.weights.copy(), values, total, count[3], count[4], count[2]
+            list(self.names), self.weights.copy(), values, total, count[3], count[4], count[2], first, cut
         )
 
     def _record(
-        self, values: np.ndarray, status: np.ndarray, i: int, j: int, kind: str, value: Any, errors: list[str]
+        self, values: np.ndarray, status: np.ndarray, i: int, j: int, kind: str, value: Any,
+        errors: list[tuple[str, str]],
     ) -> None:
         if kind == "ok":
             if value is None:
@@ -336,14 +355,17 @@ class RewardPool:
             values[i, j], status[i, j] = self.timeout_reward, 3
             return
         values[i, j], status[i, j] = self.error_reward, 4
-        errors.append(f"reward function {self.specs[j].name!r} failed on completion {i}: {value}")
+        errors.append((self.names[j], f"reward function {self.specs[j].name!r} failed on completion {i}: {value}"))
 
     def _run(
-        self, payloads: list[dict[str, Any]], values: np.ndarray, status: np.ndarray, errors: list[str]
-    ) -> None:
+        self, payloads: list[dict[str, Any]], values: np.ndarray, status: np.ndarray, errors: list[tuple[str, str]],
+        deadline_s: float | None = None,
+    ) -> int:
+        """Run every (item, function) call on the workers; returns how many the batch deadline cut."""
         queue: deque[tuple[int, list[int]]] = deque(
             (i, list(range(len(self.specs)))) for i in range(len(payloads))
         )
+        end = time.monotonic() + deadline_s if deadline_s is not None else None
         while queue or any(w.busy for w in self._workers):
             for w in self._workers:
                 if w.ready and not w.busy and queue:
@@ -352,12 +374,15 @@ class RewardPool:
             now = time.monotonic()
             deadlines = [w.clock + self.timeout_s for w in self._workers if w.busy]
             deadlines += [w.started_at + self.startup_timeout_s for w in self._workers if not w.ready]
+            deadlines += [end] if end is not None else []
             wait_s = max(0.0, min(deadlines) - now) if deadlines else None
             ready = mp_connection.wait([w.conn for w in self._workers], timeout=wait_s)
             for w in list(self._workers):
                 if w.conn in ready:
                     self._drain(w, values, status, errors, queue)
             now = time.monotonic()
+            if end is not None and now >= end:
+                return self._cut(values, status, errors, queue)
             for w in list(self._workers):
                 if w.busy and now - w.clock > self.timeout_s:
                     self._drain(w, values, status, errors, queue)  # a result may have just arrived
@@ -365,13 +390,35 @@ class RewardPool:
                         self._timeout(w, values, status, errors, queue)
                 elif not w.ready and now - w.started_at > self.startup_timeout_s:
                     raise RuntimeError(f"reward worker did not start within {self.startup_timeout_s:.0f} s")
+        return 0
+
+    def _cut(
+        self, values: np.ndarray, status: np.ndarray, errors: list[tuple[str, str]],
+        queue: deque[tuple[int, list[int]]],
+    ) -> int:
+        """The batch deadline passed: every call not done is a timeout; busy workers are replaced."""
+        cut = 0
+        for w in list(self._workers):
+            if w.busy:
+                self._drain(w, values, status, errors, queue)
+            if w.busy and w in self._workers:
+                for j in w.fns:
+                    self._record(values, status, w.item, j, "timeout", None, errors)
+                    cut += 1
+                self._replace(w)
+        while queue:
+            index, fns = queue.popleft()
+            for j in fns:
+                self._record(values, status, index, j, "timeout", None, errors)
+                cut += 1
+        return cut
 
     def _drain(
         self,
         w: _Worker,
         values: np.ndarray,
         status: np.ndarray,
-        errors: list[str],
+        errors: list[tuple[str, str]],
         queue: deque[tuple[int, list[int]]],
     ) -> None:
         try:
@@ -402,7 +449,7 @@ class RewardPool:
         w: _Worker,
         values: np.ndarray,
         status: np.ndarray,
-        errors: list[str],
+        errors: list[tuple[str, str]],
         queue: deque[tuple[int, list[int]]],
     ) -> None:
         index, j, rest = w.item, w.fns[0], w.fns[1:]

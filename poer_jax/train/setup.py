@@ -1,10 +1,16 @@
-"""Everything a run needs before its first step: tokenizer, model, the built-in toy task, the warm start."""
+"""Everything a run needs before its first step: tokenizer, model, the built-in toy task, the warm start.
+
+The toy task and the warm start are caches in the workdir (``toy/``, ``warm_start/``), each with the
+settings it was made from in ``settings.json``: a run with other settings makes them again (the old one is
+moved to ``workdir/previous/``), so a cache never silently stands in for another configuration.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -111,8 +117,39 @@ def load_model(cfg: ml_collections.ConfigDict, mesh: Mesh) -> tuple[Any, QwenCon
     return init(jax.random.key(cfg.seed)), mcfg
 
 
+SETTINGS = "settings.json"
+
+
+def _cache_is_current(directory: Path, settings: dict[str, Any], what: str) -> bool:
+    """Whether the cache ``directory`` was made with ``settings``; a stale one is moved aside (process 0)."""
+    if not (directory / "config.json").is_file() and not (directory / "model" / "config.json").is_file():
+        return False
+    path = directory / SETTINGS
+    if not path.is_file():
+        return True  # made before settings were recorded: trusted, as it was then
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        saved = None
+    if saved == json.loads(json.dumps(settings)):
+        return True
+    if is_main_process():
+        dest = directory.parent / "previous" / f"{directory.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(directory, dest)
+        log.warning("%s: %s was made with other settings; making it again (the old one is now in %s)", what,
+                    directory, dest)
+    barrier(f"poer_jax.stale_{directory.name}")
+    return False
+
+
+def toy_settings(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+    return {"toy": cfg.toy.to_dict(), "seed": cfg.seed}
+
+
 def prepare_toy(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Generate the toy arithmetic task, its tokenizer and a tiny random Qwen2 in ``workdir/toy`` (once).
+    """Generate the toy arithmetic task, its tokenizer and a tiny random Qwen2 in ``workdir/toy`` (once per
+    set of ``toy.*`` settings and seed).
 
     Returns a copy of cfg pointing ``model.path`` and (where not set) ``data.train_path`` /
     ``data.eval_path`` at them. Multi-host: process 0 writes them (``workdir`` is shared), the others wait.
@@ -124,8 +161,10 @@ def prepare_toy(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     root = Path(cfg.workdir) / "toy"
     model_dir = root / "model"
     train_path, test_path = root / "train.jsonl", root / "test.jsonl"
-    if not (model_dir / "config.json").is_file() and is_main_process():
+    if not _cache_is_current(root, toy_settings(cfg), "toy task") and is_main_process():
         t = cfg.toy
+        log.info("toy task: generating %d %s problems + %d held out, a tokenizer and a tiny Qwen2 in %s",
+                 t.num_train, t.task, t.num_test, root)
         try:
             train, test = make_task_splits(t.task, t.num_train, t.num_test, seed=cfg.seed, max_value=t.max_value,
                                            min_operands=t.min_operands, max_operands=t.max_operands,
@@ -147,6 +186,7 @@ def prepare_toy(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         hf.update(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
         (tmp / "config.json").write_text(json.dumps(hf, indent=2))
         tmp.replace(model_dir)
+        (root / SETTINGS).write_text(json.dumps(toy_settings(cfg), indent=2))
     barrier("poer_jax.prepare_toy")
     out = ml_collections.ConfigDict(cfg.to_dict())
     out.model.path = str(model_dir)
@@ -193,6 +233,15 @@ def warm_start_dir(cfg: ml_collections.ConfigDict) -> Path:
     return Path(cfg.workdir) / "warm_start"
 
 
+def warm_start_settings(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+    """What the warm-started model depends on: its own settings, the model it starts from, the prompts."""
+    d = cfg.data
+    return {"warm_start": cfg.warm_start.to_dict(), "seed": cfg.seed, "model": cfg.model.path,
+            "preset": cfg.model.preset, "param_dtype": cfg.model.param_dtype, "toy": cfg.toy.to_dict(),
+            "data": {k: d[k] for k in ("train_path", "limit", "problem_key", "solution_key", "answer_key",
+                                       "system_prompt", "chat_template", "max_prompt_len", "on_too_long")}}
+
+
 def run_warm_start(cfg: ml_collections.ConfigDict, tokenizer: Any, prompt_ids: list[np.ndarray],
                    targets: list[str], mesh: Mesh, out_dir: str | Path | None = None,
                    callback: Callable[[int, Any, QwenConfig], bool] | None = None,
@@ -200,24 +249,31 @@ def run_warm_start(cfg: ml_collections.ConfigDict, tokenizer: Any, prompt_ids: l
     """Supervised warm start on (prompt, reference solution) pairs, cached as an HF directory in workdir
     (or ``out_dir``).
 
-    A second run finds ``config.json`` there and skips the training. Returns a config whose ``model.path``
-    is the warm-started model. ``callback(step, params, model_config)`` every ``callback_every`` steps may
-    stop it early (``supervised_warm_start``). Multi-host: every process trains, process 0 writes.
+    A second run with the same settings finds the model there and skips the training. Returns a config
+    whose ``model.path`` is the warm-started model. ``callback(step, params, model_config)`` every
+    ``callback_every`` steps may stop it early (``supervised_warm_start``). Multi-host: every process
+    trains, process 0 writes.
     """
+    from poer_jax.train.progress import TaskProgress
+
     out_dir = Path(out_dir) if out_dir is not None else warm_start_dir(cfg)
-    if not (out_dir / "config.json").is_file():
+    settings = warm_start_settings(cfg)
+    if not _cache_is_current(out_dir, settings, "warm start"):
         params, mcfg = load_model(cfg, mesh)
         eos_ids, pad_id = eos_and_pad(tokenizer, cfg.model.path)
         eos = eos_ids[0]
         target_ids = [np.asarray(tokenizer(t, add_special_tokens=False)["input_ids"] + [eos], np.int32)
                       for t in targets]
         log.info("warm start: %d supervised steps on %d examples", cfg.warm_start.steps, len(targets))
-        params, losses = supervised_warm_start(
-            params, mcfg, prompt_ids, target_ids, steps=cfg.warm_start.steps,
-            learning_rate=cfg.warm_start.learning_rate, batch_size=cfg.warm_start.batch_size, seed=cfg.seed,
-            pad_id=pad_id, warmup_steps=min(50, cfg.warm_start.steps // 10), micro_batches=cfg.warm_start.micro_batches,
-            callback=None if callback is None else lambda step, p: callback(step, p, mcfg),
-            callback_every=callback_every)
+        with TaskProgress("warm start", cfg.warm_start.steps, unit="steps", quiet=not is_main_process()) as bar:
+            params, losses = supervised_warm_start(
+                params, mcfg, prompt_ids, target_ids, steps=cfg.warm_start.steps,
+                learning_rate=cfg.warm_start.learning_rate, batch_size=cfg.warm_start.batch_size, seed=cfg.seed,
+                pad_id=pad_id, warmup_steps=min(50, cfg.warm_start.steps // 10),
+                micro_batches=cfg.warm_start.micro_batches,
+                callback=None if callback is None else lambda step, p: callback(step, p, mcfg),
+                callback_every=callback_every, progress=lambda done, loss: bar.update(done, f"loss {loss:.3f}"))
+        log.info("warm start: done, loss %.3f -> %.3f", losses[0], losses[-1])
         params = host_copy(params)  # a collective: every process takes part
         if is_main_process():
             tmp = out_dir.with_name(out_dir.name + ".tmp")
@@ -226,6 +282,7 @@ def run_warm_start(cfg: ml_collections.ConfigDict, tokenizer: Any, prompt_ids: l
             if cfg.model.path and (Path(cfg.model.path) / "generation_config.json").is_file():
                 (tmp / "generation_config.json").write_text(
                     (Path(cfg.model.path) / "generation_config.json").read_text())
+            (tmp / SETTINGS).write_text(json.dumps(settings, indent=2))
             tmp.replace(out_dir)
         barrier("poer_jax.warm_start")
     else:

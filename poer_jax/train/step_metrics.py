@@ -28,9 +28,10 @@ def gather_reward_result(res: RewardResult, rows: ProcessRows) -> RewardResult:
         total = rows.gather(np.asarray([[counts[n] for n in res.names]], np.int64)).sum(axis=0)
         return {n: int(c) for n, c in zip(res.names, total, strict=True)}
 
+    cut = int(rows.gather(np.asarray([res.deadline_cut], np.int64)).sum())
     return RewardResult(names=res.names, weights=res.weights, per_function=rows.gather(res.per_function),
                         total=rows.gather(res.total), timeouts=summed(res.timeouts), errors=summed(res.errors),
-                        nones=summed(res.nones))
+                        nones=summed(res.nones), first_errors=res.first_errors, deadline_cut=cut)
 
 
 def rollout_metrics(r: Rollout, raw: np.ndarray, shaped: np.ndarray, rewards: RewardResult, info: dict[str, Any],

@@ -37,6 +37,7 @@ def supervised_warm_start(
     params: Params, cfg: Any, prompts: Sequence[np.ndarray], targets: Sequence[np.ndarray], *, steps: int,
     learning_rate: float, batch_size: int, seed: int, pad_id: int, chunk_size: int = 256, warmup_steps: int = 0,
     micro_batches: int = 1, callback: Callable[[int, Params], bool] | None = None, callback_every: int = 0,
+    progress: Callable[[int, float], None] | None = None,
 ) -> tuple[Params, list[float]]:
     """Up to ``steps`` Adam steps on random mini-batches; returns (params, per-step losses).
 
@@ -44,7 +45,9 @@ def supervised_warm_start(
     gradient is accumulated over that many slices of its rows (one ``lax.scan``), the same update with a
     smaller working set (on a CPU, dense attention over a few rows stays in cache: 2-3x faster).
     ``callback(step, params)`` runs every ``callback_every`` steps (e.g. a validation run) and stops the warm
-    start early by returning True; ``params`` are donated to the next step, so a callback must copy them."""
+    start early by returning True; ``params`` are donated to the next step, so a callback must copy them.
+    ``progress(done, loss)`` is called about 50 times over the run (each call waits for that step's loss,
+    so the device runs at most ``steps / 50`` steps ahead of the host)."""
     if len(prompts) != len(targets) or not prompts:
         raise ValueError(f"warm start: {len(prompts)} prompts and {len(targets)} targets")
     batch_size = min(batch_size, len(prompts))
@@ -76,10 +79,13 @@ def supervised_warm_start(
 
     rng = np.random.default_rng(seed)
     losses = []
+    every = max(1, steps // 50)
     for s in range(1, steps + 1):
         rows = rng.choice(len(prompts), size=batch_size, replace=False)
         params, opt_state, loss = step(params, opt_state, *_batch(prompts, targets, rows, pad_id, width))
         losses.append(loss)
+        if progress is not None and (s % every == 0 or s == steps):
+            progress(s, float(loss))
         if callback is not None and callback_every > 0 and s % callback_every == 0 and callback(s, params):
             break
     return params, [float(x) for x in jax.device_get(losses)]

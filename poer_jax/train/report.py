@@ -1,0 +1,103 @@
+"""What a run hands its user at the end and along the way: the exported model (with the settings to
+evaluate it the same way), the end-of-run summary, and sample completions."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from poer_jax.train.data import TokenizedPrompts
+from poer_jax.train.metrics import METRICS_FILE, read_metrics
+from poer_jax.train.progress import format_duration
+from poer_jax.train.rollout import Rollout
+
+
+def export_run(final: Path, params: Any, mcfg: Any, cfg: ml_collections.ConfigDict) -> Path:
+    """``final`` as an HF directory plus ``eval_settings.json`` (the run's prompt and evaluation settings);
+    written next to it and renamed into place, so a kill leaves the old export or none, never half of one."""
+    from poer_jax.eval.settings import write_eval_settings
+    from poer_jax.model import export_hf
+
+    tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
+    for leftover in (tmp, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    export_hf(params, mcfg, tmp, tokenizer_dir=cfg.model.tokenizer_path or cfg.model.path)
+    write_eval_settings(tmp, cfg)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def build_summary(workdir: Path, cfg: ml_collections.ConfigDict, step: int, export: Path | None, seconds: float,
+                  steps_here: int, num_eval_problems: int | None) -> dict[str, Any]:
+    """The numbers of ``summary.json``; accuracies come from metrics.jsonl, so they span resumed processes."""
+    path = workdir / METRICS_FILE
+    rows = read_metrics(path) if path.is_file() else []
+    evals = [r for r in rows if isinstance(r.get("eval/accuracy"), float | int)]
+    train = [r for r in rows if "reward" in r]
+    return {
+        "step": step, "max_steps": cfg.train.max_steps, "seconds_this_process": round(seconds, 1),
+        "steps_this_process": steps_here, "export": str(export) if export else None,
+        "eval_data": cfg.data.eval_path if evals else None,
+        "eval_k": cfg.eval.num_samples if evals else None,
+        "eval_problems": num_eval_problems if evals else None,
+        "initial_eval_accuracy": evals[0]["eval/accuracy"] if evals and evals[0]["step"] == 0 else None,
+        "final_eval_accuracy": evals[-1]["eval/accuracy"] if evals else None,
+        "final_reward": train[-1]["reward"] if train else None,
+        "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def summary_lines(summary: dict[str, Any], workdir: Path) -> list[str]:
+    """The end-of-run summary as console lines (also shown for an already complete run)."""
+    lines = [f"finished: step {summary.get('step')}/{summary.get('max_steps')} in "
+             f"{format_duration(summary.get('seconds_this_process', float('nan')))}"]
+    final = summary.get("final_eval_accuracy")
+    if final is not None:
+        start = summary.get("initial_eval_accuracy")
+        lines.append(f"held-out accuracy (avg@{summary.get('eval_k')}, {summary.get('eval_problems')} problems): "
+                     + (f"{start:.3f} at step 0 -> " if start is not None else "")
+                     + f"{final:.3f} at step {summary.get('step')}")
+    if summary.get("final_reward") is not None:
+        lines.append(f"last step's mean reward: {summary['final_reward']:.3f}")
+    if summary.get("export"):
+        export = workdir / "export"  # where it is now (a workdir may have been moved since)
+        lines.append(f"model exported to {export}")
+        data = f" --data {summary['eval_data']}" if summary.get("eval_data") else " --data FILE"
+        lines.append(f"evaluate it: python -m poer_jax.evaluate --model {export}{data}")
+    lines.append(f"metrics: {workdir / METRICS_FILE} (plot: python scripts/plot_metrics.py {workdir})")
+    return lines
+
+
+def sample_group(r: Rollout, g: int, texts: list[str], totals: np.ndarray, prompts: TokenizedPrompts,
+                 tokenizer: Any, step: int, width: int = 160) -> tuple[dict[str, Any], str]:
+    """Group ``g`` of a rollout as a samples.jsonl record and as console text (one shortened line per
+    completion, its reward first). POER responses are the cached prefix plus the new continuation."""
+    G, question = r.group_size, int(r.indices[g])
+    row = prompts.rows([question])[0]
+    prefix_len = int(len(r.prefix_ids[g]))
+    completions = []
+    for i in range(g * G, (g + 1) * G):
+        completions.append({
+            "text": texts[i], "reward": float(totals[i]) if np.isfinite(totals[i]) else None,
+            "length": int(r.response_lengths[i]), "prefix_length": prefix_len,
+            "continuation": tokenizer.decode(r.continuation_ids[i].tolist(), skip_special_tokens=True)})
+    record = {"question": question, "prompt": prompts.texts[question], "answer": row.get("answer"),
+              "prefix": tokenizer.decode(r.prefix_ids[g].tolist(), skip_special_tokens=True),
+              "completions": completions}
+    head = f"sample at step {step}: question {question}, gold {row.get('answer')!r}"
+    if prefix_len:
+        head += f", continuing a cached answer after its first {prefix_len} tokens"
+    lines = [head]
+    for c in completions:
+        reward = "  nan" if c["reward"] is None else f"{c['reward']:5.2f}"
+        flat = c["text"].replace("\n", " \u23ce ")
+        lines.append(f"  [{reward}] {flat if len(flat) <= width else flat[: width - 3] + '...'}")
+    return record, "\n".join(lines)

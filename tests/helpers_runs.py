@@ -1,0 +1,60 @@
+"""Tiny training runs for the end-to-end and run-rule tests: the overrides of a run on the toy environment
+(tests/conftest.py's ``toy_env``), the command line, and a snapshot of a workdir's files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+HELPERS = Path(__file__).resolve().parent / "helpers_rewards.py"
+
+
+def overrides(env: dict, workdir: Path, **extra) -> list[str]:
+    """``KEY=VALUE`` strings of a 3-step run (4 questions x G 4, 24 tokens) on one device; ``extra`` keys
+    may use ``__`` for ``.``."""
+    base = {
+        "workdir": str(workdir), "model.path": env["model"], "data.train_path": env["train"],
+        "data.eval_path": env["test"], "data.chat_template": "never", "data.system_prompt": "Answer in \\boxed{}.",
+        "data.max_prompt_len": 128, "data.questions_per_step": 4, "rollout.group_size": 4,
+        "rollout.max_completion_len": 24, "rollout.temperature": 1.0, "rollout.page_size": 8,
+        "cache.max_truncation": 4, "reward.functions": "accuracy,format", "reward.num_workers": 1,
+        "reward.length_aware": True, "reward.length_variant": "correct_only", "loss.beta": 0.0,
+        "optim.learning_rate": 1e-3, "train.max_steps": 3, "train.checkpoint_every": 1, "eval.enabled": False,
+        "eval.max_new_tokens": 24, "mesh.num_devices": 1, "train.export_final": False,
+    }
+    base.update({k.replace("__", "."): v for k, v in extra.items()})
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def argv(env: dict, workdir: Path, **extra) -> list[str]:
+    """The arguments of ``python -m poer_jax.train`` (after the module name) for this run."""
+    return [f"--config={ROOT / 'configs' / 'toy.py'}", "--config.toy.enabled=false", "--config.warm_start.steps=0",
+            *(f"--config.{o}" for o in overrides(env, workdir, **extra))]
+
+
+def cli(env: dict, workdir: Path, **extra) -> tuple[list[str], dict[str, str]]:
+    env_vars = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    env_vars.pop("XLA_FLAGS", None)
+    return [sys.executable, "-m", "poer_jax.train", *argv(env, workdir, **extra)], env_vars
+
+
+def run_cli(env: dict, workdir: Path, timeout: int = 600, **extra) -> subprocess.CompletedProcess:
+    args, env_vars = cli(env, workdir, **extra)
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env_vars, cwd=ROOT)
+
+
+def metrics(workdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def snapshot(directory: Path) -> dict[str, str]:
+    """relative path -> sha256 of every file under ``directory`` ({} when it does not exist)."""
+    if not directory.exists():
+        return {}
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
