@@ -18,5 +18,6 @@ def get_config():
     c.workdir = "runs/qwen1p5b_poer"
     c.model.path = "DeepSeek-R1-Distill-Qwen-1.5B"
     c.optim.micro_batches = 144  # 576 rows -> micro-batches of 4 rows
-    c.mesh.fsdp = -1
+    c.mesh.fsdp = -1  # every device (one: one chip)
+    c.mesh.tensor = 1
     return c

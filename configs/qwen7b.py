@@ -51,7 +51,9 @@ def get_config():
     c.train.checkpoint_every = 10
     c.eval.every = 10
     c.eval.max_new_tokens = 4096
+    # training shards the state over all 8 devices (fsdp x tensor); the rollout runs 4 data-parallel groups,
+    # each holding the bfloat16 weights split over 2 devices (a whole copy per device would take 15 GB)
     c.mesh.data = 1
-    c.mesh.fsdp = 8
-    c.mesh.tensor = 1
+    c.mesh.fsdp = 4
+    c.mesh.tensor = 2
     return c

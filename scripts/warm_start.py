@@ -106,8 +106,8 @@ def make_warm_start(cfg: Any, out: Path, *, rows: int = 8000, validation: int = 
             valid_path = _fresh_rows(base, validation, base.seed + 2, held_out, Path(tmp) / "validation.jsonl")
             exclude = held_out | {r["problem"] for r in load_dataset_file(valid_path).rows}
             base.data.train_path = str(_fresh_rows(base, rows, base.seed + 1, exclude, Path(tmp) / "rows.jsonl"))
-            valid = builders.build_prompts(apply_overrides(base, [f"data.train_path={valid_path}"]),
-                                           text.tokenizer).train
+            valid_cfg = apply_overrides(base, [f"data.train_path={valid_path}", "data.questions_per_step=1"])
+            valid = builders.build_prompts(valid_cfg, text.tokenizer).train
             check = _Validation(base, text, valid, target)
         elif rows > 0:
             raise ValueError("--rows needs a config with a built-in task (toy.enabled); use --rows 0")

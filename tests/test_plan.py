@@ -158,10 +158,13 @@ def test_length_ladder() -> None:
     assert all(length % 128 == 0 for length in length_ladder(10_000))
 
 
-def test_persistent_compilation_cache(tmp_path: Path) -> None:
+def test_persistent_compilation_cache(tmp_path: Path, monkeypatch) -> None:
     before = jax.config.jax_compilation_cache_dir
     try:
         cfg = _cfg(f"workdir={tmp_path}")
+        monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "shared"))
+        assert setup.enable_compilation_cache(cfg) == tmp_path / "shared"
+        monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
         assert setup.enable_compilation_cache(cfg) == tmp_path / "jax_cache"
         assert jax.config.jax_compilation_cache_dir == str(tmp_path / "jax_cache")
         assert setup.enable_compilation_cache(_cfg("train.compilation_cache_dir=")) is None

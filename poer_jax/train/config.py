@@ -193,7 +193,8 @@ SCHEMA: dict[str, Any] = {
         "samples_every": _f(10, int, "log one group's completions every N steps (console and samples.jsonl); "
                             "0 = off", min=0, resume_safe=True),
         "export_final": _f(True, bool, "write workdir/export as an HF directory at the end", resume_safe=True),
-        "compilation_cache_dir": _f(None, str, "JAX persistent compilation cache; default workdir/jax_cache, '' = off",
+        "compilation_cache_dir": _f(None, str, "JAX persistent compilation cache; default $JAX_COMPILATION_CACHE_DIR, "
+                                    "else workdir/jax_cache; '' = off",
                                     optional=True, resume_safe=True),
     },
     "eval": {

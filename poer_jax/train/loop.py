@@ -86,7 +86,6 @@ class PoerTrainer:
             cfg = setup.prepare_toy(cfg)
         if cfg.warm_start.path:
             cfg = setup.use_warm_start(cfg)
-        setup.enable_compilation_cache(cfg)
         self.mesh, self.rows = builders.build_mesh(cfg)
         builders.check_before_work(cfg, self.mesh)  # batch layout and resident memory, before any loading
         text = builders.build_text(cfg)
@@ -101,6 +100,7 @@ class PoerTrainer:
         # the config recorded); toy/ and warm_start/ are caches
         run_dir.prepare(self.cfg, self.start, main_process=is_main_process())
         barrier("poer_jax.run_dir")
+        setup.enable_compilation_cache(cfg)  # workdir/jax_cache: written only once the inputs are known good
         self.cfg = cfg
         self.checkpointer = Checkpointer(self.workdir / run_dir.CHECKPOINTS, keep=cfg.train.keep_checkpoints,
                                          broken_directory=self.workdir / run_dir.BROKEN)

@@ -49,13 +49,16 @@ def skip_absent_tpu() -> bool:
 
 
 def enable_compilation_cache(cfg: ml_collections.ConfigDict) -> Path | None:
-    """Turn on JAX's persistent compilation cache in ``train.compilation_cache_dir`` (default
-    ``workdir/jax_cache``; '' = off): a restarted or resumed run loads its compiled programs instead of
-    compiling them again (minutes each at 7B scale). Returns the directory."""
+    """Turn on JAX's persistent compilation cache in ``train.compilation_cache_dir`` (default: the
+    ``JAX_COMPILATION_CACHE_DIR`` environment variable when set, else ``workdir/jax_cache``; '' = off): a
+    restarted or resumed run loads its compiled programs instead of compiling them again (minutes each at
+    7B scale). Returns the directory."""
     d = cfg.train.compilation_cache_dir
     if d == "":
         return None
-    path = Path(d) if d is not None else Path(cfg.workdir) / "jax_cache"
+    if d is None:
+        d = os.environ.get("JAX_COMPILATION_CACHE_DIR") or Path(cfg.workdir) / "jax_cache"
+    path = Path(d)
     path.mkdir(parents=True, exist_ok=True)
     if jax.config.jax_compilation_cache_dir != str(path):
         from jax.experimental.compilation_cache import compilation_cache
