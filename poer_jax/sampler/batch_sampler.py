@@ -43,13 +43,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 
 from poer_jax.model.config import QwenConfig, dtype_from_name
 from poer_jax.model.qwen import Params
 from poer_jax.model.sharding import replicated, shard_params
 from poer_jax.sampler.engine import (
-    DECODE_STATIC,
+    DECODE_LOOP_STATIC,
     DecodeState,
     InsertArrays,
     Outputs,
@@ -57,13 +57,15 @@ from poer_jax.sampler.engine import (
     empty_state,
     insert_core,
     prefill_core,
+    unroll_decode_layers,
 )
 from poer_jax.sampler.paged_attention import (
     SharedPrefix,
     attention_chunk_pages,
+    attention_kernel,
     dynamic_attention_chunks,
+    empty_pool,
     kv_sharding,
-    pool_shape,
 )
 from poer_jax.sampler.pages import (
     GroupPages,
@@ -170,7 +172,7 @@ def _prefill_insert(
 
 _decode_jit = jax.jit(
     decode_loop,
-    static_argnames=DECODE_STATIC,
+    static_argnames=DECODE_LOOP_STATIC,
     donate_argnames=("state", "out"),
 )
 
@@ -180,17 +182,26 @@ class GroupSampler:
 
     def __init__(self, params: Params, cfg: QwenConfig, sampler_cfg: SamplerConfig, mesh: Mesh | None = None):
         self.cfg, self.scfg, self.mesh = cfg, sampler_cfg, mesh
-        self.kv_shard = kv_sharding(cfg, mesh)
+        self.attention_kernel = attention_kernel(sampler_cfg, mesh)
+        self.kv_shard = kv_sharding(cfg, mesh, self.attention_kernel)
         self.kv_dtype = dtype_from_name(sampler_cfg.kv_dtype or cfg.dtype)
         self.dynamic_chunks = dynamic_attention_chunks(sampler_cfg, mesh)
         self.chunk_pages = attention_chunk_pages(sampler_cfg, mesh)
+        self.unroll_layers = unroll_decode_layers(sampler_cfg, mesh)
         self.allocator = PageAllocator(sampler_cfg.num_pages)
+        self._device = min(jax.tree.leaves(params)[0].devices(), key=lambda d: d.id)  # used without a mesh
         self.params = self._place(params)
         self._pool: tuple[jax.Array, jax.Array] | None = None
         self.last_plan: CallPlan | None = None
 
     def _place(self, params: Params) -> Params:
-        return params if self.mesh is None else shard_params(params, self.cfg, self.mesh)
+        """Weights in one canonical placement, whatever produced them (``load_hf`` puts them on a one-device
+        mesh, ``init_params`` on the default device): input shardings are part of a compiled program's key,
+        so a call after ``update_params`` reuses the programs of the first call. Without a mesh everything
+        lives on one device: the device of the weights given to the constructor."""
+        if self.mesh is not None:
+            return shard_params(params, self.cfg, self.mesh)
+        return jax.device_put(params, SingleDeviceSharding(self._device))
 
     def update_params(self, params: Params) -> None:
         """Swap in new weights (same shapes / dtypes: the compiled programs are reused)."""
@@ -198,9 +209,8 @@ class GroupSampler:
 
     def _pages(self) -> tuple[jax.Array, jax.Array]:
         if self._pool is None or any(p.is_deleted() for p in self._pool):
-            k = jnp.zeros(pool_shape(self.cfg, self.scfg), self.kv_dtype)
-            k = k if self.kv_shard is None else jax.device_put(k, self.kv_shard)
-            self._pool = (k, jnp.zeros_like(k))
+            placement = self._device if self.kv_shard is None else self.kv_shard
+            self._pool = empty_pool(self.cfg, self.scfg, self.kv_dtype, self.attention_kernel, placement)
         return self._pool
 
     def plan(
@@ -292,7 +302,8 @@ class GroupSampler:
         i), token t of it fold_in(that, t)). ``group_offset``: the first prompt's index in a larger batch
         split over calls or processes, so each prompt draws the same samples however the batch is split.
         ``sampling`` overrides ``sampler_cfg.sampling`` for this call. With a ``timing`` dict, prefill and
-        decode are synchronised and timed ('prefill_s', 'decode_s'; benchmarks).
+        decode are synchronised and timed ('prefill_s', 'decode_s' wall; 'prefill_cpu_s', 'decode_cpu_s' the
+        process's CPU time, which a loaded machine inflates less; benchmarks).
         """
         if int(group_offset) != group_offset or not 0 <= group_offset < 2**31:
             raise SamplerError(f"group_offset must be an int in [0, 2**31), got {group_offset!r}")
@@ -316,7 +327,7 @@ class GroupSampler:
                 )
             )
             key = put(as_key(key))
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for first_group, tokens, true_lens, arrays in chunks:
                 state, out = _prefill_insert(
                     self.params,
@@ -336,8 +347,8 @@ class GroupSampler:
                 )
             if timing is not None:
                 jax.block_until_ready((state, out))
-                t1 = time.perf_counter()
-                timing["prefill_s"] = t1 - t0
+                t1, c1 = time.perf_counter(), time.process_time()
+                timing["prefill_s"], timing["prefill_cpu_s"] = t1 - t0, c1 - c0
             shared = put(SharedPrefix(*(jnp.asarray(x) for x in plan.shared_prefix())))
             state, out, steps = _decode_jit(
                 self.params,
@@ -352,11 +363,13 @@ class GroupSampler:
                 self.dynamic_chunks,
                 shared,
                 plan.shared_chunk_pages,
+                unroll_layers=self.unroll_layers,
+                attention_kernel=self.attention_kernel,
             )
             self._pool = (state.k_pages, state.v_pages)
             host = jax.device_get((out, state.num_generated, state.finish, steps))
             if timing is not None:
-                timing["decode_s"] = time.perf_counter() - t1
+                timing["decode_s"], timing["decode_cpu_s"] = time.perf_counter() - t1, time.process_time() - c1
         finally:
             for grp in plan.groups:
                 grp.release(self.allocator)

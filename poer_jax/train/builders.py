@@ -143,7 +143,7 @@ def sampler_config(cfg: ml_collections.ConfigDict, text: TextSide, rows: Process
     return SamplerConfig(page_size=R.page_size, num_pages=num_pages, max_slots=slots,
                          max_pages_per_seq=_pow2(pages_per_seq), max_prefill_length=max_seq,
                          eos_ids=text.eos_ids, pad_id=text.pad_id, sampling=sampling_params(cfg)[0],
-                         kv_dtype=cfg.model.dtype)
+                         kv_dtype=cfg.model.dtype, attention_kernel=R.attention_kernel, layer_loop=R.layer_loop)
 
 
 def build_sampler(cfg: ml_collections.ConfigDict, mcfg: QwenConfig, mesh: Mesh, rows: ProcessRows,

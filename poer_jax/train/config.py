@@ -74,6 +74,10 @@ SCHEMA: dict[str, Any] = {
         "max_completion_len": _f(4096, int, min=1),
         "page_size": _f(16, int, min=1),
         "num_pages": _f(0, int, "KV page pool size; 0 = enough for one step", min=0),
+        "attention_kernel": _f("auto", str, "decode attention: auto (by platform), xla (pure JAX), pallas_gpu "
+                               "(Triton), pallas_tpu (Mosaic)", choices=("auto", "xla", "pallas_gpu", "pallas_tpu")),
+        "layer_loop": _f("auto", str, "decode step over layers: auto (unrolled on CPU), scan, unrolled",
+                         choices=("auto", "scan", "unrolled")),
     },
     "cache": {
         "init": _f("sample", str, "sample: one answer per question from the initial policy (Eq. 1)",
