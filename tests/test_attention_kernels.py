@@ -17,6 +17,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from poer_jax.sampler import GroupSampler, SamplerConfig, SamplingParams
+from poer_jax.sampler.engine import DECODE_COMPILER_OPTIONS
 from poer_jax.sampler.paged_attention import (
     XLA,
     AttentionKernel,
@@ -161,7 +162,7 @@ def test_tpu_kernel_compiles_for_a_tpu_topology() -> None:
         spec((Ng, Pw)), spec((Ng,)),
     )
     with jax.set_mesh(mesh):
-        compiled = jax.jit(attend).lower(*args).compile()
+        compiled = jax.jit(attend, compiler_options=DECODE_COMPILER_OPTIONS).lower(*args).compile()
     assert compiled.memory_analysis().output_size_in_bytes >= B * Hq * hd * 2
 
 

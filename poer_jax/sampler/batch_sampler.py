@@ -49,6 +49,7 @@ from poer_jax.model.config import QwenConfig, dtype_from_name
 from poer_jax.model.qwen import Params
 from poer_jax.model.sharding import replicated, shard_params
 from poer_jax.sampler.engine import (
+    DECODE_COMPILER_OPTIONS,
     DECODE_LOOP_STATIC,
     DecodeState,
     InsertArrays,
@@ -174,6 +175,7 @@ _decode_jit = jax.jit(
     decode_loop,
     static_argnames=DECODE_LOOP_STATIC,
     donate_argnames=("state", "out"),
+    compiler_options=DECODE_COMPILER_OPTIONS,
 )
 
 

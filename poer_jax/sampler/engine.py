@@ -388,12 +388,18 @@ DECODE_STATIC = (
     "attention_kernel",
 )
 DECODE_LOOP_STATIC = (*DECODE_STATIC, "unroll_layers")
+# XLA options of the decode programs. XLA:CPU's YNNPACK dot fusions run the decode step's small-M matmuls
+# (M = decode slots, e.g. 8) about 1.3x slower than its Eigen dots (measured on the h896 shape: 164 -> 134 ms
+# CPU per step; docs/benchmarks.md), so the decode programs compile without them. Other backends ignore the
+# option (it is a field of the shared DebugOptions; the TPU-topology compile test compiles with it).
+DECODE_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 _prefill_jit = jax.jit(prefill_core, static_argnames=("cfg", "sp", "kv_dtype"))
 _insert_jit = jax.jit(insert_core, static_argnames=("eos_ids", "kv_shard"), donate_argnames=("state",))
 _generate_jit = jax.jit(
     decode_step,
     static_argnames=DECODE_STATIC,
     donate_argnames=("state",),
+    compiler_options=DECODE_COMPILER_OPTIONS,
 )
 
 
