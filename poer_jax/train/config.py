@@ -81,6 +81,10 @@ SCHEMA: dict[str, Any] = {
                                 optional=True, min=0.0, max=1.0),
         "num_pages": _f(0, int, "KV pages per device, overriding the budget; 0 = from kv_cache_gb / "
                         "kv_cache_fraction", min=0),
+        "attention_kernel": _f("auto", str, "decode attention: auto (by platform), xla (pure JAX), pallas_gpu "
+                               "(Triton), pallas_tpu (Mosaic)", choices=("auto", "xla", "pallas_gpu", "pallas_tpu")),
+        "layer_loop": _f("auto", str, "decode step over layers: auto (unrolled on CPU), scan, unrolled",
+                         choices=("auto", "scan", "unrolled")),
     },
     "cache": {
         "init": _f("sample", str, "sample: one answer per question from the initial policy (Eq. 1)",
