@@ -109,7 +109,13 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 
 
 def _linear(x: jax.Array, w: jax.Array, b: jax.Array | None, dtype: Any) -> jax.Array:
-    y = jnp.einsum("...d,df->...f", x.astype(dtype), w.astype(dtype))
+    """y = x w (+ b) over the last axis of x [..., D], w [D, F].
+
+    One 2-D matmul over the flattened leading axes: the same products as an einsum (forward bit-identical),
+    but XLA:CPU runs the backward of a 2-D dot as two plain GEMMs instead of batched dots with transposes
+    (about 1.5x faster model backward on CPU, see README)."""
+    lead = x.shape[:-1]
+    y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(dtype), w.astype(dtype)).reshape(*lead, w.shape[-1])
     return y if b is None else y + b.astype(dtype)
 
 

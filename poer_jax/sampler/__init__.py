@@ -8,7 +8,9 @@ Public API:
   SamplingParams, sample_tokens, top_p_threshold     sampling.py
   paged_decode_attention                             paged_attention.py
 Inside: scheduler.py (groups -> devices, admission, page release), sharded.py (the device programs under
-shard_map), budget.py (KV pages from a memory budget), programs.py (the programs for the plan command).
+shard_map), budget.py (KV pages from a memory budget), programs.py (the programs for the plan command),
+pallas_gpu.py / pallas_tpu.py (JAX's Pallas paged-attention kernels behind paged_decode_attention,
+``SamplerConfig.attention_kernel``), compiles.py (compilation counting: the no-recompile tests, benchmarks).
 """
 
 from poer_jax.sampler.batch_sampler import GroupSampler, SampleOutput

@@ -54,14 +54,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 from poer_jax.model.config import QwenConfig, dtype_from_name
 from poer_jax.model.qwen import Params
 from poer_jax.model.sharding import decode_param_shardings
-from poer_jax.sampler.engine import InsertArrays
-from poer_jax.sampler.paged_attention import attention_chunk_pages, dynamic_attention_chunks
+from poer_jax.sampler.engine import InsertArrays, unroll_decode_layers
+from poer_jax.sampler.paged_attention import attention_chunk_pages, attention_kernel, dynamic_attention_chunks
 from poer_jax.sampler.pages import (
     PageAllocator,
     SamplerConfig,
@@ -81,7 +81,8 @@ from poer_jax.sampler.sharded import (
     decode_weights,
     empty_buffers,
     empty_slots,
-    pool_sharding,
+    pool_shapes,
+    pool_shardings,
     prefill_insert,
     rows_sharding,
 )
@@ -131,8 +132,16 @@ class GroupSampler:
         self.kv_dtype = dtype_from_name(sampler_cfg.kv_dtype or cfg.dtype)
         self.dynamic_chunks = dynamic_attention_chunks(sampler_cfg, mesh)
         self.chunk_pages = attention_chunk_pages(sampler_cfg, mesh)
+        self.attention_kernel = attention_kernel(sampler_cfg, mesh)
+        self.unroll_layers = unroll_decode_layers(sampler_cfg, mesh)
         self.allocators = [PageAllocator(sampler_cfg.num_pages) for _ in range(self.shards)]
-        self.param_shardings = None if mesh is None else decode_param_shardings(cfg, mesh)
+        # without a mesh everything lives on one device: the (lowest) device of the weights given here
+        self._device = min(jax.tree.leaves(params)[0].devices(), key=lambda d: d.id)
+        if mesh is None:
+            one = SingleDeviceSharding(self._device)
+            self.param_shardings = jax.tree.map(lambda _: one, params)
+        else:
+            self.param_shardings = decode_param_shardings(cfg, mesh)
         self._reshard = jax.jit(partial(decode_weights, cfg=cfg), out_shardings=self.param_shardings)
         self.params = self._place(params)
         self._pool: tuple[jax.Array, jax.Array] | None = None
@@ -145,16 +154,28 @@ class GroupSampler:
         if not all(isinstance(x, jax.Array) and (x.dtype == dt or not jnp.issubdtype(x.dtype, jnp.floating))
                    for x in leaves):
             return False
-        if self.param_shardings is None:
-            return True
         targets = jax.tree.leaves(self.param_shardings)
+        # exact sharding types and committed arrays: input shardings key the compiled programs, and a one-device
+        # mesh (``load_hf``) or an uncommitted array (``init_params``) is equivalent to, but not the same key as,
+        # an array committed to a single device
         return len(targets) == len(leaves) and all(
-            x.sharding.is_equivalent_to(t, x.ndim) for x, t in zip(leaves, targets, strict=True))
+            x.committed and type(x.sharding) is type(t) and x.sharding.is_equivalent_to(t, x.ndim)
+            for x, t in zip(leaves, targets, strict=True))
 
     def _place(self, params: Params) -> Params:
-        """The decode layout (``decode_param_shardings``) in the compute dtype (``decode_weights``), from any
-        layout: one jitted reshard and cast on device (nothing when ``params`` are laid out so already)."""
-        return params if self._placed(params) else self._reshard(params)
+        """The decode layout (``decode_param_shardings``; one device without a mesh) in the compute dtype
+        (``decode_weights``), whatever produced ``params`` (``load_hf``'s one-device mesh, ``init_params``'s
+        default device, the trainer's FSDP layout): one jitted reshard and cast on device (nothing when
+        ``params`` are laid out so already). One canonical placement, so a call after ``update_params`` reuses
+        the programs of the first call. Weights on other devices than the sampler's are first moved there."""
+        if self._placed(params):
+            return params
+        targets = jax.tree.leaves(self.param_shardings)
+        leaves = jax.tree.leaves(params)
+        if any(not isinstance(x, jax.Array) or x.sharding.device_set != t.device_set
+               for x, t in zip(leaves, targets, strict=True)):
+            params = jax.device_put(params, self.param_shardings)  # device to device, then cast below
+        return self._reshard(params)
 
     def update_params(self, params: Params) -> None:
         """Swap in new weights (same shapes: the compiled programs are reused)."""
@@ -169,17 +190,22 @@ class GroupSampler:
 
     @property
     def pool_shape(self) -> tuple[int, ...]:
-        """Global K (or V) pool [L, Hkv, D * num_pages, page, hd]; each device of the batch axes holds
-        num_pages of its pages."""
-        c, s = self.cfg, self.scfg
-        return (c.num_layers, c.num_kv_heads, self.shards * s.num_pages, s.page_size, c.head_dim)
+        """Global K (or V) pool [L, Hkv, D * num_pages, page, hd] (the fused K/V pool [L, D * num_pages, page,
+        2 Hkv, hd] with the pallas_tpu kernel); each device of the batch axes holds num_pages of its pages."""
+        return pool_shapes(self.cfg, self.scfg, self.shards, self.attention_kernel)[0]
 
     def _pages(self) -> tuple[jax.Array, jax.Array]:
         if self._pool is None or any(p.is_deleted() for p in self._pool):
-            zeros = lambda: jnp.zeros(self.pool_shape, self.kv_dtype)  # noqa: E731
-            make = jax.jit(zeros, out_shardings=None if self.mesh is None else pool_sharding(self.cfg, self.mesh))
-            self._pool = (make(), make())  # created in place, never whole on one device
-        return self._pool
+            if self.mesh is None:
+                one = SingleDeviceSharding(self._device)
+                places = (one, one)
+            else:
+                places = pool_shardings(self.cfg, self.mesh, self.attention_kernel)
+            shapes = pool_shapes(self.cfg, self.scfg, self.shards, self.attention_kernel)
+            self._pool = tuple(  # type: ignore[assignment]
+                jax.jit(partial(jnp.zeros, shape, self.kv_dtype), out_shardings=place)()  # created in place
+                for shape, place in zip(shapes, places, strict=True))
+        return self._pool  # type: ignore[return-value]
 
     @property
     def num_free_pages(self) -> int:
@@ -218,7 +244,8 @@ class GroupSampler:
         """Host arrays whose leading axis is D x local rows -> device arrays split over the batch axes
         (scalars replicated)."""
         if self.mesh is None:
-            return jax.tree.map(jnp.asarray, tree)
+            one = SingleDeviceSharding(self._device)
+            return jax.tree.map(lambda x: jax.device_put(x, one), tree)
         mesh = self.mesh
         return jax.tree.map(
             lambda x: jax.device_put(x, rows_sharding(mesh, x.ndim) if np.ndim(x) else NamedSharding(mesh, P())),
@@ -251,7 +278,8 @@ class GroupSampler:
         i), token t of it fold_in(that, t)). ``group_offset``: the first prompt's index in a larger batch
         split over calls or processes, so each prompt draws the same samples however the batch is split.
         ``sampling`` overrides ``sampler_cfg.sampling`` for this call. With a ``timing`` dict, prefill and
-        decode are synchronised and timed ('prefill_s', 'decode_s'; benchmarks).
+        decode are synchronised and timed ('prefill_s', 'decode_s' wall; 'prefill_cpu_s', 'decode_cpu_s' the
+        process's CPU time, which a loaded machine inflates less; benchmarks).
         """
         if int(group_offset) != group_offset or not 0 <= group_offset < 2**31:
             raise SamplerError(f"group_offset must be an int in [0, 2**31), got {group_offset!r}")
@@ -265,7 +293,8 @@ class GroupSampler:
         sched = Scheduler(plan.groups, self.allocators, sh, s.page_size, s.pad_id, int(group_offset),
                           s.refill_fraction)
         if timing is not None:
-            timing["prefill_s"] = timing["decode_s"] = 0.0
+            for name in ("prefill_s", "decode_s", "prefill_cpu_s", "decode_cpu_s"):
+                timing[name] = 0.0
         steps = segments = 0
         try:
             key = self._put(as_key(key))
@@ -274,7 +303,7 @@ class GroupSampler:
                 admitted = sched.admit()
                 if not any(admitted) and not any(sched.running):
                     raise SamplerError("sampler: no group can be admitted and none is running")  # a bug guard
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 for batch in sched.prefill_batches(admitted, s.num_pages) if any(admitted) else []:
                     state, out = prefill_insert(
                         self.params, state, out, self._prefill_batch(batch), key, cfg=self.cfg, sp=sp,
@@ -282,12 +311,14 @@ class GroupSampler:
                 if timing is not None:
                     jax.block_until_ready((state, out))
                     timing["prefill_s"] += time.perf_counter() - t0
-                t1 = time.perf_counter()
+                    timing["prefill_cpu_s"] += time.process_time() - c0
+                t1, c1 = time.perf_counter(), time.process_time()
                 last = sched.pending == 0  # nothing waits: this segment runs every slot to its end
                 state, out, seg_steps = decode_segment(
                     self.params, state, out, SegmentControl(**self._put(sched.control())), cfg=self.cfg, sp=sp,
                     eos_ids=s.eos_ids, chunk_pages=sh.chunk_pages, pad_id=s.pad_id,
-                    dynamic_chunks=self.dynamic_chunks, shared_chunk_pages=sh.shared_chunk_pages, mesh=self.mesh)
+                    dynamic_chunks=self.dynamic_chunks, shared_chunk_pages=sh.shared_chunk_pages, mesh=self.mesh,
+                    unroll_layers=self.unroll_layers, attention_kernel=self.attention_kernel)
                 segments += 1
                 if last:
                     host, seg_steps = jax.device_get((out, seg_steps))
@@ -296,6 +327,7 @@ class GroupSampler:
                     sched.release(np.asarray(active))
                 if timing is not None:
                     timing["decode_s"] += time.perf_counter() - t1
+                    timing["decode_cpu_s"] += time.process_time() - c1
                 steps += int(np.asarray(seg_steps)[0])
                 if last:
                     break

@@ -42,12 +42,15 @@ from poer_jax.model.qwen import (
     logits_from_hidden,
 )
 from poer_jax.sampler.paged_attention import (
+    XLA,
+    AttentionKernel,
     SharedPrefix,
     attention_chunk_pages,
+    attention_kernel,
     dynamic_attention_chunks,
+    empty_pool,
     kv_sharding,
     paged_decode_attention,
-    pool_shape,
     write_decode_kv,
     write_prefill_pages,
 )
@@ -86,8 +89,8 @@ class DecodeState(NamedTuple):
     """Device state of all decode slots. ``lengths`` = cached tokens = position of ``cur_token`` (sampled, its
     KV not yet computed); ``num_generated`` counts returned tokens including ``cur_token``."""
 
-    k_pages: jax.Array  # [L, Hkv, N, page, hd]
-    v_pages: jax.Array
+    k_pages: jax.Array  # [L, Hkv, N, page, hd]; the fused [L, N, page, 2 Hkv, hd] with pallas_tpu
+    v_pages: jax.Array  # like k_pages; with pallas_tpu an empty placeholder (paged_attention.pool_shapes)
     page_table: jax.Array  # [S, P] int32
     lengths: jax.Array  # [S] int32
     cur_token: jax.Array  # [S] int32
@@ -127,7 +130,9 @@ class InsertArrays(NamedTuple):
 
 
 def _constrain(x: jax.Array, sharding: NamedSharding | None) -> jax.Array:
-    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+    if sharding is None or x.size == 0:  # size 0: the fused pool's v_pages placeholder
+        return x
+    return jax.lax.with_sharding_constraint(x, sharding)
 
 
 def _is_eos(tok: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
@@ -224,14 +229,16 @@ def decode_step(
     dynamic_chunks: bool = True,
     shared: SharedPrefix | None = None,
     shared_chunk_pages: int = 1,
+    attention_kernel: AttentionKernel = XLA,
 ) -> tuple[DecodeState, ResultTokens]:
     """Feed each slot's ``cur_token`` at position ``lengths``, sample the next token, store its KV.
 
     Inactive slots compute along (static shapes) but write no KV and return ``pad_id`` / invalid. With
     ``shared`` (cascade attention, slots group-major), ``page_table`` holds each slot's private pages only.
+    ``params["layers"]`` is stacked (one ``lax.scan``) or a tuple of per-layer dicts (``unstack_layers``:
+    the step is unrolled over layers); ``attention_kernel`` picks the paged-attention code.
     """
     pos = state.lengths
-    layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
 
     def layer(x: jax.Array, xs: tuple[Params, jax.Array]) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         lp, li = xs
@@ -249,12 +256,20 @@ def decode_step(
             dynamic_chunks,
             shared,
             shared_chunk_pages,
+            attention_kernel,
         )
         return attention_output(lp, cfg, x, attn[:, None]), (k[:, 0].swapaxes(0, 1), v[:, 0].swapaxes(0, 1))
 
-    x, (k_new, v_new) = jax.lax.scan(
-        layer, embed(params, cfg, state.cur_token[:, None]), (params["layers"], layer_ids)
-    )
+    x = embed(params, cfg, state.cur_token[:, None])
+    if isinstance(params["layers"], (tuple, list)):  # unstacked (see ``unstack_layers``): one block per layer
+        kv = []
+        for i, lp in enumerate(params["layers"]):
+            x, kv_i = layer(x, (lp, jnp.int32(i)))
+            kv.append(kv_i)
+        k_new, v_new = (jnp.stack(t) for t in zip(*kv, strict=True))
+    else:
+        layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+        x, (k_new, v_new) = jax.lax.scan(layer, x, (params["layers"], layer_ids))
     logits = logits_from_hidden(params, cfg, final_norm(params, cfg, x[:, 0]))
     tok, lp, plp = sample_tokens(logits, token_keys(state.keys, state.num_generated), sp)
     active = state.active
@@ -288,6 +303,27 @@ def decode_step(
     return new_state, result
 
 
+def unstack_layers(params: Params, cfg: QwenConfig) -> Params:
+    """``params`` with ``layers`` as a tuple of per-layer dicts (static slices of the stacked arrays).
+
+    Why: inside a loop, a layer scan reads layer l's weights through a dynamic slice, which XLA:CPU
+    materialises before every matmul, so each decode step copies all weights once on top of reading them.
+    Sliced once outside the decode loop, the copies happen once per call and the step reads the weights only.
+    """
+    stacked = params["layers"]
+    layers = tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(cfg.num_layers))
+    return {**params, "layers": layers}
+
+
+def unroll_decode_layers(scfg: SamplerConfig, mesh: Mesh | None) -> bool:
+    """``SamplerConfig.layer_loop``; 'auto' unrolls on CPU, where it avoids a copy of every layer's weights per
+    step (measured: see docs/benchmarks.md); TPU and GPU keep the scan (smaller programs)."""
+    if scfg.layer_loop != "auto":
+        return scfg.layer_loop == "unrolled"
+    device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
+    return device.platform == "cpu"
+
+
 DECODE_STATIC = (
     "cfg",
     "sp",
@@ -297,13 +333,20 @@ DECODE_STATIC = (
     "kv_shard",
     "dynamic_chunks",
     "shared_chunk_pages",
+    "attention_kernel",
 )
+# XLA options of the decode programs. XLA:CPU's YNNPACK dot fusions run the decode step's small-M matmuls
+# (M = decode slots, e.g. 8) about 1.3x slower than its Eigen dots (measured on the h896 shape: 164 -> 134 ms
+# CPU per step; docs/benchmarks.md), so the decode programs compile without them. Other backends ignore the
+# option (it is a field of the shared DebugOptions; the TPU-topology compile test compiles with it).
+DECODE_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 _prefill_jit = jax.jit(prefill_core, static_argnames=("cfg", "sp", "kv_dtype"))
 _insert_jit = jax.jit(insert_core, static_argnames=("eos_ids", "kv_shard"), donate_argnames=("state",))
 _generate_jit = jax.jit(
     decode_step,
     static_argnames=DECODE_STATIC,
     donate_argnames=("state",),
+    compiler_options=DECODE_COMPILER_OPTIONS,
 )
 
 
@@ -315,7 +358,8 @@ class PagedEngine:
         self.allocator = PageAllocator(scfg.num_pages)
         self.chunk_pages = min(attention_chunk_pages(scfg, mesh), scfg.max_pages_per_seq)
         self.table_width = round_up(scfg.max_pages_per_seq, self.chunk_pages)
-        self.kv_shard = kv_sharding(cfg, mesh)
+        self.attention_kernel = attention_kernel(scfg, mesh)
+        self.kv_shard = kv_sharding(cfg, mesh, self.attention_kernel)
         self.kv_dtype = dtype_from_name(scfg.kv_dtype or cfg.dtype)
         self.dynamic_chunks = dynamic_attention_chunks(scfg, mesh)
         self._slot_pages: dict[int, list[int]] = {}
@@ -329,12 +373,9 @@ class PagedEngine:
         return self.scfg.max_prefill_length
 
     def init_decode_state(self) -> DecodeState:
-        cfg, s = self.cfg, self.scfg
-        shape = pool_shape(cfg, s)
-        pages = jnp.zeros(shape, self.kv_dtype)
-        if self.kv_shard is not None:
-            pages = jax.device_put(pages, self.kv_shard)
-        return empty_state(pages, jnp.zeros_like(pages), s.max_slots, self.table_width)
+        placement = self.kv_shard if self.kv_shard is not None else jax.devices()[0]
+        k, v = empty_pool(self.cfg, self.scfg, self.kv_dtype, self.attention_kernel, placement)
+        return empty_state(k, v, self.scfg.max_slots, self.table_width)
 
     def prefill(
         self, *, params: Params, padded_tokens: Any, true_length: int, key: jax.Array, num_samples: int = 1
@@ -433,6 +474,7 @@ class PagedEngine:
             s.pad_id,
             self.kv_shard,
             self.dynamic_chunks,
+            attention_kernel=self.attention_kernel,
         )
 
     def free_resource(self, slot: int, decode_state: DecodeState | None = None) -> DecodeState | None:

@@ -18,23 +18,60 @@ reads only the pages that hold tokens (up to the longest sequence of the batch) 
 whole table (on GPU a fixed count over the whole table is used instead, see ``dynamic_chunks``).
 GQA: query head h reads KV head h // (Hq / Hkv). Scores and softmax are float32, as in the model's
 ``dense_attention``. With a ``SharedPrefix`` (cascade attention) a group's common prompt pages are read once
-for all its samples. A Pallas / Triton kernel can later replace this function behind the same signature.
+for all its samples.
+
+Kernels (``AttentionKernel``; ``SamplerConfig.attention_kernel``): 'xla' is the code below (any backend, the
+reference); 'pallas_gpu' attends the pages with JAX's Triton paged-attention kernel (pallas_gpu.py),
+'pallas_tpu' with JAX's Mosaic ragged paged-attention kernel (pallas_tpu.py). Each part of the context (the
+new token, the group's shared prefix, the sample's own pages) yields a partial softmax state (m, l, a), and
+the parts are merged exactly (``merge``), whichever computed them. The TPU kernel reads K and V of a page
+from one array, so with it the pool is one fused array ``[L, N, page, 2 * Hkv, hd]`` (K of head h at 2h, V
+at 2h + 1) held in ``k_pages``, and ``v_pages`` is an empty placeholder (``pool_shapes``); the writes below
+handle both layouts.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, Sharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 from poer_jax.model.config import QwenConfig
-from poer_jax.sampler.pages import SamplerConfig
+from poer_jax.model.sharding import BATCH_AXES
+from poer_jax.sampler import pallas_gpu, pallas_tpu
+from poer_jax.sampler.pages import SamplerConfig, SamplerError
 
 _NEG_INF = -1e30
 Carry = tuple[jax.Array, jax.Array, jax.Array]  # running max m, normaliser l, accumulator a
+
+
+class AttentionKernel(NamedTuple):
+    """Which code attends the pages (a static argument of the decode programs).
+
+    name: 'xla' | 'pallas_gpu' | 'pallas_tpu' (module docstring). interpret: run a Pallas kernel in interpret
+    mode (a kernel chosen for another platform than the one it runs on: CPU tests)."""
+
+    name: str = "xla"
+    interpret: bool = False
+
+    @property
+    def fused_pool(self) -> bool:
+        """The pool is one K/V array (the TPU kernel's layout)."""
+        return self.name == "pallas_tpu"
+
+
+XLA = AttentionKernel()
+
+
+def merge(a: Carry, b: Carry) -> Carry:
+    """Exact merge of two partial softmax states over disjoint key sets:
+    m = max(m1, m2), l = l1 e^{m1 - m} + l2 e^{m2 - m}, a = a1 e^{m1 - m} + a2 e^{m2 - m}."""
+    m = jnp.maximum(a[0], b[0])
+    c1, c2 = jnp.exp(a[0] - m), jnp.exp(b[0] - m)
+    return m, a[1] * c1 + b[1] * c2, a[2] * c1[..., None] + b[2] * c2[..., None]
 
 
 class SharedPrefix(NamedTuple):
@@ -94,6 +131,35 @@ def _accumulate(
     return jax.lax.fori_loop(0, P // chunk_pages, chunk, carry)
 
 
+def _part(
+    kernel: AttentionKernel,
+    qg: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    layer: jax.Array,
+    table: jax.Array,
+    start: jax.Array,
+    lengths: jax.Array,
+    chunk_pages: int,
+    dynamic_chunks: bool,
+    carry: Carry,
+) -> Carry:
+    """``carry`` merged with the attention of qg [Hkv, R, Gq, hd] over each row's pages (positions start[r]
+    onwards, those < lengths[r] valid), by the chosen kernel."""
+    if kernel.name == "xla":
+        if kernel.fused_pool or v_pages.size == 0:
+            raise SamplerError("paged attention: the 'xla' kernel reads the split pool layout")
+        return _accumulate(qg, k_pages, v_pages, layer, table, start, lengths, chunk_pages, dynamic_chunks, carry)
+    held = jnp.maximum(lengths - start, 0)
+    if kernel.name == "pallas_gpu":
+        part = pallas_gpu.paged_partial(qg, k_pages, v_pages, layer, table, held, interpret=kernel.interpret)
+    elif kernel.name == "pallas_tpu":
+        part = pallas_tpu.paged_partial(qg, k_pages, layer, table, held, interpret=kernel.interpret)
+    else:
+        raise SamplerError(f"paged attention: unknown kernel {kernel.name!r}")
+    return merge(carry, part)
+
+
 def paged_decode_attention(
     q: jax.Array,
     k_cur: jax.Array,
@@ -107,20 +173,22 @@ def paged_decode_attention(
     dynamic_chunks: bool = True,
     shared: SharedPrefix | None = None,
     shared_chunk_pages: int = 1,
+    kernel: AttentionKernel = XLA,
 ) -> jax.Array:
     """One-token attention over cached pages plus the token itself.
 
     q [B, Hq, hd]; k_cur/v_cur [B, Hkv, hd] (the new token, not yet in the pool); k_pages/v_pages
-    [L, Hkv, N, page, hd]; layer: scalar index into L; page_table [B, P] with P a multiple of ``chunk_pages``;
-    lengths [B] cached tokens per sequence. Returns [B, Hq, hd] in q's dtype.
+    [L, Hkv, N, page, hd] (or the fused layout, see the module docstring); layer: scalar index into L;
+    page_table [B, P] with P a multiple of ``chunk_pages``; lengths [B] cached tokens per sequence. Returns
+    [B, Hq, hd] in q's dtype.
 
     ``shared`` (cascade attention): rows are groups of G = B / Ng consecutive samples; each group's prefix
-    pages are gathered once and attended by all G samples' queries in one matmul, the private pages per
-    sample, and the two partial softmaxes are merged exactly (m = max(m1, m2), l = l1 e^{m1-m} + l2 e^{m2-m}).
+    pages are read once and attended by all G samples' queries together (G x Hq / Hkv query rows per KV head),
+    the private pages per sample, and the partial softmaxes are merged exactly (``merge``).
 
-    ``dynamic_chunks``: stop after the chunks that hold tokens (a data-dependent trip count: right on CPU and
-    TPU); otherwise read every chunk of the table with a fixed trip count, which XLA:GPU runs without the
-    per-iteration host round trip of a data-dependent while loop.
+    ``dynamic_chunks`` (xla kernel): stop after the chunks that hold tokens (a data-dependent trip count: right
+    on CPU and TPU); otherwise read every chunk of the table with a fixed trip count, which XLA:GPU runs
+    without the per-iteration host round trip of a data-dependent while loop. ``kernel``: ``AttentionKernel``.
     """
     B, Hq, hd = q.shape
     Hkv = k_cur.shape[1]
@@ -141,28 +209,27 @@ def paged_decode_attention(
             jnp.zeros((Hkv, Ng, G * Gq, hd), jnp.float32),
         )
         zeros = jnp.zeros((Ng,), jnp.int32)
-        m1, l1, a1 = _accumulate(
-            qs,
-            k_pages,
-            v_pages,
-            layer,
-            shared.table,
-            zeros,
-            shared.lengths,
-            shared_chunk_pages,
-            dynamic_chunks,
-            empty,
+        m1, l1, a1 = _part(
+            kernel, qs, k_pages, v_pages, layer, shared.table, zeros, shared.lengths, shared_chunk_pages,
+            dynamic_chunks, empty,
         )
-        m1, l1, a1 = m1.reshape(Hkv, B, Gq), l1.reshape(Hkv, B, Gq), a1.reshape(Hkv, B, Gq, hd)
-        m2, l2, a2 = carry
-        m = jnp.maximum(m1, m2)
-        c1, c2 = jnp.exp(m1 - m), jnp.exp(m2 - m)
-        carry = (m, l1 * c1 + l2 * c2, a1 * c1[..., None] + a2 * c2[..., None])
+        carry = merge((m1.reshape(Hkv, B, Gq), l1.reshape(Hkv, B, Gq), a1.reshape(Hkv, B, Gq, hd)), carry)
         start = jnp.repeat(shared.lengths, G)
-    _, l, acc = _accumulate(
-        qg, k_pages, v_pages, layer, page_table, start, lengths, chunk_pages, dynamic_chunks, carry
+    _, l, acc = _part(
+        kernel, qg, k_pages, v_pages, layer, page_table, start, lengths, chunk_pages, dynamic_chunks, carry
     )
     return (acc / l[..., None]).transpose(1, 0, 2, 3).reshape(B, Hq, hd).astype(q.dtype)
+
+
+def is_fused(k_pages: jax.Array, v_pages: jax.Array) -> bool:
+    """The pool is the fused K/V array in ``k_pages`` (``v_pages`` an empty placeholder)."""
+    return v_pages.size == 0 and k_pages.ndim == 5
+
+
+def _interleave(k: jax.Array, v: jax.Array, axis: int) -> jax.Array:
+    """[..., Hkv, hd] k and v -> [..., 2 * Hkv, hd] with k of head h at 2h and v at 2h + 1 (Hkv at ``axis``)."""
+    kv = jnp.stack([k, v], axis=axis + 1)
+    return kv.reshape(*kv.shape[:axis], 2 * k.shape[axis], *kv.shape[axis + 2 :])
 
 
 def write_decode_kv(
@@ -181,11 +248,15 @@ def write_decode_kv(
     Inactive rows are pointed past the pool (page id = num_pages) and dropped, so a finished sequence can
     never touch a page it shares with others.
     """
-    N, page = k_pages.shape[2], k_pages.shape[3]
+    fused = is_fused(k_pages, v_pages)
+    N, page = (k_pages.shape[1], k_pages.shape[2]) if fused else (k_pages.shape[2], k_pages.shape[3])
     rel = positions if start is None else positions - start
     idx = jnp.clip(rel // page, 0, page_table.shape[1] - 1)
     dest = jnp.where(active, jnp.take_along_axis(page_table, idx[:, None], axis=1)[:, 0], N)
     off = positions % page
+    if fused:  # [L, B, 2 * Hkv, hd] into [L, N, page, 2 * Hkv, hd]
+        kv = _interleave(k_new.transpose(0, 2, 1, 3), v_new.transpose(0, 2, 1, 3), axis=2)
+        return k_pages.at[:, dest, off].set(kv.astype(k_pages.dtype), mode="drop"), v_pages
     k_pages = k_pages.at[:, :, dest, off].set(k_new.astype(k_pages.dtype), mode="drop")
     v_pages = v_pages.at[:, :, dest, off].set(v_new.astype(v_pages.dtype), mode="drop")
     return k_pages, v_pages
@@ -209,33 +280,88 @@ def write_prefill_pages(
     masked by length until the sample's own tokens overwrite them.
     """
     L, N, T, Hkv, hd = k.shape
-    page = k_pages.shape[3]
+    fused = is_fused(k_pages, v_pages)
+    page = k_pages.shape[2] if fused else k_pages.shape[3]
     J = T // page
+    flat = shared_dest.reshape(N * J)
+    src = entry_prefix * J + jnp.minimum(true_lengths[entry_prefix] // page, J - 1)  # [M] page of the copy
+    if fused:  # to [L, N*J, page, 2 * Hkv, hd]
+        kvp = _interleave(k, v, axis=3).reshape(L, N * J, page, 2 * Hkv, hd).astype(k_pages.dtype)
+        k_pages = k_pages.at[:, flat].set(kvp, mode="drop")
+        return k_pages.at[:, partial_dest].set(kvp[:, src], mode="drop"), v_pages
     # to the pool layout [L, Hkv, N*J, page, hd]
     kp = k.reshape(L, N * J, page, Hkv, hd).transpose(0, 3, 1, 2, 4).astype(k_pages.dtype)
     vp = v.reshape(L, N * J, page, Hkv, hd).transpose(0, 3, 1, 2, 4).astype(v_pages.dtype)
-    flat = shared_dest.reshape(N * J)
     k_pages = k_pages.at[:, :, flat].set(kp, mode="drop")
     v_pages = v_pages.at[:, :, flat].set(vp, mode="drop")
-    src = entry_prefix * J + jnp.minimum(true_lengths[entry_prefix] // page, J - 1)  # [M] page of the copy
     k_pages = k_pages.at[:, :, partial_dest].set(kp[:, :, src], mode="drop")
     v_pages = v_pages.at[:, :, partial_dest].set(vp[:, :, src], mode="drop")
     return k_pages, v_pages
 
 
 # ---- pool layout and attention settings ----------------------------------------------------------------
-def kv_sharding(cfg: QwenConfig, mesh: Mesh | None) -> NamedSharding | None:
-    """Pool sharding: KV heads over ``tensor`` when they divide it, otherwise replicated."""
+def _platform(mesh: Mesh | None) -> str:
+    return (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
+
+
+def attention_kernel(scfg: SamplerConfig, mesh: Mesh | None) -> AttentionKernel:
+    """``SamplerConfig.attention_kernel`` resolved for the devices: 'auto' is pallas_gpu on NVIDIA GPUs,
+    pallas_tpu on TPUs and xla elsewhere; a Pallas kernel named for another platform runs interpreted.
+
+    XLA cannot partition a Pallas kernel: the sampler runs it per device inside its shard_map, manual over
+    every mesh axis only when the non-batch axes (``tensor``) have size 1 (``sharded.manual_axes``). With
+    ``tensor`` > 1, 'auto' is xla and a named Pallas kernel is an error."""
+    platform = _platform(mesh)
+    name = scfg.attention_kernel
+    split = mesh is not None and any(n > 1 for a, n in mesh.shape.items() if a not in BATCH_AXES)
+    if name == "auto":
+        device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
+        nvidia = platform == "gpu" and "rocm" not in getattr(device.client, "platform_version", "").lower()
+        name = "xla" if split else "pallas_gpu" if nvidia else "pallas_tpu" if platform == "tpu" else "xla"
+    elif name != "xla" and split:
+        raise SamplerError(
+            f"SamplerConfig.attention_kernel={name!r} needs a sampler mesh without a split 'tensor' axis (got "
+            f"{dict(mesh.shape)}): the Pallas kernels run per device (use 'xla' or 'auto', or mesh.tensor=1)"
+        )
+    native = {"pallas_gpu": "gpu", "pallas_tpu": "tpu"}.get(name)
+    return AttentionKernel(name, interpret=native is not None and platform != native)
+
+
+def kv_sharding(cfg: QwenConfig, mesh: Mesh | None, kernel: AttentionKernel = XLA) -> NamedSharding | None:
+    """Pool sharding (K and V alike): KV heads over ``tensor`` when they divide it, otherwise replicated."""
     if mesh is None:
         return None
     tp = mesh.shape.get("tensor", 1)
     head_axis = "tensor" if tp > 1 and cfg.num_kv_heads % tp == 0 else None
+    if kernel.fused_pool:  # [L, N, page, 2 * Hkv, hd]: a shard holds whole (k, v) head pairs
+        return NamedSharding(mesh, P(None, None, None, head_axis, None))
     return NamedSharding(mesh, P(None, head_axis, None, None, None))
 
 
 def pool_shape(cfg: QwenConfig, scfg: SamplerConfig) -> tuple[int, ...]:
     """KV pool shape per K and V: [L, Hkv, num_pages, page_size, hd] (module docstring)."""
     return (cfg.num_layers, cfg.num_kv_heads, scfg.num_pages, scfg.page_size, cfg.head_dim)
+
+
+def pool_shapes(cfg: QwenConfig, scfg: SamplerConfig, kernel: AttentionKernel = XLA) -> tuple[tuple[int, ...], ...]:
+    """(k_pages, v_pages) shapes: split K / V pools, or the fused pool and an empty placeholder."""
+    if kernel.fused_pool:
+        return (cfg.num_layers, scfg.num_pages, scfg.page_size, 2 * cfg.num_kv_heads, cfg.head_dim), (0,)
+    return pool_shape(cfg, scfg), pool_shape(cfg, scfg)
+
+
+def empty_pool(
+    cfg: QwenConfig, scfg: SamplerConfig, dtype: Any, kernel: AttentionKernel, placement: Sharding | Any
+) -> tuple[jax.Array, jax.Array]:
+    """A zeroed (k_pages, v_pages) pair placed on ``placement`` (the pool sharding, or a device); the empty
+    placeholder of the fused layout goes to the same devices, replicated."""
+    if not isinstance(placement, Sharding):
+        placement = SingleDeviceSharding(placement)
+    k_shape, v_shape = pool_shapes(cfg, scfg, kernel)
+    v_place = NamedSharding(placement.mesh, P()) if kernel.fused_pool and isinstance(placement, NamedSharding) \
+        else placement
+    k = jax.jit(lambda: jnp.zeros(k_shape, dtype), out_shardings=placement)()
+    return k, jax.jit(lambda: jnp.zeros(v_shape, dtype), out_shardings=v_place)()
 
 
 CHUNK_TOKENS = {"cpu": 64, "tpu": 512, "gpu": 1024}  # measured on CPU; GPU: few fixed-count iterations

@@ -29,6 +29,9 @@ import numpy as np
 from poer_jax.model.config import QwenConfig, dtype_from_name
 from poer_jax.sampler.sampling import SamplingParams
 
+ATTENTION_KERNELS = ("auto", "xla", "pallas_gpu", "pallas_tpu")
+LAYER_LOOPS = ("auto", "scan", "unrolled")
+
 
 class SamplerError(ValueError):
     """A request the sampler cannot serve; the message names the group / slot / limit."""
@@ -87,6 +90,13 @@ class SamplerConfig:
     sequence (default: yes, except on GPU where a fixed trip count avoids host round trips).
     eos_ids: tokens that end a sample (kept as its last token). pad_id: fills outputs after a sample's end.
     kv_dtype: KV pool dtype (default: the model's compute dtype).
+    attention_kernel: decode attention over the pages, one of ATTENTION_KERNELS: 'xla' (pure JAX, any
+    backend; the reference), 'pallas_gpu' (JAX's Triton paged-attention kernel), 'pallas_tpu' (JAX's Mosaic
+    ragged paged-attention kernel), 'auto' (by the platform: pallas_gpu on NVIDIA GPUs, pallas_tpu on TPUs,
+    xla elsewhere); see ``paged_attention.attention_kernel``.
+    layer_loop: how the decode step runs the layers: 'scan' (one ``lax.scan`` over the stacked weights),
+    'unrolled' (each layer's weights sliced once per decode call, the step unrolled over layers; XLA:CPU
+    otherwise copies each layer's weights before its matmuls at every step), 'auto' (unrolled on CPU).
     """
 
     page_size: int = 16
@@ -103,6 +113,8 @@ class SamplerConfig:
     kv_dtype: str | None = None
     refill_fraction: float = 0.25
     fixed_tables: bool = False
+    attention_kernel: str = "auto"
+    layer_loop: str = "auto"
 
     def __post_init__(self) -> None:
         for name in (
@@ -128,6 +140,9 @@ class SamplerConfig:
             dtype_from_name(self.kv_dtype)
         if not 0.0 < self.refill_fraction <= 1.0:
             raise SamplerError(f"SamplerConfig.refill_fraction must be in (0, 1], got {self.refill_fraction!r}")
+        for name, allowed in (("attention_kernel", ATTENTION_KERNELS), ("layer_loop", LAYER_LOOPS)):
+            if getattr(self, name) not in allowed:
+                raise SamplerError(f"SamplerConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
 
     @property
     def max_cached_tokens(self) -> int:

@@ -22,8 +22,13 @@ from poer_jax.model.config import QwenConfig, dtype_from_name
 from poer_jax.model.qwen import param_shapes
 from poer_jax.model.sharding import decode_param_shardings
 from poer_jax.plan.spec import RESIDENT_KV_POOL, RESIDENT_SAMPLER_PARAMS, ProgramSpec
-from poer_jax.sampler.engine import DecodeState, InsertArrays
-from poer_jax.sampler.paged_attention import attention_chunk_pages, dynamic_attention_chunks
+from poer_jax.sampler.engine import DecodeState, InsertArrays, unroll_decode_layers
+from poer_jax.sampler.paged_attention import (
+    AttentionKernel,
+    attention_chunk_pages,
+    attention_kernel,
+    dynamic_attention_chunks,
+)
 from poer_jax.sampler.pages import SamplerConfig, pow2_bucket, prefill_bucket, shape_bucket
 from poer_jax.sampler.scheduler import CallShapes, call_shapes
 from poer_jax.sampler.sharded import (
@@ -33,7 +38,8 @@ from poer_jax.sampler.sharded import (
     SlotState,
     batch_shards,
     decode_segment,
-    pool_sharding,
+    pool_shapes,
+    pool_shardings,
     prefill_insert,
     rows_sharding,
 )
@@ -74,7 +80,8 @@ def sampler_program_specs(
     sh = call_shapes(offsets, [int(max_new_tokens)] * len(offsets), G, scfg, chunk, rows, rows, fixed)
     kv_dtype = dtype_from_name(scfg.kv_dtype or mcfg.dtype)
     D = batch_shards(mesh)
-    args = _Abstract(mcfg, scfg, mesh, sh, D, kv_dtype)
+    kernel = attention_kernel(scfg, mesh)
+    args = _Abstract(mcfg, scfg, mesh, sh, D, kv_dtype, kernel)
 
     decode_shapes = _ladder(rows, shape_bucket)
     if not fixed:  # bucketed table widths vary with the call's longest prompt / budget
@@ -99,7 +106,8 @@ def sampler_program_specs(
         fn=decode_segment,
         args=(args.params(), state, out, args.control()),
         kwargs=dict(cfg=mcfg, sp=scfg.sampling, eos_ids=scfg.eos_ids, chunk_pages=sh.chunk_pages,
-                    pad_id=scfg.pad_id, dynamic_chunks=dynamic, shared_chunk_pages=sh.shared_chunk_pages, mesh=mesh),
+                    pad_id=scfg.pad_id, dynamic_chunks=dynamic, shared_chunk_pages=sh.shared_chunk_pages, mesh=mesh,
+                    unroll_layers=unroll_decode_layers(scfg, mesh), attention_kernel=kernel),
         sizing_keys=(*POOL_KEYS, "rollout.max_completion_len", "data.max_prompt_len", *SLOT_KEYS),
         num_shapes=decode_shapes,
         note=f"{where}; page tables {sh.shared_width} shared + {sh.table_width} private pages; "
@@ -113,8 +121,9 @@ class _Abstract:
     """Abstract arguments of the sampler's programs, sharded as ``GroupSampler`` shards them."""
 
     def __init__(self, mcfg: QwenConfig, scfg: SamplerConfig, mesh: Mesh | None, sh: CallShapes, D: int,
-                 kv_dtype: Any) -> None:
+                 kv_dtype: Any, kernel: AttentionKernel) -> None:
         self.mcfg, self.scfg, self.mesh, self.sh, self.D, self.kv_dtype = mcfg, scfg, mesh, sh, D, kv_dtype
+        self.kernel = kernel
 
     def _rows(self, shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
         sharding = None if self.mesh is None else rows_sharding(self.mesh, len(shape))
@@ -137,11 +146,11 @@ class _Abstract:
     def state(self) -> SlotState:
         c, s, sh, D = self.mcfg, self.scfg, self.sh, self.D
         S, R = D * sh.slots, D * sh.rows
-        pool = (c.num_layers, c.num_kv_heads, D * s.num_pages, s.page_size, c.head_dim)
-        pool_sd = None if self.mesh is None else pool_sharding(c, self.mesh)
-        k = jax.ShapeDtypeStruct(pool, self.kv_dtype, sharding=pool_sd)
+        places = (None, None) if self.mesh is None else pool_shardings(c, self.mesh, self.kernel)
+        k, v = (jax.ShapeDtypeStruct(shape, self.kv_dtype, sharding=sd)
+                for shape, sd in zip(pool_shapes(c, s, D, self.kernel), places, strict=True))
         i32, r = jnp.int32, self._rows
-        dec = DecodeState(k, k, r((S, sh.table_width), i32), r((S,), i32), r((S,), i32), r((S,), i32),
+        dec = DecodeState(k, v, r((S, sh.table_width), i32), r((S,), i32), r((S,), i32), r((S,), i32),
                           r((S,), i32), r((S,), jnp.bool_), r((S,), i32), r((S, 2), jnp.uint32))
         return SlotState(dec, r((R, sh.shared_width), i32), r((R,), i32), r((S,), i32))
 

@@ -34,8 +34,17 @@ from jax.sharding import PartitionSpec as P
 from poer_jax.model.config import QwenConfig
 from poer_jax.model.qwen import Params
 from poer_jax.model.sharding import BATCH_AXES
-from poer_jax.sampler.engine import DecodeState, InsertArrays, decode_step, insert_core, prefill_core
-from poer_jax.sampler.paged_attention import SharedPrefix
+from poer_jax.sampler.engine import (
+    DECODE_COMPILER_OPTIONS,
+    DecodeState,
+    InsertArrays,
+    decode_step,
+    insert_core,
+    prefill_core,
+    unstack_layers,
+)
+from poer_jax.sampler.paged_attention import XLA, AttentionKernel, SharedPrefix, is_fused
+from poer_jax.sampler.pages import SamplerConfig
 from poer_jax.sampler.sampling import SamplingParams, sample_keys
 
 
@@ -117,21 +126,46 @@ def head_shards(cfg: QwenConfig, mesh: Mesh | None) -> int:
     return 1 if kv_head_axis(cfg, mesh) is None else int(mesh.shape["tensor"])  # type: ignore[union-attr]
 
 
-def pool_sharding(cfg: QwenConfig, mesh: Mesh) -> NamedSharding:
-    """Pool [L, Hkv, D * pages, page, hd]: pages over the batch axes, heads over 'tensor' when they divide."""
+def pool_shapes(
+    cfg: QwenConfig, scfg: SamplerConfig, shards: int, kernel: AttentionKernel = XLA
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Global (k_pages, v_pages) shapes for ``shards`` devices of ``scfg.num_pages`` pages each: split K and V
+    pools [L, Hkv, D * pages, page, hd], or with the pallas_tpu kernel the fused K/V pool [L, D * pages, page,
+    2 Hkv, hd] and an empty v_pages placeholder (``paged_attention.pool_shapes``)."""
+    n = shards * scfg.num_pages
+    if kernel.fused_pool:
+        return (cfg.num_layers, n, scfg.page_size, 2 * cfg.num_kv_heads, cfg.head_dim), (0,)
+    split = (cfg.num_layers, cfg.num_kv_heads, n, scfg.page_size, cfg.head_dim)
+    return split, split
+
+
+def pool_sharding(cfg: QwenConfig, mesh: Mesh, kernel: AttentionKernel = XLA) -> NamedSharding:
+    """K pool [L, Hkv, D * pages, page, hd]: pages over the batch axes, heads over 'tensor' when they divide
+    (fused pool [L, D * pages, page, 2 Hkv, hd]: the same, a shard holding whole (k, v) head pairs)."""
+    if kernel.fused_pool:
+        return NamedSharding(mesh, P(None, BATCH_AXES, None, kv_head_axis(cfg, mesh), None))
     return NamedSharding(mesh, P(None, kv_head_axis(cfg, mesh), BATCH_AXES, None, None))
+
+
+def pool_shardings(cfg: QwenConfig, mesh: Mesh, kernel: AttentionKernel = XLA) -> tuple[NamedSharding, NamedSharding]:
+    """(k_pages, v_pages) shardings; the fused pool's empty v_pages placeholder is replicated."""
+    k = pool_sharding(cfg, mesh, kernel)
+    return k, (NamedSharding(mesh, P()) if kernel.fused_pool else k)
 
 
 def rows_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
 
 
-def _local_specs(tree: Any) -> Any:
-    """shard_map specs over the batch axes: the pool along its page axis, everything else by rows."""
+def _local_specs(tree: Any, fused: bool = False) -> Any:
+    """shard_map specs over the batch axes: the pool along its page axis (axis 1 of the fused pool, whose
+    empty v_pages placeholder is replicated), everything else by rows."""
 
     def spec(path: Any, x: Any) -> P:
         name = getattr(path[-1], "name", None)
         if name in ("k_pages", "v_pages"):
+            if fused:
+                return P(None, BATCH_AXES) if name == "k_pages" else P()
             return P(None, None, BATCH_AXES)
         if name == "target":
             return P()
@@ -140,13 +174,22 @@ def _local_specs(tree: Any) -> Any:
     return jax.tree_util.tree_map_with_path(spec, tree)
 
 
+def manual_axes(mesh: Mesh) -> frozenset[str]:
+    """The axes the programs' shard_map takes manually: the batch axes, and every axis when the others have
+    size 1 (then nothing is left to partition automatically, and Pallas kernels, which XLA cannot partition,
+    as well as the Pallas interpreters' host callbacks, run inside the manual region)."""
+    if all(mesh.shape[a] == 1 for a in mesh.axis_names if a not in BATCH_AXES):
+        return frozenset(mesh.axis_names)
+    return frozenset(BATCH_AXES)
+
+
 def _over_batch(fn: Any, mesh: Mesh | None, in_specs: tuple[Any, ...], out_specs: Any) -> Any:
-    """``fn`` under shard_map, manual over the batch axes only (``tensor`` stays automatic), or ``fn`` itself
-    without a mesh."""
+    """``fn`` under shard_map, manual over the batch axes (``tensor`` stays automatic when it splits the
+    weights; ``manual_axes``), or ``fn`` itself without a mesh."""
     if mesh is None:
         return fn
     return jax.shard_map(
-        fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names=frozenset(BATCH_AXES), check_vma=False
+        fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names=manual_axes(mesh), check_vma=False
     )
 
 
@@ -208,7 +251,7 @@ def prefill_insert(
 ) -> tuple[SlotState, SampleBuffers]:
     """Prefill the groups of ``batch`` on every device and insert their samples (module docstring)."""
     fn = partial(_prefill_insert_local, cfg=cfg, sp=sp, group_size=group_size, eos_ids=eos_ids, kv_dtype=kv_dtype)
-    specs = (_local_specs(state), _local_specs(out))
+    specs = (_local_specs(state, is_fused(state.decode.k_pages, state.decode.v_pages)), _local_specs(out))
     return _over_batch(fn, mesh, (P(), *specs, _local_specs(batch), P()), specs)(params, state, out, batch, key)
 
 
@@ -239,8 +282,12 @@ def _decode_segment_local(
     dynamic_chunks: bool,
     shared_chunk_pages: int,
     axes: tuple[str, ...] | None,
+    unroll_layers: bool,
+    attention_kernel: AttentionKernel,
 ) -> tuple[SlotState, SampleBuffers, jax.Array]:
     R = state.shared_lengths.shape[0]
+    if unroll_layers:  # each layer's weights sliced once per segment, not at every step (``unstack_layers``)
+        params = unstack_layers(params, cfg)
     M = out.tokens.shape[1]
     total = (lambda x: jax.lax.psum(x, axes)) if axes else (lambda x: x)
 
@@ -259,7 +306,8 @@ def _decode_segment_local(
     def body(c: tuple[DecodeState, SampleBuffers, jax.Array]) -> tuple[DecodeState, SampleBuffers, jax.Array]:
         dec, o, steps = c
         dec, r = decode_step(
-            params, cfg, dec, sp, eos_ids, chunk_pages, pad_id, None, dynamic_chunks, shared, shared_chunk_pages
+            params, cfg, dec, sp, eos_ids, chunk_pages, pad_id, None, dynamic_chunks, shared, shared_chunk_pages,
+            attention_kernel,
         )
         row = jnp.where(r.valid, state.out_row, o.tokens.shape[0])  # out of range: dropped
         col = jnp.where(r.valid, r.index, M)
@@ -291,8 +339,11 @@ def _decode_segment_local(
         "dynamic_chunks",
         "shared_chunk_pages",
         "mesh",
+        "unroll_layers",
+        "attention_kernel",
     ),
     donate_argnames=("state", "out"),
+    compiler_options=DECODE_COMPILER_OPTIONS,
 )
 def decode_segment(
     params: Params,
@@ -308,9 +359,13 @@ def decode_segment(
     dynamic_chunks: bool,
     shared_chunk_pages: int,
     mesh: Mesh | None,
+    unroll_layers: bool = False,
+    attention_kernel: AttentionKernel = XLA,
 ) -> tuple[SlotState, SampleBuffers, jax.Array]:
     """Decode every device's active slots until the host should refill or all are done (module docstring).
-    Returns the state, the outputs and the steps run ([D], equal on every device)."""
+    Returns the state, the outputs and the steps run ([D], equal on every device). ``unroll_layers``: run the
+    layers unrolled on weights sliced once per segment (``engine.unroll_decode_layers``); ``attention_kernel``:
+    the paged-attention code (``paged_attention.attention_kernel``). Compiled with ``DECODE_COMPILER_OPTIONS``."""
     fn = partial(
         _decode_segment_local,
         cfg=cfg,
@@ -321,8 +376,10 @@ def decode_segment(
         dynamic_chunks=dynamic_chunks,
         shared_chunk_pages=shared_chunk_pages,
         axes=None if mesh is None else BATCH_AXES,
+        unroll_layers=unroll_layers,
+        attention_kernel=attention_kernel,
     )
-    specs = (_local_specs(state), _local_specs(out))
+    specs = (_local_specs(state, is_fused(state.decode.k_pages, state.decode.v_pages)), _local_specs(out))
     return _over_batch(fn, mesh, (P(), *specs, _local_specs(ctl)), (*specs, P(BATCH_AXES)))(params, state, out, ctl)
 
 

@@ -106,6 +106,11 @@ SCHEMA: dict[str, Any] = {
                                 "TPU); overrides kv_cache_gb", optional=True, min=0.0, max=1.0, resume_safe=True),
         "num_pages": _f(0, int, "KV pages per device, overriding the budget; 0 = from kv_cache_gb / "
                         "kv_cache_fraction", min=0, resume_safe=True),
+        "attention_kernel": _f("auto", str, "decode attention: auto (by platform), xla (pure JAX), pallas_gpu "
+                               "(Triton), pallas_tpu (Mosaic)", choices=("auto", "xla", "pallas_gpu", "pallas_tpu"),
+                               resume_safe=True),
+        "layer_loop": _f("auto", str, "decode step over layers: auto (unrolled on CPU), scan, unrolled",
+                         choices=("auto", "scan", "unrolled"), resume_safe=True),
     },
     "cache": {
         "init": _f("sample", str, "how the cache pool starts (Eq. 1): sample: one answer per question from the "

@@ -1,0 +1,47 @@
+"""The sampler compiles its programs once per shape bucket, whatever the weights came from.
+
+Compilations are counted with ``CompileLog`` (jax.monitoring's backend-compile events), across a second call,
+new lengths in the same buckets and weight refreshes from ``load_hf``, ``init_params`` and a mesh.
+"""
+
+from __future__ import annotations
+
+import jax
+import pytest
+
+from poer_jax.model.qwen import init_params
+from poer_jax.model.sharding import make_mesh
+from poer_jax.model.weights import load_hf
+from poer_jax.sampler import GroupSampler, SamplerConfig, SamplingParams
+from poer_jax.sampler.compiles import CompileLog
+
+PROMPTS = ([3, 4, 5, 6, 7], [8, 9, 10])
+OTHER = ([11, 12, 13, 14, 15, 16], [17, 18])  # other lengths, same buckets (prefill 8, <= 2 shared pages)
+
+
+def _calls(sampler: GroupSampler, refreshes: list) -> list[int]:
+    """Compilations of the first call, a second call, then a call after each weight refresh."""
+    counts = []
+    for i, new in enumerate([None, None, *refreshes]):
+        if new is not None:
+            sampler.update_params(new)
+        with CompileLog() as log:
+            sampler.generate(PROMPTS if i % 2 == 0 else OTHER, 2, [5, 4], jax.random.key(i))
+        counts.append(log.count())
+    return counts
+
+
+@pytest.mark.parametrize("with_mesh", [False, True])
+def test_no_recompiles_after_the_first_call(hf_qwen2_dir, with_mesh: bool) -> None:
+    mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 2}, jax.devices()[:2]) if with_mesh else None
+    params, cfg = load_hf(hf_qwen2_dir)  # weights on a one-device mesh
+    scfg = SamplerConfig(page_size=4, num_pages=64, eos_ids=(1,), sampling=SamplingParams(temperature=1.0))
+    sampler = GroupSampler(params, cfg, scfg, mesh=mesh)
+    refreshes = [
+        init_params(cfg, jax.random.key(1)),  # default-device arrays
+        load_hf(hf_qwen2_dir)[0],
+        load_hf(hf_qwen2_dir, mesh=make_mesh({"data": 1, "fsdp": 2, "tensor": 1}, jax.devices()[2:4]))[0],
+    ]
+    counts = _calls(sampler, refreshes)
+    assert counts[0] >= 2, counts  # prefill + decode were compiled by the first call (the log counts)
+    assert counts[1:] == [0] * (len(counts) - 1), counts
