@@ -29,9 +29,10 @@ def get_config():
     c.rollout.temperature = 0.7
     c.rollout.max_completion_len = 4096
     c.rollout.page_size = 64
-    # KV pool: 60 % of the memory the rollout's other buffers leave (train state, reference and sampler
-    # weights), capped at what a device's share of a step uses; the update frees it (scripts/plan.py)
-    c.rollout.kv_cache_fraction = 0.6
+    # KV pool: a quarter of the memory the rollout's other buffers leave (train state, reference and sampler
+    # weights), capped at what a device's share of a step uses; the rest is for the decode step's temporaries
+    # (with mesh.tensor = 2 it runs XLA's attention, which gathers the pages). The update frees the pool.
+    c.rollout.kv_cache_fraction = 0.25
     c.cache.init = "sample"
     c.cache.max_truncation = 300
     c.cache.budget = "max_length"
