@@ -33,6 +33,7 @@ def get_config():
     # weights), capped at what a device's share of a step uses; the rest is for the decode step's temporaries
     # (with mesh.tensor = 2 it runs XLA's attention, which gathers the pages). The update frees the pool.
     c.rollout.kv_cache_fraction = 0.25
+    c.rollout.fixed_page_tables = True  # one decode program per row count: each 7B compile takes minutes
     c.cache.init = "sample"
     c.cache.max_truncation = 300
     c.cache.budget = "max_length"

@@ -265,6 +265,8 @@ def test_kv_budget_keys_size_the_pool_per_device():
     with pytest.raises(ConfigError, match="'rollout.kv_cache_fraction'.*give the budget in GB"):
         sampler_config(config(**{"rollout.kv_cache_fraction": 0.5}), QWEN2, mesh)  # CPU reports no memory
     assert sampler_config(config(**{"rollout.kv_cache_fraction": 0.5}), QWEN2, mesh, free_bytes=1e5).num_pages == 48
+    assert not sampler_config(config(), QWEN2, mesh).fixed_tables
+    assert sampler_config(config(**{"rollout.fixed_page_tables": True}), QWEN2, mesh).fixed_tables
     for key in ("rollout.kv_cache_gb", "rollout.kv_cache_fraction"):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             config(**{key: 0})
