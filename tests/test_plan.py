@@ -141,6 +141,10 @@ def test_resident_set_over_device_memory_fails_before_work() -> None:
     check_resident_memory(cfg, mcfg, mesh, 1e12)
     with pytest.raises(ConfigError, match="does not fit.*train state.*reference weights.*KV pool"):
         check_resident_memory(cfg, mcfg, mesh, 1e6)
+    # a KV fraction of a device the rest already fills: the pool is planned at one group, the verdict says why
+    frac = _cfg("loss.beta=0.04", "rollout.kv_cache_fraction=0.5")
+    with pytest.raises(ConfigError, match="does not fit.*KV pool"):
+        check_resident_memory(frac, mcfg, mesh, 1e6)
 
 
 def test_model_shapes_from_a_missing_path_name_a_preset() -> None:

@@ -26,7 +26,7 @@ from poer_jax.plan.report import PlanReport, build_report
 from poer_jax.plan.spec import RESIDENT_CACHE_POOL, ProgramSpec
 from poer_jax.plan.targets import GB, Target
 from poer_jax.rl.batch import LENGTH_MULTIPLE, length_ladder
-from poer_jax.train.config import ConfigError
+from poer_jax.train.config import ConfigError, apply_overrides
 
 OPEN_RS_QUESTIONS = 7000  # open-rs' training split, the paper's data (cache pool rows when no data file is read)
 
@@ -146,11 +146,23 @@ def sampler_config_for(cfg: ml_collections.ConfigDict, mcfg: QwenConfig, mesh: M
                        free_bytes: float | None = None) -> Any:
     """The run's ``SamplerConfig`` on ``mesh`` as ``PoerTrainer`` builds it (one process holding the whole
     mesh; no tokenizer: EOS / pad ids do not change shapes). ``free_bytes``: the device memory left for the
-    KV pool, used by ``rollout.kv_cache_fraction``."""
+    KV pool, used by ``rollout.kv_cache_fraction``. When that leaves no room for one group at full length,
+    the pool is planned at that minimum instead, so the plan shows what does not fit."""
     from poer_jax.train import builders
 
-    return builders.sampler_config(cfg, mcfg, mesh, eos_ids=(0,), pad_id=0, process_count=1,
-                                   num_eval_problems=0, free_bytes=free_bytes)
+    def build(c: ml_collections.ConfigDict) -> Any:
+        return builders.sampler_config(c, mcfg, mesh, eos_ids=(0,), pad_id=0, process_count=1,
+                                       num_eval_problems=0, free_bytes=free_bytes)
+
+    try:
+        return build(cfg)
+    except ConfigError:
+        r = cfg.rollout
+        if free_bytes is None or r.num_pages or r.kv_cache_fraction is None:
+            raise
+        max_seq = cfg.data.max_prompt_len + max(r.max_completion_len, cfg.eval.max_new_tokens or 0)
+        pages = (-(-max_seq // r.page_size) + 1) * (1 + max(r.group_size, cfg.eval.num_samples))
+        return build(apply_overrides(cfg, [f"rollout.num_pages={pages}"]))
 
 
 def trainer_and_sampler_config(cfg: ml_collections.ConfigDict, mcfg: QwenConfig, mesh: Mesh,
