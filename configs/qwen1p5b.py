@@ -20,4 +20,8 @@ def get_config():
     c.optim.micro_batches = 144  # 576 rows -> micro-batches of 4 rows
     c.mesh.fsdp = -1  # every device (one: one chip)
     c.mesh.tensor = 1
+    # one device decodes every group of a step: at most 256 samples at once (the decode step's temporaries
+    # grow with the rows), and a KV pool of 15 % of what the rollout leaves, for the prefill's temporaries
+    c.rollout.max_decode_slots = 256
+    c.rollout.kv_cache_fraction = 0.15
     return c

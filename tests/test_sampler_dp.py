@@ -250,7 +250,7 @@ def test_kv_budget_keys_size_the_pool_per_device():
     def config(**kw):
         base = {"model.preset": "tiny", "data.train_path": "x.jsonl", "data.max_prompt_len": 12,
                 "rollout.max_completion_len": 20, "rollout.page_size": 4, "data.questions_per_step": 16,
-                "rollout.group_size": 3, "optim.micro_batches": 1, **kw}
+                "rollout.group_size": 3, "optim.micro_batches": 1, "cache.max_truncation": 4, **kw}
         return validate(apply_overrides(default_config(), [f"{k}={v}" for k, v in base.items()]))
 
     mesh = _mesh8()
@@ -266,6 +266,8 @@ def test_kv_budget_keys_size_the_pool_per_device():
         sampler_config(config(**{"rollout.kv_cache_fraction": 0.5}), QWEN2, mesh)  # CPU reports no memory
     assert sampler_config(config(**{"rollout.kv_cache_fraction": 0.5}), QWEN2, mesh, free_bytes=1e5).num_pages == 48
     assert not sampler_config(config(), QWEN2, mesh).fixed_tables
+    assert sampler_config(config(), QWEN2, mesh).max_slots == 8  # the cache fill: 48 / 8 = 6 prompts -> 8 slots
+    assert sampler_config(config(**{"rollout.max_decode_slots": 2}), QWEN2, mesh).max_slots == 4  # >= a group
     assert sampler_config(config(**{"rollout.fixed_page_tables": True}), QWEN2, mesh).fixed_tables
     for key in ("rollout.kv_cache_gb", "rollout.kv_cache_fraction"):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -182,6 +182,8 @@ def sampler_config(cfg: ml_collections.ConfigDict, mcfg: QwenConfig, sampler_mes
     group_pages = [pages_per_seq * (1 + g) for n, g in calls if n]  # shared prompt + G private, at full length
     need = max(_cdiv(n, shards) * (1 + g) * pages_per_seq for n, g in calls if n)
     slots = _pow2(max(_cdiv(n, shards) * g for n, g in calls if n))
+    if R.max_decode_slots:  # fewer rows decoded at once: smaller decode temporaries, more refill rounds
+        slots = min(slots, _pow2(max(R.max_decode_slots, *(g for n, g in calls if n))))
     kv_dtype = cfg.model.dtype
     key = ("rollout.num_pages" if R.num_pages else
            "rollout.kv_cache_fraction" if R.kv_cache_fraction is not None else "rollout.kv_cache_gb")

@@ -106,6 +106,9 @@ SCHEMA: dict[str, Any] = {
                                 "TPU); overrides kv_cache_gb", optional=True, min=0.0, max=1.0, resume_safe=True),
         "num_pages": _f(0, int, "KV pages per device, overriding the budget; 0 = from kv_cache_gb / "
                         "kv_cache_fraction", min=0, resume_safe=True),
+        "max_decode_slots": _f(0, int, "cap on the samples a device decodes at once (rounded up to a power of "
+                               "two, at least one group); 0 = the device's share of the largest call. Lower: "
+                               "smaller decode temporaries, more refill rounds", min=0, resume_safe=True),
         "fixed_page_tables": _f(False, bool, "decode with page tables at the config's maximum width: one decode "
                                 "program per row count instead of one per bucket of prompt and budget (few "
                                 "compiles for big models; slightly more attention work for short samples)",
