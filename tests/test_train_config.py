@@ -53,7 +53,7 @@ def test_paper_settings_in_qwen7b():
     assert (c.rollout.group_size, c.rollout.temperature, c.rollout.max_completion_len) == (6, 0.7, 4096)
     assert (c.cache.max_truncation, c.cache.epsilon, c.reward.alpha, c.reward.r_min, c.reward.r_max) == (
         300, 0.1, 0.01, 0.5, 1.0)
-    assert c.mesh.fsdp == 8
+    assert c.mesh.fsdp * c.mesh.tensor == 8  # the train state over 8 devices
 
 
 def test_default_config_is_locked_against_typos():
