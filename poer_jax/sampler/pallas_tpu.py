@@ -67,7 +67,10 @@ def paged_partial(
     P = table.shape[1]
     Hq = Hkv * Gq
     bkv = min(P, num_kv_pages_per_block or 16)
-    bq = min(num_queries_per_block or 32, -(-R // 8) * 8)
+    # rows per block: the kernel keeps (bq * Gq, 128) f32 running max / normaliser blocks in VMEM, so a
+    # shared-prefix call (Gq = heads per KV head x G samples, e.g. 36) takes fewer rows than a per-sample one
+    default_bq = 32 if 32 * Gq <= 256 else max(8, (256 // Gq) // 8 * 8)
+    bq = min(num_queries_per_block or default_bq, -(-R // 8) * 8)
     R_pad = -(-R // bq) * bq
     qs = q.transpose(1, 0, 2, 3).reshape(R, Hq, hd).astype(kv_pages.dtype)
     qs = jnp.pad(qs, ((0, R_pad - R), (0, 0), (0, 0)))
