@@ -1,11 +1,11 @@
 """DeepSeek-R1-Distill-Qwen-1.5B with POER, the paper's settings, on one accelerator.
 
 Mixed precision as configs/qwen7b.py (float32 master weights and Adam moments, bfloat16 matmuls), micro-batches
-of 4 rows (576 / 144). What it fits, measured by ``scripts/plan.py`` with the KV pool at
-``--config.rollout.num_pages=4096`` (pages of 64 tokens, 7.5 GB): one TPU v5p chip (largest peak, the update
-step, 61.9 of 102 GB) and one H100-80GB (estimate from the CPU-compiled programs: 55.6 GB, prefill, of 80).
-The resident set alone is 32.5 GB (train state 21.3, reference weights 3.6, KV pool 7.5), and the update step adds
-~29 GB of temporaries: a 40 or 48 GB device does not fit it. Numbers: docs/benchmarks.md, "Will it fit?".
+of 4 rows (576 / 144), at most 256 samples decoded at once, a KV pool of 15 % of what the rollout leaves. What it
+fits, measured by ``scripts/plan.py`` (docs/benchmarks.md, "Will it fit?"): one TPU v5p chip (resident 38.8 GB:
+train state 21.3, reference and sampler weights 3.6 each, KV pool 10.3; largest peak the update step, 54.4 of
+96.9 GB usable) and one H100-80GB (estimate from the CPU-compiled programs: decode 71.7 of 76.0 GB). The update
+step alone peaks at ~47-54 GB: a 40 or 48 GB device does not fit it.
 """
 
 from pathlib import Path
