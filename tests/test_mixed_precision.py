@@ -90,11 +90,11 @@ def test_config_rejects_bf16_master_weights_at_a_small_learning_rate() -> None:
 
 def test_reference_copy_in_the_compute_dtype_gives_the_same_logprobs() -> None:
     from poer_jax.rl.logprobs import token_logprobs
-    from poer_jax.train.loop import _reference_copy
+    from poer_jax.rl.update import reference_copy
 
     cfg = preset("tiny", param_dtype="float32", dtype="bfloat16")
     params = init_params(cfg, jax.random.key(3))
-    ref = _reference_copy(params, jnp.bfloat16)
+    ref = reference_copy(params, jnp.bfloat16)
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(ref))
     tokens = jax.random.randint(jax.random.key(4), (2, 16), 0, cfg.vocab_size)
     mask = jnp.ones((2, 16), bool)

@@ -444,3 +444,10 @@ def aggregate_metrics(history: list[dict[str, jax.Array]]) -> dict[str, jax.Arra
 
 def _split_rows_tree(batch: RolloutBatch, n: int) -> RolloutBatch:
     return jax.tree.map(lambda x: _split_rows(x, n), batch)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def reference_copy(params: Any, dtype: Any) -> Any:
+    """A copy of the weights in ``dtype`` (its own buffers: the train state's are donated by each update),
+    e.g. the frozen reference policy of the KL term."""
+    return jax.tree.map(lambda x: jnp.array(x, dtype=dtype, copy=True), params)

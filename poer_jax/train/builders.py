@@ -23,6 +23,7 @@ from poer_jax.rl.optim import OptimConfig
 from poer_jax.rl.update import Trainer
 from poer_jax.sampler import GroupSampler, SamplerConfig, SamplerError, SamplingParams
 from poer_jax.sampler.budget import budget_bytes, device_free_bytes, kv_bytes_per_page, pages_for_bytes
+from poer_jax.sampler.pages import cdiv
 from poer_jax.sampler.sharded import head_shards
 from poer_jax.train import preflight, setup
 from poer_jax.train.data import (
@@ -34,10 +35,6 @@ from poer_jax.train.data import (
 )
 from poer_jax.train.multihost import ProcessLocalParams, ProcessRows
 from poer_jax.train.reward_pool import RewardPool, RewardSpec
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _pow2(n: int) -> int:
@@ -173,15 +170,15 @@ def sampler_config(cfg: ml_collections.ConfigDict, mcfg: QwenConfig, sampler_mes
     R = cfg.rollout
     new_tokens = max(R.max_completion_len, cfg.eval.max_new_tokens or 0)
     max_seq = cfg.data.max_prompt_len + new_tokens
-    pages_per_seq = _cdiv(max_seq, R.page_size) + 1
+    pages_per_seq = cdiv(max_seq, R.page_size) + 1
     shards = sampler_mesh.shape["data"] * sampler_mesh.shape["fsdp"]
-    q_local = _cdiv(cfg.data.questions_per_step, process_count)  # groups of a step on this process
-    eval_groups = min(EVAL_BATCH, _cdiv(num_eval_problems, process_count)) if num_eval_problems else 0
+    q_local = cdiv(cfg.data.questions_per_step, process_count)  # groups of a step on this process
+    eval_groups = min(EVAL_BATCH, cdiv(num_eval_problems, process_count)) if num_eval_problems else 0
     # (groups, samples per group) of each kind of call: a step, the cache fill (G = 1), an evaluation batch
     calls = [(q_local, R.group_size), (q_local * R.group_size, 1), (eval_groups, cfg.eval.num_samples)]
     group_pages = [pages_per_seq * (1 + g) for n, g in calls if n]  # shared prompt + G private, at full length
-    need = max(_cdiv(n, shards) * (1 + g) * pages_per_seq for n, g in calls if n)
-    slots = _pow2(max(_cdiv(n, shards) * g for n, g in calls if n))
+    need = max(cdiv(n, shards) * (1 + g) * pages_per_seq for n, g in calls if n)
+    slots = _pow2(max(cdiv(n, shards) * g for n, g in calls if n))
     if R.max_decode_slots:  # fewer rows decoded at once: smaller decode temporaries, more refill rounds
         slots = min(slots, _pow2(max(R.max_decode_slots, *(g for n, g in calls if n))))
     kv_dtype = cfg.model.dtype

@@ -46,6 +46,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from poer_jax.poer.cache_pool import ARRAY_FIELDS, CachePool
+
 log = logging.getLogger(__name__)
 
 ITEM_NAMES = ("state", "pool", "extra", "integrity")
@@ -375,3 +377,13 @@ class Checkpointer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def pool_items(pool: CachePool) -> dict[str, Any]:
+    """The pool as checkpoint items: its (possibly multi-host sharded) arrays and its pad id."""
+    return {**{f: getattr(pool, f) for f in ARRAY_FIELDS}, "pad_id": np.asarray(pool.pad_id, np.int32)}
+
+
+def pool_from_items(items: dict[str, Any]) -> CachePool:
+    """The cache pool back from ``pool_items``."""
+    return CachePool(**{f: items[f] for f in ARRAY_FIELDS}, pad_id=int(np.asarray(items["pad_id"])))

@@ -12,7 +12,6 @@ checks before any heavy work ``preflight``'s, and what the run reports (samples,
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from pathlib import Path
@@ -24,7 +23,6 @@ import ml_collections
 import numpy as np
 
 from poer_jax import poer
-from poer_jax.poer.cache_pool import ARRAY_FIELDS
 from poer_jax.rl import (
     DynamicSampler,
     DynamicSamplingError,
@@ -33,21 +31,18 @@ from poer_jax.rl import (
     group_advantages,
 )
 from poer_jax.rl.batch import LENGTH_MULTIPLE
-from poer_jax.rl.update import TrainState, create_train_state
+from poer_jax.rl.update import TrainState, create_train_state, reference_copy
+from poer_jax.sampler.pages import cdiv
 from poer_jax.train import builders, preflight, report, run_dir, setup
-from poer_jax.train.checkpoint import BrokenCheckpointError, Checkpointer
+from poer_jax.train.checkpoint import BrokenCheckpointError, Checkpointer, pool_from_items, pool_items
 from poer_jax.train.metrics import MetricsWriter, SamplesWriter
 from poer_jax.train.multihost import barrier, is_main_process
 from poer_jax.train.progress import Progress, TaskProgress
 from poer_jax.train.reward_pool import RewardPool, RewardResult
-from poer_jax.train.rollout import Rollout, responses_array, rollout
+from poer_jax.train.rollout import Rollout, responses_array, rollout, select_groups
 from poer_jax.train.step_metrics import gather_reward_result, rollout_metrics
 
 log = logging.getLogger("poer_jax")
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 class PoerTrainer:
@@ -111,7 +106,7 @@ class PoerTrainer:
         self.optim_cfg, self.loss_cfg = self.trainer.optim_cfg, self.trainer.loss_cfg
         # the reference policy is only run forward, in the compute dtype: stored there it gives the same log-probs
         # (every weight is cast to it before use) in half the memory of float32 master weights
-        self.ref_params = _reference_copy(params, self.mcfg.jnp_dtype) if cfg.loss.beta > 0 else None
+        self.ref_params = reference_copy(params, self.mcfg.jnp_dtype) if cfg.loss.beta > 0 else None
         self.state: TrainState = create_train_state(params, self.trainer)
 
         # -- rollout: the sampler on this process's devices, fed from the trained weights after each update
@@ -121,7 +116,7 @@ class PoerTrainer:
             cfg, self.mcfg, self.mesh, self.rows, self.state.params, text, num_eval)
         if self.rows.multihost:
             log.info("process %d of %d: samples %d of the %d questions of a step on its %d devices",
-                     self.rows.index, self.rows.count, _cdiv(cfg.data.questions_per_step, self.rows.count),
+                     self.rows.index, self.rows.count, cdiv(cfg.data.questions_per_step, self.rows.count),
                      cfg.data.questions_per_step, self.sampler_params.mesh.size)
 
         # -- rewards, data order, POER truncation (Eq. 3-4) and the cache pool
@@ -181,7 +176,7 @@ class PoerTrainer:
             bar = TaskProgress("cache pool", n, unit="answers", quiet=not is_main_process())
             for start in range(0, n, chunk):
                 idx = np.arange(start, min(n, start + chunk))
-                share = _cdiv(len(idx), P)
+                share = cdiv(len(idx), P)
                 mine = idx[p * share: (p + 1) * share]
                 tokens = np.full((share, width), self.pad_id, np.int32)
                 lengths = np.zeros((share,), np.int32)
@@ -220,7 +215,7 @@ class PoerTrainer:
                 "run started. Use another 'workdir', or --config.overwrite=true to start over")
         try:
             step, state, pool_state, extra = self.checkpointer.restore_latest_intact(
-                self.state, _pool_items(self.pool), agree=self.rows.all)
+                self.state, pool_items(self.pool), agree=self.rows.all)
         except BrokenCheckpointError as e:
             raise setup.ConfigError(
                 f"{e}\nNo checkpoint of workdir {self.workdir} can be restored into this run; its files are left "
@@ -231,7 +226,7 @@ class PoerTrainer:
                                     "another config:\n" + "\n".join(f"  {r}" for r in refused))
         self.state = state
         if pool_state is not None:
-            self.pool = _pool_from_items(pool_state)
+            self.pool = pool_from_items(pool_state)
         self.iterator.set_state(extra["data"])
         self.step = int(extra["step"])
         self.sampler.update_params(self.sampler_params(self.state.params))
@@ -241,7 +236,7 @@ class PoerTrainer:
         assert self.checkpointer is not None
         extra = {"step": self.step, "data": self.iterator.get_state(), "config": self.cfg.to_dict(),
                  "run_config": self.run_config, "pool_shape": list(self.pool.tokens.shape)}
-        self.checkpointer.save(self.step, self.state, _pool_items(self.pool), extra, force=force)
+        self.checkpointer.save(self.step, self.state, pool_items(self.pool), extra, force=force)
 
     # ---- one step ---------------------------------------------------------------------------------------
     def _rewards(self, r: Rollout, deadline_s: float) -> tuple[np.ndarray, np.ndarray | None, RewardResult]:
@@ -325,7 +320,7 @@ class PoerTrainer:
                 return r, raw, shaped, res, info
             if self._dynamic_done(dyn, len(idx), shaped, len(cache_updates) - 1):
                 kept, kept_shaped = dyn.result()
-                r, raw = _select_groups(cache_updates, kept["attempt"], kept["row"], G)
+                r, raw = select_groups(cache_updates, kept["attempt"], kept["row"], G)
                 info["cache_updates"] = cache_updates
                 info.update(dyn.metrics())  # "dynamic_sampling/attempts", ".../kept_fraction"
                 return r, raw, kept_shaped, res, info
@@ -405,7 +400,7 @@ class PoerTrainer:
         ep = self.eval_prompts
         assert ep is not None
         n, k = len(ep), self.cfg.eval.num_samples
-        share = _cdiv(n, self.rows.count)
+        share = cdiv(n, self.rows.count)
         mine = np.arange(self.rows.index * share, min(n, (self.rows.index + 1) * share))
         correct, lengths, seconds = np.zeros((share, k), bool), np.zeros((share, k), np.int32), 0.0
         if mine.size:
@@ -426,7 +421,7 @@ class PoerTrainer:
         files and workers however it ends. Returns the last step's metrics ({} when already complete)."""
         cfg = self.cfg
         if self.start.mode == "complete":
-            self._log_complete()
+            report.log_already_complete(self.workdir, self.start.step, self.start.summary, self.cfg.train.max_steps)
             return {}
         t0 = time.monotonic()
         first_step = self.step
@@ -484,13 +479,6 @@ class PoerTrainer:
         for line in report.summary_lines(summary, self.workdir):
             log.info("%s", line)
 
-    def _log_complete(self) -> None:
-        log.info("the run in %s is already complete (step %s of train.max_steps=%d); nothing to do",
-                 self.workdir, self.start.step, self.cfg.train.max_steps)
-        for line in report.summary_lines(self.start.summary or {}, self.workdir)[1:]:
-            log.info("%s", line)
-        log.info("raise --config.train.max_steps to train further, or --config.overwrite=true to start over")
-
     def _log_samples(self) -> None:
         """One group of the last step's completions: logged (shortened) and written to samples.jsonl."""
         if self._last_batch is None or self.samples is None:
@@ -505,47 +493,5 @@ class PoerTrainer:
             self.metrics.write(step, metrics)
 
 
-def _select_groups(parts: list[tuple[Rollout, np.ndarray, np.ndarray, np.ndarray]], attempt: np.ndarray,
-                   row: np.ndarray, G: int) -> tuple[Rollout, np.ndarray]:
-    """Concatenate the kept groups (dynamic sampling) of several rollouts into one Rollout."""
-    raws = []
-    groups: dict[str, list[Any]] = {k: [] for k in ("indices", "prompt_ids", "prefix_ids", "m", "L")}
-    samples: dict[str, list[Any]] = {k: [] for k in ("cont", "lps", "finish")}
-    for a, g in zip(attempt, row, strict=True):
-        r, _, raw, _ = parts[int(a)]
-        raws.append(raw[int(g)])
-        groups["indices"].append(r.indices[g])
-        groups["prompt_ids"].append(r.prompt_ids[g])
-        groups["prefix_ids"].append(r.prefix_ids[g])
-        groups["m"].append(r.truncation_m[g])
-        groups["L"].append(r.truncation_L[g])
-        for i in range(g * G, (g + 1) * G):
-            samples["cont"].append(r.continuation_ids[i])
-            samples["lps"].append(r.sampler_logprobs[i])
-            samples["finish"].append(r.finish_reason[i])
-    r0 = parts[0][0]
-    out = Rollout(indices=np.asarray(groups["indices"]), group_size=G, prompt_ids=groups["prompt_ids"],
-                  prefix_ids=groups["prefix_ids"], continuation_ids=samples["cont"], sampler_logprobs=samples["lps"],
-                  finish_reason=np.asarray(samples["finish"]), truncation_m=np.asarray(groups["m"]),
-                  truncation_L=np.asarray(groups["L"]), prefilled_tokens=r0.prefilled_tokens,
-                  decoded_tokens=r0.decoded_tokens, seconds=r0.seconds)
-    return out, np.stack(raws)
-
-
-@functools.partial(jax.jit, static_argnums=1)
-def _reference_copy(params: Any, dtype: Any) -> Any:
-    """A copy of the weights in ``dtype`` (its own buffers: the train state's are donated by each update)."""
-    return jax.tree.map(lambda x: jnp.array(x, dtype=dtype, copy=True), params)
-
-
 _cache_update = jax.jit(poer.update, static_argnames=("mode",))
 _insert = jax.jit(poer.insert)
-
-
-def _pool_items(pool: poer.CachePool) -> dict[str, Any]:
-    """The pool as checkpoint items: its (possibly multi-host sharded) arrays and its pad id."""
-    return {**{f: getattr(pool, f) for f in ARRAY_FIELDS}, "pad_id": np.asarray(pool.pad_id, np.int32)}
-
-
-def _pool_from_items(items: dict[str, Any]) -> poer.CachePool:
-    return poer.CachePool(**{f: items[f] for f in ARRAY_FIELDS}, pad_id=int(np.asarray(items["pad_id"])))

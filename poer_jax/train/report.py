@@ -3,6 +3,7 @@ evaluate it the same way), the end-of-run summary, and sample completions."""
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -101,3 +102,13 @@ def sample_group(r: Rollout, g: int, texts: list[str], totals: np.ndarray, promp
         flat = c["text"].replace("\n", " \u23ce ")
         lines.append(f"  [{reward}] {flat if len(flat) <= width else flat[: width - 3] + '...'}")
     return record, "\n".join(lines)
+
+
+def log_already_complete(workdir: Path, step: int | None, summary: dict[str, Any] | None, max_steps: int) -> None:
+    """What a start in a finished run's workdir says: the run's summary and how to go on."""
+    log = logging.getLogger("poer_jax")
+    log.info("the run in %s is already complete (step %s of train.max_steps=%d); nothing to do", workdir, step,
+             max_steps)
+    for line in summary_lines(summary or {}, workdir)[1:]:
+        log.info("%s", line)
+    log.info("raise --config.train.max_steps to train further, or --config.overwrite=true to start over")

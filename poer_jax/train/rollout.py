@@ -12,6 +12,7 @@ import dataclasses
 import time
 from collections.abc import Sequence
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -129,3 +130,31 @@ def responses_array(r: Rollout, width: int, pad_id: int) -> tuple[np.ndarray, np
         tokens[n // G, n % G, : resp.size] = resp
         lengths[n // G, n % G] = resp.size
     return tokens, lengths
+
+
+def select_groups(parts: list[tuple[Rollout, np.ndarray, np.ndarray, np.ndarray]], attempt: np.ndarray,
+                   row: np.ndarray, G: int) -> tuple[Rollout, np.ndarray]:
+    """Concatenate the kept groups (dynamic sampling) of several rollouts into one Rollout: group ``row[j]`` of
+    attempt ``attempt[j]`` (``parts[a]`` = (rollout, shaped, raw, ...)), with the raw rewards of those groups."""
+    raws = []
+    groups: dict[str, list[Any]] = {k: [] for k in ("indices", "prompt_ids", "prefix_ids", "m", "L")}
+    samples: dict[str, list[Any]] = {k: [] for k in ("cont", "lps", "finish")}
+    for a, g in zip(attempt, row, strict=True):
+        r, _, raw, _ = parts[int(a)]
+        raws.append(raw[int(g)])
+        groups["indices"].append(r.indices[g])
+        groups["prompt_ids"].append(r.prompt_ids[g])
+        groups["prefix_ids"].append(r.prefix_ids[g])
+        groups["m"].append(r.truncation_m[g])
+        groups["L"].append(r.truncation_L[g])
+        for i in range(g * G, (g + 1) * G):
+            samples["cont"].append(r.continuation_ids[i])
+            samples["lps"].append(r.sampler_logprobs[i])
+            samples["finish"].append(r.finish_reason[i])
+    r0 = parts[0][0]
+    out = Rollout(indices=np.asarray(groups["indices"]), group_size=G, prompt_ids=groups["prompt_ids"],
+                  prefix_ids=groups["prefix_ids"], continuation_ids=samples["cont"], sampler_logprobs=samples["lps"],
+                  finish_reason=np.asarray(samples["finish"]), truncation_m=np.asarray(groups["m"]),
+                  truncation_L=np.asarray(groups["L"]), prefilled_tokens=r0.prefilled_tokens,
+                  decoded_tokens=r0.decoded_tokens, seconds=r0.seconds)
+    return out, np.stack(raws)
