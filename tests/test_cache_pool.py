@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 
 from poer_jax.poer import cache_pool as cp
 from poer_jax.poer.cache_init import from_token_arrays, from_token_lists, load_answers_file
-from poer_jax.poer.cache_update import best_response, cache_metrics, choose_responses, update
+from poer_jax.poer.cache_update import best_response, cache_metrics, choose_responses, replayed_fraction, update
 from poer_jax.poer.length_reward import length_aware_reward
 from poer_jax.poer.truncation import (
     TruncationConfig,
@@ -435,6 +435,9 @@ def test_update_stores_chosen_full_response_and_group_stats() -> None:
     assert float(metrics["cache/updates"]) == 3
     took_best = np.asarray(res.took_best)[[1, 3, 4]]
     assert float(metrics["cache/took_best_frac"]) == pytest.approx(took_best.mean())
+    # rows 4 and 9 now hold rollout answers (finite reward), row 0 its initial one, -1 is padding
+    assert float(replayed_fraction(res.pool, jnp.asarray([4, 9, 0, -1]))) == pytest.approx(2 / 3)
+    assert float(replayed_fraction(pool, jnp.asarray([4, 9, 0, -1]))) == 0.0
 
 
 def test_no_update_never_changes_the_pool() -> None:

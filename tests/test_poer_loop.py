@@ -92,6 +92,19 @@ def test_cache_receives_prefix_plus_continuation(run):
             assert np.array_equal(cached[: r.prefix_ids[g].size], r.prefix_ids[g])
 
 
+def test_returning_questions_continue_their_updated_answers(run):
+    """Eq. 9's replacements feed later rollouts: the second step continues answers the first step cached, and
+    ``cache/replayed_frac`` says so (0 when every cached answer is still the initial one)."""
+    first, second = run["rollouts"]
+    assert set(second.indices) == set(first.indices)
+    before_second = run["pools"][1]
+    for g, row in enumerate(second.indices):
+        cached = np.asarray(before_second.tokens[row, : before_second.lengths[row]])
+        assert np.isfinite(before_second.last_reward[row])  # written by step 1's update, not the solution
+        assert np.array_equal(cached[: second.prefix_ids[g].size], second.prefix_ids[g])
+    assert run["metrics"][0]["cache/replayed_frac"] == 0.0 and run["metrics"][1]["cache/replayed_frac"] == 1.0
+
+
 def test_shaped_rewards_reach_the_advantages(run):
     """Eq. 6 on R (Eq. 10), not on r: with r = 1 everywhere only the length shaping can give advantages."""
     from poer_jax.rl import group_advantages
@@ -145,4 +158,4 @@ def test_truncation_keys_are_validated():
 
     both = build_truncation(config_from_argv([*base, "--config.cache.truncation=both",
                                               "--config.cache.truncation_fraction=0.25"]))
-    assert (both.limit, both.fraction, both.max_truncation) == ("both", 0.25, 48)
+    assert (both.limit, both.fraction, both.max_truncation) == ("both", 0.25, 20)  # configs/toy.py: L = 20

@@ -18,33 +18,33 @@ import warm_start  # noqa: E402
 TINY = ["--config.toy.num_train=8", "--config.toy.num_test=4", "--config.toy.hidden_size=16",
         "--config.toy.num_layers=1", "--config.toy.min_operands=3", "--config.toy.max_operands=4",
         "--config.warm_start.steps=2", "--config.warm_start.batch_size=4", "--config.warm_start.micro_batches=2",
-        "--config.rollout.max_completion_len=32",
-        "--config.eval.max_new_tokens=32", "--config.mesh.num_devices=1"]
+        "--config.rollout.max_completion_len=64",
+        "--config.eval.max_new_tokens=64", "--config.mesh.num_devices=1"]
 
 
 def test_warm_start_script_writes_a_model_the_demo_can_start_from(tmp_path):
-    cfg = config_from_argv([f"--config={ROOT / 'configs' / 'dial.py'}", *TINY])
+    cfg = config_from_argv([f"--config={ROOT / 'configs' / 'toy.py'}", *TINY])
     out = tmp_path / "ws"
     record = warm_start.make_warm_start(cfg, out, rows=16, validation=3, target=0.0, eval_every=2, eval_k=0)
-    assert record["task"] == "dial" and record["steps"] == 2 and record["rows"] == 16
+    assert record["task"] == "chain" and record["steps"] == 2 and record["rows"] == 16
     assert [v["step"] for v in record["validation"]] == [2]
     assert json.loads((out / "warm_start.json").read_text()) == record
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
 
     from poer_jax.train import setup
 
-    run = setup.prepare_toy(config_from_argv([f"--config={ROOT / 'configs' / 'dial.py'}", *TINY,
+    run = setup.prepare_toy(config_from_argv([f"--config={ROOT / 'configs' / 'toy.py'}", *TINY,
                                               f"--config.workdir={tmp_path / 'run'}",
                                               f"--config.warm_start.path={out}"]))
     started = setup.use_warm_start(run)
     assert started.model.path == str(out) and started.model.tokenizer_path == str(out)
-    other = setup.prepare_toy(config_from_argv([f"--config={ROOT / 'configs' / 'dial.py'}", *TINY,
+    other = setup.prepare_toy(config_from_argv([f"--config={ROOT / 'configs' / 'toy.py'}", *TINY,
                                                 "--config.toy.task=arithmetic", f"--config.workdir={tmp_path / 'o'}",
                                                 f"--config.warm_start.path={out}"]))
     with pytest.raises(ConfigError, match="tokenizer .* is not the one of the task"):
         setup.use_warm_start(other)  # the arithmetic task has no word tokens: another vocabulary
     with pytest.raises(ConfigError, match="holds no model"):
-        setup.use_warm_start(config_from_argv([f"--config={ROOT / 'configs' / 'dial.py'}",
+        setup.use_warm_start(config_from_argv([f"--config={ROOT / 'configs' / 'toy.py'}",
                                                f"--config.warm_start.path={tmp_path / 'missing'}"]))
 
 
@@ -71,3 +71,38 @@ def test_micro_batches_give_the_same_warm_start():
     with pytest.raises(ValueError, match="micro_batches=3 must divide"):
         supervised_warm_start(params, cfg, prompts, targets, steps=1, learning_rate=1e-2, batch_size=8, seed=0,
                               pad_id=0, micro_batches=3)
+
+
+def test_min_lr_ratio_decays_the_warm_start_steps():
+    """With a cosine to 0 the last Adam step moves the weights far less than the first; a constant rate does not."""
+    import jax
+    import numpy as np
+
+    from poer_jax.model import QwenConfig, init_params
+    from poer_jax.train.warm_start import supervised_warm_start
+
+    cfg = QwenConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                     head_dim=8, max_position_embeddings=64)
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(4, 32, 4).astype(np.int32) for _ in range(8)]
+    targets = [rng.integers(4, 32, 3).astype(np.int32) for _ in range(8)]
+
+    def step_sizes(ratio: float) -> list[float]:
+        seen = [jax.tree.map(np.array, init_params(cfg, jax.random.key(0)))]
+
+        def keep(step, params):
+            seen.append(jax.tree.map(np.array, params))
+            return False
+
+        supervised_warm_start(init_params(cfg, jax.random.key(0)), cfg, prompts, targets, steps=6, learning_rate=1e-3,
+                              batch_size=8, seed=0, pad_id=0, min_lr_ratio=ratio, callback=keep, callback_every=1)
+        return [float(np.sqrt(sum(np.sum((x - y) ** 2) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b),
+                                                                       strict=True))))
+                for a, b in zip(seen, seen[1:], strict=False)]
+
+    decayed, constant = step_sizes(0.0), step_sizes(1.0)
+    assert decayed[0] == pytest.approx(constant[0], rel=1e-4)  # the cosine starts at the peak
+    assert decayed[-1] < 0.2 * decayed[0] and constant[-1] > 0.5 * constant[0], (decayed, constant)
+    with pytest.raises(ValueError, match="min_lr_ratio"):
+        supervised_warm_start(init_params(cfg, jax.random.key(0)), cfg, prompts, targets, steps=1, learning_rate=1e-3,
+                              batch_size=8, seed=0, pad_id=0, min_lr_ratio=1.5)

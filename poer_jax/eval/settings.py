@@ -24,7 +24,7 @@ def eval_settings(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     flags (``system_prompt`` is the prompt actually used, the default spelled out)."""
     d, e = cfg.data, cfg.eval
     return {
-        "system_prompt": d.system_prompt or OPEN_RS_SYSTEM_PROMPT,
+        "system_prompt": OPEN_RS_SYSTEM_PROMPT if d.system_prompt is None else d.system_prompt,
         "chat_template": d.chat_template,
         "max_prompt_len": d.max_prompt_len,
         "problem_key": d.problem_key,

@@ -12,7 +12,14 @@ from poer_jax.poer.cache_pool import (
     shard_pool,
     to_state_dict,
 )
-from poer_jax.poer.cache_update import UpdateResult, best_response, cache_metrics, choose_responses, update
+from poer_jax.poer.cache_update import (
+    UpdateResult,
+    best_response,
+    cache_metrics,
+    choose_responses,
+    replayed_fraction,
+    update,
+)
 from poer_jax.poer.length_reward import LENGTH_REWARD_VARIANTS, length_aware_reward
 from poer_jax.poer.truncation import (
     LIMIT_MODES,
@@ -33,6 +40,7 @@ __all__ = [
     "UpdateResult",
     "best_response",
     "cache_metrics",
+    "replayed_fraction",
     "choose_responses",
     "create",
     "from_state_dict",

@@ -153,6 +153,16 @@ def update(pool: CachePool, indices: jax.Array, tokens: jax.Array, lengths: jax.
                         updated=updated)
 
 
+@jax.jit
+def replayed_fraction(pool: CachePool, indices: jax.Array) -> jax.Array:
+    """Fraction of a step's groups (pool rows ``indices``; -1 = padding) whose cached answer came from an
+    earlier rollout (an Eq. 9 update), not from the initialisation: with questions that come back, how much
+    of the rollout continues the policy's own updated answers."""
+    valid = indices >= 0
+    replayed = valid & jnp.isfinite(pool.last_reward[jnp.where(valid, indices, 0)])
+    return jnp.sum(replayed).astype(jnp.float32) / jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
+
+
 def cache_metrics(pool: CachePool, result: UpdateResult | None = None) -> dict[str, jax.Array]:
     """cache/* statistics as device scalars (fetch them when logging, not per step in a hot loop).
 

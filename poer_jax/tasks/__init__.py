@@ -1,7 +1,7 @@
 """Built-in tasks, generated locally (no download), and a tiny local tokenizer (``tiny_tokenizer``).
 
 * ``arithmetic`` (``toy``): short worked arithmetic (~40-token answers), whose deciding tokens come first.
-* ``dial`` (``dial``): 30-50 steps of one skill (~150-250-token answers), every step deciding the answer:
+* ``chain`` (``chain``): 14-22 steps of one skill (160-248-token answers), every step deciding the answer:
   the task of the CPU demo, in POER's regime (truncating the last ~10 % of an answer still matters).
 
 ``make_task_splits(name, ...)`` maps the ``toy.*`` config knobs onto a task; ``task_completion(name, row)``
@@ -39,12 +39,18 @@ def _arithmetic_splits(num_train: int, num_test: int, seed: int, knobs: dict[str
     return make_toy_splits(num_train, num_test, seed=seed, cfg=cfg)
 
 
-def _dial_splits(num_train: int, num_test: int, seed: int, knobs: dict[str, Any]) -> tuple[Rows, Rows]:
-    from poer_jax.tasks.dial import DialTaskConfig, make_dial_splits
+def _chain_splits(num_train: int, num_test: int, seed: int, knobs: dict[str, Any]) -> tuple[Rows, Rows]:
+    from poer_jax.tasks.chain import ChainTaskConfig, make_chain_splits
 
-    cfg = DialTaskConfig(min_turns=knobs["min_operands"], max_turns=knobs["max_operands"],
-                         max_turn=knobs["max_value"])
-    return make_dial_splits(num_train, num_test, seed=seed, cfg=cfg)
+    cfg = ChainTaskConfig(min_steps=knobs["min_operands"], max_steps=knobs["max_operands"],
+                          max_constant=knobs["max_value"])
+    return make_chain_splits(num_train, num_test, seed=seed, cfg=cfg)
+
+
+def _chain_completion(row: dict[str, str]) -> str:
+    from poer_jax.tasks.chain import chain_completion
+
+    return chain_completion(row)
 
 
 def _arithmetic_completion(row: dict[str, str]) -> str:
@@ -53,15 +59,9 @@ def _arithmetic_completion(row: dict[str, str]) -> str:
     return toy_completion(row)
 
 
-def _dial_completion(row: dict[str, str]) -> str:
-    from poer_jax.tasks.dial import dial_completion
-
-    return dial_completion(row)
-
-
 TASKS: dict[str, BuiltinTask] = {
     "arithmetic": BuiltinTask("arithmetic", _arithmetic_splits, _arithmetic_completion),
-    "dial": BuiltinTask("dial", _dial_splits, _dial_completion, word_tokens=("<think>", "</think>", "\\boxed{")),
+    "chain": BuiltinTask("chain", _chain_splits, _chain_completion, word_tokens=("<think>", "</think>", "\\boxed{")),
 }
 
 
@@ -73,8 +73,8 @@ def _task(name: str) -> BuiltinTask:
 
 def make_task_splits(name: str, num_train: int, num_test: int, seed: int, *, max_value: int, min_operands: int,
                      max_operands: int, word_problem_fraction: float = 0.0) -> tuple[Rows, Rows]:
-    """Train and held-out rows of task ``name`` from the ``toy.*`` knobs: the operand range (a dial turn is at
-    most ``max_value``) and the number of operands (a dial has ``min_operands`` .. ``max_operands`` turns)."""
+    """Train and held-out rows of task ``name`` from the ``toy.*`` knobs: the operand range (a chain's constant is
+    at most ``max_value``) and the number of operands (a chain has ``min_operands`` .. ``max_operands`` steps)."""
     knobs = dict(max_value=max_value, min_operands=min_operands, max_operands=max_operands,
                  word_problem_fraction=word_problem_fraction)
     return _task(name).splits(num_train, num_test, seed, knobs)

@@ -99,7 +99,7 @@ def build_prompts(cfg: ml_collections.ConfigDict, tokenizer: Any) -> Prompts:
     """Load and tokenize the training (and held-out) rows; errors name the config key, the file and the row."""
     pcfg = PromptConfig(chat_template=cfg.data.chat_template, max_prompt_len=cfg.data.max_prompt_len,
                         on_too_long=cfg.data.on_too_long,
-                        **({"system_prompt": cfg.data.system_prompt} if cfg.data.system_prompt else {}))
+                        **({"system_prompt": cfg.data.system_prompt} if cfg.data.system_prompt is not None else {}))
     rows = preflight.load_data(cfg, "data.train_path", limit=cfg.data.limit)
     train = _tokenize(tokenizer, rows, pcfg, "data.train_path")
     if len(train) < cfg.data.questions_per_step:

@@ -264,7 +264,7 @@ def build_prompt_text(tokenizer: Any, problem: str, cfg: PromptConfig | None = N
     cfg = cfg or PromptConfig()
     if _uses_chat_template(tokenizer, cfg):
         messages = []
-        if cfg.system_prompt is not None:
+        if cfg.system_prompt:  # "" = no system message
             messages.append({"role": "system", "content": cfg.system_prompt})
         messages.append({"role": "user", "content": problem})
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

@@ -368,6 +368,7 @@ class PoerTrainer:
         cache_metrics: dict[str, Any] = {}
         if cfg.rollout.strategy == "poer":
             put = self.rows.to_global
+            replayed = poer.replayed_fraction(self.pool, put(np.asarray(r.indices, np.int32), fill=-1))
             for j, (ru, sh, _, primary) in enumerate(info["cache_updates"]):
                 toks, lens = responses_array(ru, self.pool.max_len, self.pad_id)
                 res_u = _cache_update(self.pool, put(np.asarray(ru.indices, np.int32), fill=-1),
@@ -375,7 +376,7 @@ class PoerTrainer:
                                       jax.random.fold_in(k_cache, j), epsilon=float(cfg.cache.epsilon),
                                       mode=cfg.cache.update_mode, primary=put(np.asarray(primary, np.float32)))
                 self.pool = res_u.pool
-            cache_metrics = poer.cache_metrics(self.pool, res_u)
+            cache_metrics = {**poer.cache_metrics(self.pool, res_u), "cache/replayed_frac": replayed}
         self.step += 1
 
         m = rollout_metrics(r, raw, shaped, gather_reward_result(res, self.rows), info, self.rows)

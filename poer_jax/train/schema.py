@@ -57,7 +57,7 @@ SCHEMA: dict[str, Any] = {
         "problem_key": _f("problem", str, "column holding the problem text"),
         "solution_key": _f("solution", str, "column holding a worked solution with a \\boxed{} answer (optional)"),
         "answer_key": _f("answer", str, "column holding the final answer (a string or a number)"),
-        "system_prompt": _f(None, str, "system prompt; default: the open-rs system prompt", optional=True),
+        "system_prompt": _f(None, str, "system prompt; default: the open-rs system prompt; \"\" = none", optional=True),
         "chat_template": _f("auto", str, "auto: the tokenizer's chat template if it has one; always: require it; "
                             "never: the plain 'Problem: ... Answer:' template", choices=("auto", "always", "never")),
         "max_prompt_len": _f(512, int, "longest prompt in tokens (data.on_too_long decides what happens to longer)",
@@ -209,17 +209,20 @@ SCHEMA: dict[str, Any] = {
                    "(regenerate: python scripts/warm_start.py --config=...)", optional=True),
         "learning_rate": _f(3e-3, NUM, "warm start learning rate (Adam)", min=0.0),
         "batch_size": _f(32, int, "warm start examples per step", min=1),
+        "min_lr_ratio": _f(1.0, NUM, "cosine decay of the warm start's learning rate to this fraction at "
+                           "warm_start.steps; 1 = constant", min=0.0, max=1.0),
         "micro_batches": _f(1, int, "gradient accumulation slices of a warm-start batch (same update, less memory)",
                             min=1),
     },
     "toy": {
         "enabled": _f(False, bool, "generate a built-in task (toy.task), its tokenizer and a tiny model in workdir"),
-        "task": _f("arithmetic", str, "arithmetic: short worked sums (the demo); dial: many steps of one skill "
-                   "(configs/dial.py)", choices=("arithmetic", "dial")),
+        "task": _f("arithmetic", str, "arithmetic: short worked sums; chain: many steps of one skill, long answers "
+                   "(the demo, configs/toy.py)", choices=("arithmetic", "chain")),
         "num_train": _f(2000, int, "training problems generated", min=1),
         "num_test": _f(200, int, "held-out problems generated", min=1),
-        "max_value": _f(9, int, "operands are drawn from 0..max_value (dial: turns of 1..max_value <= 9)", min=1),
-        "min_operands": _f(2, int, "operands per problem (dial: turns, at most 52)", min=2),
+        "max_value": _f(9, int, "operands are drawn from 0..max_value (chain: the constant added at each "
+                        "step, <= 9)", min=1),
+        "min_operands": _f(2, int, "operands per problem (chain: steps, at most 99)", min=2),
         "max_operands": _f(3, int, "operands per problem: min_operands..max_operands", min=2),
         "word_problem_fraction": _f(0.0, NUM, "fraction of problems phrased in words", min=0.0, max=1.0),
         "hidden_size": _f(64, int, "hidden size of the tiny Qwen2", min=8),

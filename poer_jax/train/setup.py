@@ -273,7 +273,7 @@ def run_warm_start(cfg: ml_collections.ConfigDict, tokenizer: Any, prompt_ids: l
                 params, mcfg, prompt_ids, target_ids, steps=cfg.warm_start.steps,
                 learning_rate=cfg.warm_start.learning_rate, batch_size=cfg.warm_start.batch_size, seed=cfg.seed,
                 pad_id=pad_id, warmup_steps=min(50, cfg.warm_start.steps // 10),
-                micro_batches=cfg.warm_start.micro_batches,
+                micro_batches=cfg.warm_start.micro_batches, min_lr_ratio=cfg.warm_start.min_lr_ratio,
                 callback=None if callback is None else lambda step, p: callback(step, p, mcfg),
                 callback_every=callback_every, progress=lambda done, loss: bar.update(done, f"loss {loss:.3f}"))
         log.info("warm start: done, loss %.3f -> %.3f", losses[0], losses[-1])

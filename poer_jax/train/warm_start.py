@@ -36,12 +36,15 @@ def _batch(prompts: Sequence[np.ndarray], targets: Sequence[np.ndarray], rows: n
 def supervised_warm_start(
     params: Params, cfg: Any, prompts: Sequence[np.ndarray], targets: Sequence[np.ndarray], *, steps: int,
     learning_rate: float, batch_size: int, seed: int, pad_id: int, chunk_size: int = 256, warmup_steps: int = 0,
-    micro_batches: int = 1, callback: Callable[[int, Params], bool] | None = None, callback_every: int = 0,
+    micro_batches: int = 1, min_lr_ratio: float = 1.0, callback: Callable[[int, Params], bool] | None = None,
+    callback_every: int = 0,
     progress: Callable[[int, float], None] | None = None,
 ) -> tuple[Params, list[float]]:
     """Up to ``steps`` Adam steps on random mini-batches; returns (params, per-step losses).
 
-    The learning rate rises linearly over ``warmup_steps``, then stays. ``micro_batches``: the batch's
+    The learning rate rises linearly over ``warmup_steps``, then stays (``min_lr_ratio`` 1) or follows a
+    cosine down to ``min_lr_ratio`` x ``learning_rate`` at ``steps`` (a small model's loss stalls at the noise
+    floor of a constant rate). ``micro_batches``: the batch's
     gradient is accumulated over that many slices of its rows (one ``lax.scan``), the same update with a
     smaller working set (on a CPU, dense attention over a few rows stays in cache: 2-3x faster).
     ``callback(step, params)`` runs every ``callback_every`` steps (e.g. a validation run) and stops the warm
@@ -53,7 +56,13 @@ def supervised_warm_start(
     batch_size = min(batch_size, len(prompts))
     if micro_batches < 1 or batch_size % micro_batches:
         raise ValueError(f"warm start: micro_batches={micro_batches} must divide the batch of {batch_size} rows")
-    lr = optax.linear_schedule(0.0, learning_rate, warmup_steps) if warmup_steps > 0 else learning_rate
+    if not 0.0 <= min_lr_ratio <= 1.0:
+        raise ValueError(f"warm start: min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+    if min_lr_ratio < 1.0:
+        lr: Any = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps, max(steps, warmup_steps + 1),
+                                                     learning_rate * min_lr_ratio)
+    else:
+        lr = optax.linear_schedule(0.0, learning_rate, warmup_steps) if warmup_steps > 0 else learning_rate
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(lr))
     opt_state = opt.init(params)
     width = max(p.size + t.size for p, t in zip(prompts, targets, strict=True))
