@@ -39,13 +39,16 @@ def get_config():
     c.toy.num_test = 128
     c.toy.min_operands = 14  # steps per problem
     c.toy.max_operands = 22
-    c.toy.max_value = 9  # the constant added at each step: 0..9
+    # the constant added at each step: 0 or 1. With 0..9 the 2-layer, hidden-64 model's supervised run stalled at
+    # ~89 % right sums (13 % whole answers) after 800 steps; the step (a 200-entry table) is learnt in a few hundred
+    c.toy.max_value = 1
     c.toy.hidden_size = 64
     c.toy.num_layers = 2
     # the committed warm start; scripts/warm_start.py makes it with these settings (on its own fresh rows)
     c.warm_start.path = str(ROOT / "assets" / "warm_start_chain")
-    c.warm_start.steps = 3000
+    c.warm_start.steps = 800
     c.warm_start.learning_rate = 3e-3
+    c.warm_start.min_lr_ratio = 0.02
     c.warm_start.batch_size = 32
     c.warm_start.micro_batches = 16  # on a CPU, attention over 2 rows at a time stays in cache
     c.data.chat_template = "always"

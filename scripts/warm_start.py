@@ -29,11 +29,16 @@ log = logging.getLogger("poer_jax")
 
 
 def _fresh_rows(cfg: Any, rows: int, seed: int, exclude: set[str], path: Path) -> Path:
-    """``rows`` problems of the config's built-in task from ``seed``, none of them in ``exclude``."""
-    from poer_jax.tasks import make_task_splits
+    """Up to ``rows`` problems of the config's built-in task from ``seed``, none of them in ``exclude`` (fewer
+    where the task's knobs allow fewer distinct problems: all of them but the excluded ones)."""
+    from poer_jax.tasks import make_task_splits, task_capacity
     from poer_jax.tasks.toy import write_jsonl
 
     t = cfg.toy
+    capacity = task_capacity(t.task, max_value=t.max_value, min_operands=t.min_operands, max_operands=t.max_operands)
+    if capacity is not None and rows > capacity - len(exclude):
+        log.info("warm start: the task has %d distinct problems; using %d rows", capacity, capacity)
+        rows = capacity
     train, _ = make_task_splits(t.task, rows, 0, seed=seed, max_value=t.max_value, min_operands=t.min_operands,
                                 max_operands=t.max_operands, word_problem_fraction=t.word_problem_fraction)
     return write_jsonl([r for r in train if r["problem"] not in exclude], path)

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from poer_jax.eval.answers import grade_completion
-from poer_jax.tasks import TASKS, make_task_splits, task_completion
+from poer_jax.tasks import TASKS, make_task_splits, task_capacity, task_completion
 from poer_jax.tasks.chain import (
     ChainTaskConfig,
     chain_completion,
@@ -67,6 +67,8 @@ def test_knobs_and_bad_values():
     assert num_chain_problems(small) == 100 and len(generate_chain_rows(100, 0, small)) == 100
     with pytest.raises(ValueError, match="allow only 100"):
         generate_chain_rows(101, 0, small)
+    assert task_capacity("chain", max_value=1, min_operands=14, max_operands=22) == 100 * 2 * 9
+    assert task_capacity("arithmetic", max_value=9, min_operands=2, max_operands=3) is None
 
 
 def test_completion_is_graded_right_and_is_160_to_250_tokens_at_the_demo_setting(splits, tmp_path):

@@ -15,7 +15,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["TASKS", "BuiltinTask", "make_task_splits", "task_completion"]
+__all__ = ["TASKS", "BuiltinTask", "make_task_splits", "task_capacity", "task_completion"]
 
 Rows = list[dict[str, str]]
 
@@ -29,6 +29,7 @@ class BuiltinTask:
     splits: Callable[[int, int, int, dict[str, Any]], tuple[Rows, Rows]]
     completion: Callable[[dict[str, str]], str]
     word_tokens: tuple[str, ...] = ()
+    capacity: Callable[[dict[str, Any]], int] | None = None  # distinct problems the knobs allow (None: plenty)
 
 
 def _arithmetic_splits(num_train: int, num_test: int, seed: int, knobs: dict[str, Any]) -> tuple[Rows, Rows]:
@@ -47,6 +48,13 @@ def _chain_splits(num_train: int, num_test: int, seed: int, knobs: dict[str, Any
     return make_chain_splits(num_train, num_test, seed=seed, cfg=cfg)
 
 
+def _chain_capacity(knobs: dict[str, Any]) -> int:
+    from poer_jax.tasks.chain import ChainTaskConfig, num_chain_problems
+
+    return num_chain_problems(ChainTaskConfig(min_steps=knobs["min_operands"], max_steps=knobs["max_operands"],
+                                              max_constant=knobs["max_value"]))
+
+
 def _chain_completion(row: dict[str, str]) -> str:
     from poer_jax.tasks.chain import chain_completion
 
@@ -61,7 +69,8 @@ def _arithmetic_completion(row: dict[str, str]) -> str:
 
 TASKS: dict[str, BuiltinTask] = {
     "arithmetic": BuiltinTask("arithmetic", _arithmetic_splits, _arithmetic_completion),
-    "chain": BuiltinTask("chain", _chain_splits, _chain_completion, word_tokens=("<think>", "</think>", "\\boxed{")),
+    "chain": BuiltinTask("chain", _chain_splits, _chain_completion, word_tokens=("<think>", "</think>", "\\boxed{"),
+                         capacity=_chain_capacity),
 }
 
 
@@ -78,6 +87,13 @@ def make_task_splits(name: str, num_train: int, num_test: int, seed: int, *, max
     knobs = dict(max_value=max_value, min_operands=min_operands, max_operands=max_operands,
                  word_problem_fraction=word_problem_fraction)
     return _task(name).splits(num_train, num_test, seed, knobs)
+
+
+def task_capacity(name: str, *, max_value: int, min_operands: int, max_operands: int) -> int | None:
+    """How many distinct problems task ``name`` has at these knobs (None: more than any run asks for)."""
+    task = _task(name)
+    knobs = dict(max_value=max_value, min_operands=min_operands, max_operands=max_operands)
+    return None if task.capacity is None else task.capacity(knobs)
 
 
 def task_completion(name: str, row: dict[str, str]) -> str:
