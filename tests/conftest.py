@@ -1,21 +1,76 @@
-"""Shared fixtures. 8 host CPU devices for mesh tests: XLA_FLAGS must be set before jax is imported."""
+"""Shared fixtures. 8 host CPU devices for mesh tests: XLA_FLAGS must be set before jax is imported.
+
+The suite runs on 2 pytest-xdist workers (pyproject.toml: ``-n 2 --dist loadgroup``). Both inherit this
+process's environment (device count, one compilation cache); the toy environment and the finished run are
+made once per session, by the first worker that needs them (``_once``); tests that share a module-scoped
+fixture run on one worker (``pytest_collection_modifyitems``), and the slow ones start first.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
+from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for the whole session, in this process and in the runs it launches
 # (train.compilation_cache_dir defaults to it): the same small programs are compiled once, not per test.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="poer_jax_test_jit_"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+# libtpu (TPU-topology compiles on this CPU host) in two workers, or beside another job, at once
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
 import pytest  # noqa: E402
 
 from tests.hf_fixtures import make_hf_checkpoint  # noqa: E402
+
+SHARED = "finished_run"  # the session fixture whose tests run on one worker (it is made there once)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's hook reads the xdist_group marks
+def pytest_collection_modifyitems(config, items):
+    """Group tests for xdist's ``loadgroup``: the tests of a module-scoped fixture (its module) and those of
+    the finished run each on one worker; then the groups with a ``slow`` test first, so that they overlap
+    with the rest instead of running alone at the end."""
+
+    def group(item) -> str | None:
+        defs = getattr(item, "_fixtureinfo", None)
+        defs = defs.name2fixturedefs if defs else {}
+        if SHARED in defs:
+            return SHARED
+        if any(d and d[-1].scope == "module" for d in defs.values()):
+            return item.module.__name__.rsplit(".", 1)[-1]
+        return None
+
+    scope = {}
+    for item in items:
+        marked = item.get_closest_marker("xdist_group")
+        name = marked.args[0] if marked and marked.args else group(item)
+        if name and not marked:
+            item.add_marker(pytest.mark.xdist_group(name))
+        scope[item] = name or item.nodeid
+    slow = {scope[i] for i in items if i.get_closest_marker("slow")}
+    items.sort(key=lambda i: scope[i] not in slow)  # stable: the order within a group stays
+
+
+def _once(tmp_path_factory, name: str, make):
+    """A session fixture's value made once per session: with xdist, by the first worker that asks (under a
+    file lock, in the session's shared temporary directory); the others read it. ``make(directory)`` returns
+    something JSON can hold."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        return make(tmp_path_factory.mktemp(name))
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp().parent
+    done = root / f"{name}.json"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.is_file():
+            (root / name).mkdir()
+            done.write_text(json.dumps(make(root / name)))
+    return json.loads(done.read_text())
 
 
 @pytest.fixture(scope="session")
@@ -38,19 +93,22 @@ def hf_qwen3_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def toy_env(tmp_path_factory):
     """Toy task files, tokenizer and a tiny random Qwen2 (1 layer, hidden 32), generated once."""
-    from poer_jax.train.config import default_config
-    from poer_jax.train.setup import prepare_toy
 
-    work = tmp_path_factory.mktemp("toyenv")
-    c = default_config()
-    c.workdir = str(work)
-    c.toy.enabled = True
-    c.toy.num_train = 24
-    c.toy.num_test = 8
-    c.toy.hidden_size = 32
-    c.toy.num_layers = 1
-    prepared = prepare_toy(c)
-    return {"model": prepared.model.path, "train": prepared.data.train_path, "test": prepared.data.eval_path}
+    def make(work):
+        from poer_jax.train.config import default_config
+        from poer_jax.train.setup import prepare_toy
+
+        c = default_config()
+        c.workdir = str(work)
+        c.toy.enabled = True
+        c.toy.num_train = 24
+        c.toy.num_test = 8
+        c.toy.hidden_size = 32
+        c.toy.num_layers = 1
+        prepared = prepare_toy(c)
+        return {"model": prepared.model.path, "train": prepared.data.train_path, "test": prepared.data.eval_path}
+
+    return _once(tmp_path_factory, "toyenv", make)
 
 
 FINISHED_RUN = {"eval.enabled": True, "eval.every": 3, "train.export_final": True, "train.samples_every": 2,
@@ -65,8 +123,11 @@ def finished_run(toy_env, tmp_path_factory):
     spread in it, so the policy moves."""
     from tests.helpers_runs import HELPERS, run_cli
 
-    workdir = tmp_path_factory.mktemp("finished") / "run"
-    extra = {**FINISHED_RUN, "reward.functions": f"accuracy,format,{HELPERS}:digit_count"}
-    r = run_cli(toy_env, workdir, **extra)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return {"workdir": workdir, "stderr": r.stderr, "extra": extra}
+    def make(work):
+        extra = {**FINISHED_RUN, "reward.functions": f"accuracy,format,{HELPERS}:digit_count"}
+        r = run_cli(toy_env, work / "run", **extra)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return {"workdir": str(work / "run"), "stderr": r.stderr, "extra": extra}
+
+    made = _once(tmp_path_factory, "finished", make)
+    return {**made, "workdir": Path(made["workdir"])}

@@ -12,6 +12,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 HELPERS = Path(__file__).resolve().parent / "helpers_rewards.py"
+# The command-line runs of the tests are a few steps of a tiny model: XLA's compiles are most of their time, and
+# LLVM at -O0 takes about a third less (their slower code costs nothing at this size). Every subprocess whose
+# numbers a test compares with another's uses these flags (the persistent compilation cache keys on them too).
+RUN_XLA_FLAGS = "--xla_backend_optimization_level=0"
+
+
+def xla_flags(devices: int | None = None) -> str:
+    """``XLA_FLAGS`` of a test's subprocess: ``RUN_XLA_FLAGS``, with ``devices`` host CPU devices if given."""
+    return RUN_XLA_FLAGS + (f" --xla_force_host_platform_device_count={devices}" if devices else "")
 
 
 def overrides(env: dict, workdir: Path, **extra) -> list[str]:
@@ -38,8 +47,7 @@ def argv(env: dict, workdir: Path, **extra) -> list[str]:
 
 
 def cli(env: dict, workdir: Path, **extra) -> tuple[list[str], dict[str, str]]:
-    env_vars = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-    env_vars.pop("XLA_FLAGS", None)
+    env_vars = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags()}
     return [sys.executable, "-m", "poer_jax.train", *argv(env, workdir, **extra)], env_vars
 
 

@@ -149,6 +149,7 @@ def test_kernel_choice_by_platform() -> None:
         attention_kernel(SamplerConfig(attention_kernel="pallas_gpu"), split)
 
 
+@pytest.mark.xdist_group("libtpu")  # with tests/test_plan.py's: one worker loads libtpu
 def test_tpu_kernel_compiles_for_a_tpu_topology() -> None:
     """Cascade decode attention with the TPU kernel, lowered and compiled for a v5e chip on this CPU host."""
     from jax.experimental import topologies
@@ -195,6 +196,7 @@ def test_train_config_keys_reach_the_sampler() -> None:
     assert (scfg.attention_kernel, scfg.layer_loop) == ("pallas_gpu", "scan")
 
 
+@pytest.mark.xdist_group("libtpu")  # with tests/test_plan.py's: one worker loads libtpu
 def test_data_parallel_sampler_programs_compile_with_the_tpu_kernel_for_a_tpu_topology() -> None:
     """The group sampler's programs (``sampler_program_specs``) on a 2 x 2 data x fsdp mesh of v5e chips,
     compiled on this CPU host: the Mosaic kernel runs per device inside the data-parallel shard_map (XLA

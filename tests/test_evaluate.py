@@ -15,6 +15,7 @@ from poer_jax.eval.evaluator import EvalResult, grade
 from poer_jax.eval.passk import pass_at_k
 from poer_jax.train.data import load_dataset_file
 from poer_jax.train.reward_pool import RewardPool
+from tests.helpers_runs import xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,7 +50,7 @@ def test_evaluate_cli_on_a_model_directory(toy_env_model, tmp_path):
                         "--k", "2", "--temperature", "1.0", "--max-new-tokens", "16", "--max-prompt-len", "128",
                         "--chat-template", "never", "--system-prompt", "Answer in \\boxed{}.", "--json", str(out)],
                        capture_output=True, text=True, timeout=300, cwd=ROOT,
-                       env={**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+                       env={**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags()})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "avg@2" in r.stdout and "pass@2" in r.stdout
     res = json.loads(out.read_text())
@@ -65,7 +66,7 @@ def test_evaluate_cli_bad_data_file(toy_env_model, tmp_path):
     bad.write_text('{"problem": "1+1"}\n')
     r = subprocess.run([sys.executable, "-m", "poer_jax.evaluate", "--model", str(model_dir), "--data", str(bad)],
                        capture_output=True, text=True, timeout=300, cwd=ROOT,
-                       env={**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+                       env={**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags()})
     assert r.returncode == 2 and "bad.jsonl" in r.stderr, r.stderr[-2000:]
 
 

@@ -36,6 +36,7 @@ try:
 except ImportError:
     HAS_LIBTPU = False
 needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason='libtpu not installed: pip install -e ".[test]"')
+on_libtpu = pytest.mark.xdist_group("libtpu")  # the tests that compile for a TPU topology: one worker loads libtpu
 
 
 def _cfg(*extra: str):
@@ -94,6 +95,7 @@ def _spec_named(report):
 
 
 @needs_libtpu
+@on_libtpu
 def test_tpu_plan_compiles_splash_attention_and_fits() -> None:
     target = get_target("tpu-v5e-4")
     mesh = mesh_for(_cfg(), target_devices(target))
@@ -110,6 +112,7 @@ def test_tpu_plan_compiles_splash_attention_and_fits() -> None:
 
 
 @needs_libtpu
+@on_libtpu
 def test_plan_script_exit_codes_and_messages(tmp_path: Path) -> None:
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
     base = [sys.executable, str(ROOT / "scripts/plan.py"), f"--config={ROOT / 'configs/toy.py'}",

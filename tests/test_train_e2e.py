@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 
 from poer_jax.train.config import apply_overrides, default_config, validate
-from tests.helpers_runs import HELPERS, ROOT
+from tests.helpers_runs import HELPERS, ROOT, xla_flags
 from tests.helpers_runs import cli as _cli
 from tests.helpers_runs import metrics as _metrics
 from tests.helpers_runs import overrides as _overrides
@@ -41,6 +42,7 @@ REQUIRED = ["reward", "reward_std", "rewards/accuracy/mean", "rewards/format/mea
             "logp_diff/sampler_vs_trainer"]
 
 
+@pytest.mark.slow
 def test_poer_and_grpo_from_the_command_line(toy_env, finished_run, tmp_path):
     """The shared finished POER run (conftest.py) against a GRPO run; the README's evaluate command on the
     POER run's export reports the held-out accuracy (and mean length: the same samples) the run printed."""
@@ -64,7 +66,7 @@ def test_poer_and_grpo_from_the_command_line(toy_env, finished_run, tmp_path):
     ev = subprocess.run([sys.executable, "-m", "poer_jax.evaluate", "--model", str(poer_dir / "export"),
                          "--json", str(tmp_path / "ev.json")],
                         capture_output=True, text=True, timeout=300, cwd=ROOT,
-                        env={**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+                        env={**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags()})
     assert ev.returncode == 0, ev.stderr[-3000:]
     got = json.loads((tmp_path / "ev.json").read_text())
     assert got["num_problems"] == 8 and got["k"] == 4
@@ -72,29 +74,33 @@ def test_poer_and_grpo_from_the_command_line(toy_env, finished_run, tmp_path):
     assert got["mean_length"] == poer[-1]["eval/mean_length"]
 
 
-def test_exact_resume_after_sigkill(toy_env, tmp_path):
-    steps = 4
-    ref = _run_cli(toy_env, tmp_path / "ref", **{"train.max_steps": steps})
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    # kill a second run with SIGKILL once it has checkpointed a random step (fixed seed for the draw)
+@pytest.mark.slow
+def test_exact_resume_after_sigkill(toy_env, finished_run, tmp_path):
+    """The shared finished run's command (conftest.py), killed with SIGKILL once it has checkpointed a random
+    step and rerun, ends with the finished run's metrics (held-out evals included) and train state."""
+    steps, extra = 3, finished_run["extra"]
+    ref = tmp_path / "ref"
+    shutil.copytree(finished_run["workdir"], ref)
+    # kill once it has checkpointed a random step (fixed seed for the draw); metrics row 0 is the step-0 eval
     kill_after = int(np.random.default_rng(0).integers(1, steps))
-    args, env_vars = _cli(toy_env, tmp_path / "run", **{"train.max_steps": steps})
+    args, env_vars = _cli(toy_env, tmp_path / "run", **extra)
     proc = subprocess.Popen(args, env=env_vars, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= kill_after:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 1 + kill_after:
             break
         time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it was killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    resumed = _run_cli(toy_env, tmp_path / "run", **{"train.max_steps": steps})
+    resumed = _run_cli(toy_env, tmp_path / "run", **extra)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr
-    assert _comparable(_metrics(tmp_path / "run")) == _comparable(_metrics(tmp_path / "ref"))
+    assert _comparable(_metrics(tmp_path / "run")) == _comparable(_metrics(ref))
     from poer_jax.train.checkpoint import Checkpointer
 
-    sa, pa, _ = Checkpointer(tmp_path / "ref" / "checkpoints", keep=5).restore()
+    sa, pa, _ = Checkpointer(ref / "checkpoints", keep=5).restore()
     sb, pb, _ = Checkpointer(tmp_path / "run" / "checkpoints", keep=5).restore()
     import jax
 
@@ -102,7 +108,7 @@ def test_exact_resume_after_sigkill(toy_env, tmp_path):
     for k in pa:
         np.testing.assert_array_equal(pa[k], pb[k])
     # resuming with another dataset (so another cache pool) is refused before anything is loaded
-    other = _run_cli(toy_env, tmp_path / "ref", **{"train.max_steps": steps + 1, "data.limit": 20})
+    other = _run_cli(toy_env, ref, **{**extra, "train.max_steps": steps + 1, "data.limit": 20})
     assert other.returncode == 2 and "data.limit: None -> 20" in other.stderr, other.stderr[-3000:]
 
 
@@ -128,7 +134,7 @@ def _run_two_processes(env, workdir, **extra) -> list[subprocess.CompletedProces
     args, env_vars = _cli(env, workdir, **extra)
     port = _free_port()
     procs = [subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={
-        **env_vars, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_NUM_PROCESSES": "2",
+        **env_vars, "XLA_FLAGS": xla_flags(4), "JAX_NUM_PROCESSES": "2",
         "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_PROCESS_ID": str(i)}) for i in range(2)]
     out = []
     try:
@@ -141,6 +147,7 @@ def _run_two_processes(env, workdir, **extra) -> list[subprocess.CompletedProces
     return out
 
 
+@pytest.mark.slow
 def test_eight_devices_and_two_processes_equal_one_device(toy_env, tmp_path):
     """Must show 5 (mesh data x fsdp on 8 devices) and the multi-host path: two processes x 4 devices, each
     sampling its own questions on its own devices, give the metrics of one device; so does a two-process
@@ -150,7 +157,7 @@ def test_eight_devices_and_two_processes_equal_one_device(toy_env, tmp_path):
     one = _run_cli(toy_env, tmp_path / "one", **run)
     assert one.returncode == 0, one.stderr[-3000:]
     args, env_vars = _cli(toy_env, tmp_path / "eight", **run, **mesh)
-    env_vars["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    env_vars["XLA_FLAGS"] = xla_flags(8)
     eight = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env_vars, cwd=ROOT)
     assert eight.returncode == 0, eight.stderr[-3000:]
     m1 = _metrics(tmp_path / "one")
@@ -170,8 +177,6 @@ def test_eight_devices_and_two_processes_equal_one_device(toy_env, tmp_path):
     for k in w1:
         np.testing.assert_allclose(w1[k], w2[k], rtol=1e-4, atol=1e-5, err_msg=k)
     # lose the last checkpoint (a crash before it was committed): the resumed run redoes step 2 identically
-    import shutil
-
     shutil.rmtree(two / "checkpoints" / "2")
     resumed = _run_two_processes(toy_env, two, **run, **mesh)
     for r in resumed:
