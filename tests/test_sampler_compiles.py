@@ -45,3 +45,24 @@ def test_no_recompiles_after_the_first_call(hf_qwen2_dir, with_mesh: bool) -> No
     counts = _calls(sampler, refreshes)
     assert counts[0] >= 2, counts  # prefill + decode were compiled by the first call (the log counts)
     assert counts[1:] == [0] * (len(counts) - 1), counts
+
+
+@pytest.mark.parametrize("group_size", [1, 4])
+@pytest.mark.parametrize("layer_loop", ["unrolled", "scan"])
+def test_decode_writes_the_pool_in_place(group_size: int, layer_loop: str) -> None:
+    """The compiled decode segment holds no copy of the KV pool: each step's KV write updates it in place.
+
+    A copy would cost the whole pool's bytes per step (XLA:CPU copied K and V twice each when nothing ordered
+    the write after the last layer's reads; engine.decode_step)."""
+    from poer_jax.sampler.programs import sampler_program_specs
+    from tests.test_sampler import QWEN2
+
+    scfg = SamplerConfig(page_size=4, num_pages=96, max_slots=8, max_pages_per_seq=16, max_prefill_length=40,
+                         attn_chunk_pages=2, layer_loop=layer_loop)
+    spec = sampler_program_specs(QWEN2, scfg, None, group_size=group_size, prompt_len=18, max_new_tokens=24)[1]
+    k_pages = spec.args[1].decode.k_pages
+    pool = f"f32[{','.join(map(str, k_pages.shape))}]"  # fp32 model: an fp32 pool
+    hlo = spec.fn.lower(*spec.args, **spec.kwargs).compile().as_text()
+    assert hlo.count(f"= {pool}") > 0, pool  # the pool's shape is spelled as assumed here
+    copies = [line.strip()[:120] for line in hlo.splitlines() if f"= {pool}" in line and " copy(" in line]
+    assert copies == [], copies

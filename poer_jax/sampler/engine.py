@@ -274,8 +274,13 @@ def decode_step(
     tok, lp, plp = sample_tokens(logits, token_keys(state.keys, state.num_generated), sp)
     active = state.active
     start = None if shared is None else jnp.repeat(shared.lengths, pos.shape[0] // shared.lengths.shape[0])
+    # The KV write must come after every layer's attention has read the pool, or XLA copies the whole pool (K
+    # and V, twice each: ~100 MB per step on the h896 shape) to write it early: nothing else orders the last
+    # layer's write after that layer's reads. Where it writes now depends on the sampled token (always >= 0),
+    # hence on every read, and the scatter updates the pool in place.
+    writes = active & (tok >= 0)
     k_pages, v_pages = write_decode_kv(
-        state.k_pages, state.v_pages, k_new, v_new, state.page_table, pos, active, start
+        state.k_pages, state.v_pages, k_new, v_new, state.page_table, pos, writes, start
     )
     num_generated = state.num_generated + active.astype(jnp.int32)
     finish = jnp.where(
