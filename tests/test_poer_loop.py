@@ -158,4 +158,4 @@ def test_truncation_keys_are_validated():
 
     both = build_truncation(config_from_argv([*base, "--config.cache.truncation=both",
                                               "--config.cache.truncation_fraction=0.25"]))
-    assert (both.limit, both.fraction, both.max_truncation) == ("both", 0.25, 20)  # configs/toy.py: L = 20
+    assert (both.limit, both.fraction, both.max_truncation) == ("both", 0.25, 48)
