@@ -31,64 +31,33 @@ test against the start.
 
 from pathlib import Path
 
-from poer_jax.train.config import default_config
+from poer_jax.train.config import load_config_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def get_config():
-    c = default_config()
+    c = load_config_file(Path(__file__).with_name("toy.py"))  # the demo's settings, but for the task and POER's regime
     c.workdir = "runs/chain_poer"
-    c.seed = 0
-    c.toy.enabled = True
     c.toy.task = "chain"
     c.toy.num_train = 256
-    c.toy.num_test = 128
     c.toy.min_operands = 14  # steps per problem
     c.toy.max_operands = 22
     # the constant added at each step: 0 or 1. With 0..9 the 2-layer, hidden-64 model's supervised run stalled at
     # ~89 % right sums (13 % whole answers) after 800 steps; the step (a 200-entry table) is learnt in a few hundred
     c.toy.max_value = 1
-    c.toy.hidden_size = 64
-    c.toy.num_layers = 2
     # the committed warm start; scripts/warm_start.py makes it with these settings (on its own fresh rows)
     c.warm_start.path = str(ROOT / "assets" / "warm_start_chain")
     c.warm_start.steps = 800
-    c.warm_start.learning_rate = 3e-3
     c.warm_start.min_lr_ratio = 0.02
-    c.warm_start.batch_size = 32
     c.warm_start.micro_batches = 16  # on a CPU, attention over 2 rows at a time stays in cache
-    c.data.chat_template = "always"
     c.data.system_prompt = ""  # no system message: the task needs none, and every token is trained on
     c.data.max_prompt_len = 48
-    c.data.questions_per_step = 16
-    c.rollout.strategy = "poer"
-    c.rollout.group_size = 6
-    c.rollout.temperature = 1.0
     c.rollout.max_completion_len = 256
-    c.rollout.page_size = 16
     c.cache.init = "solutions"
-    c.cache.truncation = "fixed"
     c.cache.max_truncation = 20
-    c.cache.budget = "max_length"
-    c.cache.update_mode = "epsilon_greedy"
-    c.cache.epsilon = 0.1
-    c.reward.functions = ("accuracy",)
-    c.reward.num_workers = 1
-    c.reward.length_aware = True
-    c.reward.length_variant = "correct_only"
-    c.loss.beta = 0.0
-    c.loss.aggregation = "token_mean"
-    c.optim.learning_rate = 1e-4
-    c.optim.warmup_steps = 0
-    c.optim.min_lr_ratio = 1.0
-    c.optim.max_grad_norm = 1.0
     c.optim.micro_batches = 16  # 6 rows at a time: the same update, 2-3x faster on a CPU (attention in cache)
-    c.train.max_steps = 100
     c.train.checkpoint_every = 50
     c.eval.every = 20
-    c.eval.num_samples = 4
-    c.eval.temperature = 0.6
-    c.eval.top_p = 1.0
     c.eval.max_new_tokens = 256
     return c
