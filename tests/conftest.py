@@ -28,6 +28,10 @@ import pytest  # noqa: E402
 from tests.hf_fixtures import make_hf_checkpoint  # noqa: E402
 
 SHARED = "finished_run"  # the session fixture whose tests run on one worker (it is made there once)
+# nodeid -> xdist group, written by the workers' collection and read by the controller's scheduler: pytest 9.2
+# ignores xdist's own channel (it appends "@group" to item._nodeid, pytest-dev/pytest-xdist#1386)
+GROUPS = os.environ.setdefault("POER_JAX_TEST_GROUPS",
+                               os.path.join(tempfile.mkdtemp(prefix="poer_jax_test_groups_"), "groups.json"))
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's hook reads the xdist_group marks
@@ -54,6 +58,29 @@ def pytest_collection_modifyitems(config, items):
         scope[item] = name or item.nodeid
     slow = {scope[i] for i in items if i.get_closest_marker("slow")}
     items.sort(key=lambda i: scope[i] not in slow)  # stable: the order within a group stays
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker:  # every worker collects the same tests: the last to finish replaces the file whole
+        tmp = f"{GROUPS}.{worker}"
+        Path(tmp).write_text(json.dumps({i.nodeid: scope[i] for i in items if scope[i] != i.nodeid}))
+        os.replace(tmp, GROUPS)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's ``loadgroup`` scheduler, with the groups of ``pytest_collection_modifyitems`` (``GROUPS``)."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    class Scheduling(LoadGroupScheduling):
+        groups: dict[str, str] | None = None
+
+        def _split_scope(self, nodeid: str) -> str:
+            if self.groups is None:  # called once the workers have collected
+                self.groups = json.loads(Path(GROUPS).read_text()) if os.path.isfile(GROUPS) else {}
+            return self.groups.get(nodeid) or super()._split_scope(nodeid)
+
+    return Scheduling(config, log)
 
 
 def _once(tmp_path_factory, name: str, make):
