@@ -6,7 +6,9 @@ the README's demo is still configs/toy.py).
 Status (2026-11-30, 2-core CPU): the committed warm start is right on 34 % of held-out answers (avg@4), in the
 30-60 % POER needs; RL from it does not raise held-out accuracy yet. 20-40 POER steps took it to 0.24-0.30
 with either loss aggregation or continuation budget (docs/benchmarks.md, "POER in its own regime"), while the
-rollouts decode 0.086 of GRPO's tokens.
+rollouts decode 0.086 of GRPO's tokens. Why: 64 % of its held-out answers get every step right and only the
+answer's second digit wrong (``eval/error/box_second``), a copy it never learnt, which RL would have to build
+rather than sharpen.
 
 Generates the chain task (poer_jax/tasks/chain.py: 14-22 steps of one skill, answers of 160-248 tokens,
 every step deciding the answer), its character-level tokenizer and held-out set in workdir/toy, starts from

@@ -11,6 +11,7 @@ from poer_jax.tasks import TASKS, make_task_splits, task_capacity, task_completi
 from poer_jax.tasks.chain import (
     ChainTaskConfig,
     chain_completion,
+    chain_error,
     chain_row,
     generate_chain_rows,
     make_chain_splits,
@@ -87,3 +88,75 @@ def test_completion_is_graded_right_and_is_160_to_250_tokens_at_the_demo_setting
     ids = tok(chain_completion(train[0]), add_special_tokens=False)["input_ids"]
     assert tok.convert_ids_to_tokens(ids[-7:]) == ["\n", "</think>", "\n", "\\boxed{", *train[0]["answer"], "}"]
     assert tok.decode(ids) == chain_completion(train[0])  # word tokens keep the round trip exact
+
+
+def test_chain_error_names_the_first_error_and_where():
+    row = chain_row(5, 7, 1, 4)  # 04:5+7+1=3 03:7+3+1=1 02:3+1+1=5 01:1+5+1=7 \boxed{57}
+    right = chain_completion(row)
+    assert chain_error(row["problem"], right) == ("right", 0)
+    assert grade_completion(right, row["answer"])
+    cases = {
+        ("label", 3): right.replace("03:", "02:"),
+        ("copy", 3): right.replace("03:7+3", "03:7+4"),
+        ("constant", 2): right.replace("02:3+1+1", "02:3+1+0"),
+        ("sum", 1): right.replace("01:1+5+1=7", "01:1+5+1=8"),
+        ("steps", 1): right.replace(" 01:1+5+1=7", ""),
+        ("steps", 0): right.replace("01:1+5+1=7", "01:1+5+1=7 00:5+7+1=3"),
+        ("no_box", 0): right.replace("\\boxed{57}", "57"),
+        ("box_first", 0): right.replace("\\boxed{57}", "\\boxed{17}"),
+        ("box_second", 0): right.replace("\\boxed{57}", "\\boxed{51}"),
+        ("box_other", 0): right.replace("\\boxed{57}", "\\boxed{75}"),
+    }
+    for want, completion in cases.items():
+        assert completion != right, want
+        assert chain_error(row["problem"], completion) == want, (want, completion)
+    with pytest.raises(ValueError, match="not a chain problem"):
+        chain_error("What is 2 + 2?", right)
+
+
+def test_held_out_evaluation_reports_the_chain_error_kinds(monkeypatch):
+    """The run's evaluation adds eval/error/<kind> for a built-in task: fractions of all completions, the
+    'right' fraction equal to the accuracy."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    import poer_jax.eval.evaluator as evaluator
+    from poer_jax.tasks import error_fractions
+    from poer_jax.train.config import default_config
+    from poer_jax.train.held_out import evaluate_held_out
+
+    rows = [chain_row(5, 7, 1, 4), chain_row(2, 0, 0, 3)]
+    right = [chain_completion(r) for r in rows]
+    completions = [[right[0], right[0].replace("\\boxed{57}", "\\boxed{51}")],
+                   [right[1].replace("03:2+0", "03:2+1"), right[1]]]
+    correct = np.array([[True, False], [False, True]])
+
+    def fake_evaluate(sampler, tokenizer, prompt_ids, solutions, answers, **kw):
+        assert answers == [r["answer"] for r in rows] and kw["k"] == 2
+        return evaluator.EvalResult(correct=correct, completions=completions, lengths=np.full((2, 2), 9),
+                                    seconds=1.0)
+
+    monkeypatch.setattr(evaluator, "evaluate", fake_evaluate)
+    cfg = default_config()
+    cfg.toy.enabled, cfg.toy.task, cfg.eval.num_samples = True, "chain", 2
+    prompts = SimpleNamespace(ids=[[1], [2]], rows=lambda idx: [rows[i] for i in idx])
+    trainer = SimpleNamespace(cfg=cfg, eval_prompts=_Sized(prompts, 2), sampler=None, tokenizer=None,
+                              eval_sampling=None, grader=None,
+                              rows=SimpleNamespace(count=1, index=0, gather=lambda x: x, max=lambda x: x))
+    metrics, got = evaluate_held_out(trainer)
+    np.testing.assert_array_equal(got, correct)
+    assert metrics["eval/accuracy"] == 0.5 == metrics["eval/error/right"]
+    assert metrics["eval/error/box_second"] == 0.25 and metrics["eval/error/copy"] == 0.25
+    assert sum(v for k, v in metrics.items() if k.startswith("eval/error/")) == 1.0
+    assert error_fractions("arithmetic", [rows[0]["problem"]], [[right[0]]]) == {}
+
+
+class _Sized:
+    """Held-out prompts stand-in: ids, rows(idx) and len()."""
+
+    def __init__(self, inner, n):
+        self.ids, self.rows, self._n = inner.ids, inner.rows, n
+
+    def __len__(self):
+        return self._n

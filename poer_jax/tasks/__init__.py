@@ -15,7 +15,9 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["TASKS", "BuiltinTask", "make_task_splits", "task_capacity", "task_completion"]
+from poer_jax.tasks.chain import CHAIN_ERRORS
+
+__all__ = ["TASKS", "BuiltinTask", "error_fractions", "make_task_splits", "task_capacity", "task_completion"]
 
 Rows = list[dict[str, str]]
 
@@ -30,6 +32,9 @@ class BuiltinTask:
     completion: Callable[[dict[str, str]], str]
     word_tokens: tuple[str, ...] = ()
     capacity: Callable[[dict[str, Any]], int] | None = None  # distinct problems the knobs allow (None: plenty)
+    # the kinds of error a completion can make, and (problem, completion) -> its first error's kind
+    errors: tuple[str, ...] = ()
+    error: Callable[[str, str], str] | None = None
 
 
 def _arithmetic_splits(num_train: int, num_test: int, seed: int, knobs: dict[str, Any]) -> tuple[Rows, Rows]:
@@ -61,6 +66,12 @@ def _chain_completion(row: dict[str, str]) -> str:
     return chain_completion(row)
 
 
+def _chain_error(problem: str, completion: str) -> str:
+    from poer_jax.tasks.chain import chain_error
+
+    return chain_error(problem, completion)[0]
+
+
 def _arithmetic_completion(row: dict[str, str]) -> str:
     from poer_jax.tasks.toy import toy_completion
 
@@ -70,7 +81,7 @@ def _arithmetic_completion(row: dict[str, str]) -> str:
 TASKS: dict[str, BuiltinTask] = {
     "arithmetic": BuiltinTask("arithmetic", _arithmetic_splits, _arithmetic_completion),
     "chain": BuiltinTask("chain", _chain_splits, _chain_completion, word_tokens=("<think>", "</think>", "\\boxed{"),
-                         capacity=_chain_capacity),
+                         capacity=_chain_capacity, errors=CHAIN_ERRORS, error=_chain_error),
 }
 
 
@@ -99,3 +110,17 @@ def task_capacity(name: str, *, max_value: int, min_operands: int, max_operands:
 def task_completion(name: str, row: dict[str, str]) -> str:
     """The supervised warm-start target of a row of task ``name``."""
     return _task(name).completion(row)
+
+
+def error_fractions(name: str, problems: list[str], completions: list[list[str]]) -> dict[str, float]:
+    """Fraction of all completions whose first error is each of the task's error kinds (``BuiltinTask.errors``;
+    {} for a task without them): where a policy goes wrong, e.g. inside or outside POER's reused prefix."""
+    task = _task(name)
+    if task.error is None:
+        return {}
+    counts = dict.fromkeys(task.errors, 0)
+    for problem, row in zip(problems, completions, strict=True):
+        for completion in row:
+            counts[task.error(problem, completion)] += 1
+    total = max(sum(counts.values()), 1)
+    return {kind: c / total for kind, c in counts.items()}

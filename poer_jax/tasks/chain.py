@@ -36,11 +36,12 @@ Difficulty knobs: the number of steps (``min_steps`` .. ``max_steps``, at most 9
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 
 __all__ = [
-    "ChainTaskConfig", "chain_completion", "chain_row", "generate_chain_rows", "make_chain_splits",
-    "num_chain_problems",
+    "CHAIN_ERRORS", "ChainTaskConfig", "chain_completion", "chain_error", "chain_row", "generate_chain_rows",
+    "make_chain_splits", "num_chain_problems",
 ]
 
 
@@ -112,3 +113,48 @@ def chain_completion(row: dict[str, str]) -> str:
     """Warm-start target: the steps, ``"\\n</think>\\n"``, then ``\\boxed{answer}``."""
     work = row["solution"].rsplit("\\boxed{", 1)[0].rstrip()
     return f"{work}\n</think>\n\\boxed{{{row['answer']}}}"
+
+
+_PROBLEM = re.compile(r"Start (\d) (\d), add (\d), (\d+) steps\.")
+_STEP = re.compile(r"(\d+):(\d)\+(\d)\+(\d)=(\d)")
+_BOXED = re.compile(r"\\boxed\{([^}]*)\}")
+# what went wrong first in an answer, in the order it is checked
+CHAIN_ERRORS = ("label", "copy", "constant", "sum", "steps", "no_box", "box_first", "box_second", "box_other",
+                "right")
+
+
+def chain_error(problem: str, completion: str) -> tuple[str, int]:
+    """The first error of a completion of a chain problem and the number of steps left where it happened.
+
+    Walks the completion's steps (``NN:a+b+k=c``) against the problem's chain: a wrong label ("label"), a wrong
+    operand copied from the step before ("copy"), a wrong constant ("constant"), a wrong sum ("sum"); then the
+    number of steps ("steps": stopped early or went on), a missing ``\\boxed{}`` ("no_box") and the boxed answer
+    against the completion's own last two digits: only the first digit wrong ("box_first"), only the second
+    ("box_second"), anything else ("box_other"). "right" when none applies (then the answer is right). Steps
+    left is the wrong step's label (0 for errors after the steps). Where the errors of a policy sit tells what
+    RL must teach it and whether POER's reused prefix already holds them (docs/benchmarks.md)."""
+    m = _PROBLEM.fullmatch(problem.strip())
+    if m is None:
+        raise ValueError(f"chain_error: not a chain problem: {problem!r}")
+    a, b, k, n = (int(x) for x in m.groups())
+    steps = _STEP.findall(completion)
+    for i, (label, x, y, kk, c) in enumerate(steps[:n]):
+        left = n - i
+        kind = ("label" if int(label) != left else "copy" if (int(x), int(y)) != (a, b) else
+                "constant" if int(kk) != k else "sum" if int(c) != (a + b + k) % 10 else None)
+        if kind is not None:
+            return kind, left
+        a, b = b, (a + b + k) % 10
+    if len(steps) != n:
+        return "steps", max(n - len(steps), 0)
+    boxed = _BOXED.findall(completion)
+    if not boxed:
+        return "no_box", 0
+    got, want = boxed[-1].strip(), f"{a}{b}"
+    if got == want:
+        return "right", 0
+    if len(got) == 2 and got[1] == want[1]:
+        return "box_first", 0
+    if len(got) == 2 and got[0] == want[0]:
+        return "box_second", 0
+    return "box_other", 0

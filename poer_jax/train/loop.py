@@ -35,6 +35,7 @@ from poer_jax.rl.update import TrainState, create_train_state, reference_copy
 from poer_jax.sampler.pages import cdiv
 from poer_jax.train import builders, preflight, report, run_dir, setup
 from poer_jax.train.checkpoint import BrokenCheckpointError, Checkpointer, pool_from_items, pool_items
+from poer_jax.train.held_out import evaluate_held_out
 from poer_jax.train.metrics import MetricsWriter, SamplesWriter
 from poer_jax.train.multihost import barrier, is_main_process
 from poer_jax.train.progress import Progress, TaskProgress
@@ -395,27 +396,9 @@ class PoerTrainer:
         return m
 
     def evaluate(self) -> dict[str, float]:
-        """Held-out avg@k / pass@k; on several processes each samples and grades its share of the problems."""
-        from poer_jax.eval.evaluator import EvalResult, eval_key, evaluate
-
-        ep = self.eval_prompts
-        assert ep is not None
-        n, k = len(ep), self.cfg.eval.num_samples
-        share = cdiv(n, self.rows.count)
-        mine = np.arange(self.rows.index * share, min(n, (self.rows.index + 1) * share))
-        correct, lengths, seconds = np.zeros((share, k), bool), np.zeros((share, k), np.int32), 0.0
-        if mine.size:
-            rows = ep.rows(mine)
-            res = evaluate(self.sampler, self.tokenizer, [ep.ids[i] for i in mine], [r.get("solution") for r in rows],
-                           [r.get("answer") for r in rows], k=k,
-                           max_new_tokens=self.cfg.eval.max_new_tokens or self.cfg.rollout.max_completion_len,
-                           sampling=self.eval_sampling, key=eval_key(self.cfg.seed), grader=self.grader,
-                           first_index=int(mine[0]))
-            correct[: mine.size], lengths[: mine.size], seconds = res.correct, res.lengths, res.seconds
-        # padding rows sit after the last problem: process p holds problems [p * share, (p + 1) * share)
-        self.last_eval_correct = self.rows.gather(correct)[:n]  # [problems, k], for paired tests
-        return EvalResult(correct=self.last_eval_correct, completions=[], lengths=self.rows.gather(lengths)[:n],
-                          seconds=self.rows.max(seconds)).metrics()
+        """Held-out avg@k / pass@k (``held_out.evaluate_held_out``); keeps the [problems, k] correctness."""
+        metrics, self.last_eval_correct = evaluate_held_out(self)
+        return metrics
 
     def run(self) -> dict[str, float]:
         """Train from the current step to ``train.max_steps``, export, write the summary; closes the run's
