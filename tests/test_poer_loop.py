@@ -80,6 +80,19 @@ def run(tmp_path_factory):
     return seen
 
 
+def test_solutions_enter_the_cache_as_the_warm_start_writes_them(run):
+    """cache.init=solutions caches each question's reference answer in the built-in task's R1 format (the warm
+    start's target, ``</think>`` and all), so that every cut falls inside text the policy could have written."""
+    from poer_jax.tasks import task_completion
+
+    trainer, pool = run["trainer"], run["pools"][0]
+    for q, row in enumerate(trainer.prompts.rows(range(len(trainer.prompts)))):
+        ids = np.asarray(pool.tokens[q, : int(pool.lengths[q])]).tolist()
+        assert ids[-1] == trainer.eos_ids[0]
+        assert trainer.tokenizer.decode(ids[:-1]) == task_completion("arithmetic", row)
+        assert "</think>" in task_completion("arithmetic", row)
+
+
 def test_cache_receives_prefix_plus_continuation(run):
     """Eq. 3 / 9: the cached answer is o = a^[0:-m] || continuation, never the continuation alone."""
     for step, r in enumerate(run["rollouts"]):

@@ -157,7 +157,10 @@ class PoerTrainer:
         c, n = self.cfg.cache, len(self.prompts)
         rows = self.prompts.rows(range(n))
         if c.init == "solutions":
-            texts = [r.get("solution") or r.get("answer") or "" for r in rows]
+            # as the warm start learnt to write them (a built-in task's R1 format: a cut then falls where the
+            # policy's own answers could be cut), else the dataset's solutions
+            texts = [setup.warm_start_target(r, self.cfg) if r.get("solution") or r.get("answer") else ""
+                     for r in rows]
             ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] + [self.eos_ids[0]] for t in texts]
             self.pool = poer.from_token_lists(ids, self.pool.max_len, self.pad_id, self.eos_ids[0],
                                               sharding=poer.pool_sharding(self.pool, self.mesh))
