@@ -15,7 +15,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from poer_jax.tasks.chain import CHAIN_ERRORS
+from poer_jax.tasks.chain import CHAIN_ERRORS, chain_error
 
 __all__ = ["TASKS", "BuiltinTask", "error_fractions", "make_task_splits", "task_capacity", "task_completion"]
 
@@ -67,8 +67,6 @@ def _chain_completion(row: dict[str, str]) -> str:
 
 
 def _chain_error(problem: str, completion: str) -> str:
-    from poer_jax.tasks.chain import chain_error
-
     return chain_error(problem, completion)[0]
 
 
