@@ -42,7 +42,8 @@ def overrides(env: dict, workdir: Path, **extra) -> list[str]:
 
 def argv(env: dict, workdir: Path, **extra) -> list[str]:
     """The arguments of ``python -m poer_jax.train`` (after the module name) for this run."""
-    return [f"--config={ROOT / 'configs' / 'toy.py'}", "--config.toy.enabled=false", "--config.warm_start.steps=0",
+    return [f"--config={ROOT / 'configs' / 'arithmetic.py'}", "--config.toy.enabled=false",
+            "--config.warm_start.steps=0",
             *(f"--config.{o}" for o in overrides(env, workdir, **extra))]
 
 

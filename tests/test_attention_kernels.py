@@ -185,7 +185,7 @@ def test_train_config_keys_reach_the_sampler() -> None:
     from poer_jax.train.builders import sampler_config
     from poer_jax.train.config import ConfigError, config_from_argv
 
-    toy = str(Path(__file__).resolve().parents[1] / "configs/toy.py")
+    toy = str(Path(__file__).resolve().parents[1] / "configs/arithmetic.py")
     with pytest.raises(ConfigError, match="'rollout.attention_kernel' must be one of"):
         config_from_argv([f"--config={toy}", "--config.rollout.attention_kernel=triton"])
     cfg = config_from_argv(

@@ -204,7 +204,7 @@ def test_bad_config_file_names_line_and_key(tmp_path, capsys, line, expect):
 
 def test_toy_run_with_a_missing_data_file_fails_before_generating_the_task(tmp_path, capsys):
     w = tmp_path / "w"
-    rc = main([f"--config={ROOT / 'configs' / 'toy.py'}", f"--config.workdir={w}",
+    rc = main([f"--config={ROOT / 'configs' / 'arithmetic.py'}", f"--config.workdir={w}",
                f"--config.data.train_path={tmp_path / 'missing.jsonl'}"])
     err = capsys.readouterr().err
     assert rc == 2 and "'data.train_path'" in err and "missing.jsonl" in err, err
@@ -214,10 +214,10 @@ def test_toy_run_with_a_missing_data_file_fails_before_generating_the_task(tmp_p
 def test_help_shows_the_config_files_values_and_every_keys_meaning(capsys):
     from poer_jax.train.config import SCHEMA, keys
 
-    assert main([f"--config={ROOT / 'configs' / 'toy.py'}", "--config.train.max_steps=7", "--help"]) == 0
+    assert main([f"--config={ROOT / 'configs' / 'arithmetic.py'}", "--config.train.max_steps=7", "--help"]) == 0
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if x.strip().startswith("workdir "))
-    assert "'runs/toy_poer'" in line and "(default: 'runs/poer')" in line
+    assert "'runs/arithmetic_poer'" in line and "(default: 'runs/poer')" in line
     assert next(x for x in out.splitlines() if x.strip().startswith("train.max_steps ")).split()[1] == "7"
     assert "Exit status" in out
     for key in keys(SCHEMA):
@@ -226,7 +226,7 @@ def test_help_shows_the_config_files_values_and_every_keys_meaning(capsys):
 
 def test_the_command_line_exits_2_without_a_traceback(tmp_path):
     """One real subprocess: the exit status and the message reach the shell; nothing is created."""
-    r = subprocess.run([sys.executable, "-m", "poer_jax.train", f"--config={ROOT / 'configs' / 'toy.py'}",
+    r = subprocess.run([sys.executable, "-m", "poer_jax.train", f"--config={ROOT / 'configs' / 'arithmetic.py'}",
                         "--config.rollout.group_sise=4", f"--config.workdir={tmp_path / 'w'}"],
                        capture_output=True, text=True, timeout=120, cwd=ROOT,
                        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"})

@@ -40,7 +40,7 @@ on_libtpu = pytest.mark.xdist_group("libtpu")  # the tests that compile for a TP
 
 
 def _cfg(*extra: str):
-    return validate(apply_overrides(load_config_file(ROOT / "configs/toy.py"), [*TINY, *extra]))
+    return validate(apply_overrides(load_config_file(ROOT / "configs/arithmetic.py"), [*TINY, *extra]))
 
 
 def test_cpu8_plan_compiles_and_judges_both_ways() -> None:
@@ -115,7 +115,7 @@ def test_tpu_plan_compiles_splash_attention_and_fits() -> None:
 @on_libtpu
 def test_plan_script_exit_codes_and_messages(tmp_path: Path) -> None:
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
-    base = [sys.executable, str(ROOT / "scripts/plan.py"), f"--config={ROOT / 'configs/toy.py'}",
+    base = [sys.executable, str(ROOT / "scripts/plan.py"), f"--config={ROOT / 'configs/arithmetic.py'}",
             *(f"--config.{o}" for o in TINY), "--num-questions=64"]
     out = subprocess.run([*base, "--target=tpu-v9-1"], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 2 and "tpu-v5p-8" in out.stderr and "cpu-N" in out.stderr

@@ -29,7 +29,8 @@ def run(tmp_path_factory):
     import poer_jax.train.loop as loop_mod
 
     work = tmp_path_factory.mktemp("poer_loop")
-    argv = [f"--config={ROOT / 'configs' / 'toy.py'}", "--config.toy.task=arithmetic", "--config.toy.min_operands=2",
+    argv = [f"--config={ROOT / 'configs' / 'arithmetic.py'}", "--config.toy.task=arithmetic",
+            "--config.toy.min_operands=2",
             "--config.toy.max_operands=3", f"--config.workdir={work}",
             "--config.toy.num_train=4", "--config.toy.num_test=2", "--config.toy.hidden_size=32",
             "--config.toy.num_layers=1", "--config.warm_start.steps=0", "--config.warm_start.path=None",
@@ -160,7 +161,7 @@ def test_dynamic_truncation_from_the_command_line_follows_the_shortest_response(
 
 
 def test_truncation_keys_are_validated():
-    base = [f"--config={ROOT / 'configs' / 'toy.py'}"]
+    base = [f"--config={ROOT / 'configs' / 'arithmetic.py'}"]
     with pytest.raises(ConfigError, match="'cache.truncation' must be one of"):
         config_from_argv([*base, "--config.cache.truncation=shortest"])
     with pytest.raises(ConfigError, match="'cache.truncation' must be 'fixed' with cache.truncation_mode='authors'"):

@@ -81,11 +81,11 @@ def test_unknown_key_in_config_file(tmp_path):
 ])
 def test_bad_overrides_name_the_key(override, match):
     with pytest.raises(ConfigError, match=match):
-        config_from_argv([f"--config={ROOT / 'configs/toy.py'}", f"--config.{override}"])
+        config_from_argv([f"--config={ROOT / 'configs/arithmetic.py'}", f"--config.{override}"])
 
 
 def test_overrides_parse_with_declared_types():
-    c = config_from_argv([f"--config={ROOT / 'configs/toy.py'}", "--config.train.max_steps=7",
+    c = config_from_argv([f"--config={ROOT / 'configs/arithmetic.py'}", "--config.train.max_steps=7",
                           "--config.cache.truncation_fraction=0.5", "--config.optim.learning_rate=3e-4",
                           "--config.reward.functions=accuracy,format", "--config.model.remat=true",
                           "--config.data.limit=None"])
@@ -96,7 +96,7 @@ def test_overrides_parse_with_declared_types():
 
 
 def test_cross_field_rules():
-    c = load_config_file(ROOT / "configs/toy.py")
+    c = load_config_file(ROOT / "configs/arithmetic.py")
     with pytest.raises(ConfigError, match="reward.weights"):
         validate(apply_overrides(c, ["reward.weights=(1.0, 2.0)"]))
     with pytest.raises(ConfigError, match="optim.num_minibatches"):
@@ -128,5 +128,5 @@ def test_every_key_has_help_text_and_unknown_keys_get_a_suggestion():
     assert suggest("optim.lerning_rate") == "; did you mean 'optim.learning_rate'?"
     assert suggest("group_size") == "; did you mean 'rollout.group_size'?"
     assert suggest("completely.unrelated") == ""
-    text = describe(load_config_file(ROOT / "configs/toy.py"))
+    text = describe(load_config_file(ROOT / "configs/arithmetic.py"))
     assert "rollout.group_size" in text and "[resume-safe]" in text

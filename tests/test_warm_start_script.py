@@ -23,7 +23,7 @@ TINY = ["--config.toy.num_train=8", "--config.toy.num_test=4", "--config.toy.hid
 
 
 def test_warm_start_script_writes_a_model_the_demo_can_start_from(tmp_path):
-    cfg = config_from_argv([f"--config={ROOT / 'configs' / 'chain.py'}", *TINY])
+    cfg = config_from_argv([f"--config={ROOT / 'configs' / 'toy.py'}", *TINY])
     out = tmp_path / "ws"
     record = warm_start.make_warm_start(cfg, out, rows=16, validation=3, target=0.0, eval_every=2, eval_k=0)
     assert record["task"] == "chain" and record["steps"] == 2 and record["rows"] == 16
@@ -33,18 +33,18 @@ def test_warm_start_script_writes_a_model_the_demo_can_start_from(tmp_path):
 
     from poer_jax.train import setup
 
-    run = setup.prepare_toy(config_from_argv([f"--config={ROOT / 'configs' / 'chain.py'}", *TINY,
+    run = setup.prepare_toy(config_from_argv([f"--config={ROOT / 'configs' / 'toy.py'}", *TINY,
                                               f"--config.workdir={tmp_path / 'run'}",
                                               f"--config.warm_start.path={out}"]))
     started = setup.use_warm_start(run)
     assert started.model.path == str(out) and started.model.tokenizer_path == str(out)
-    other = setup.prepare_toy(config_from_argv([f"--config={ROOT / 'configs' / 'chain.py'}", *TINY,
+    other = setup.prepare_toy(config_from_argv([f"--config={ROOT / 'configs' / 'toy.py'}", *TINY,
                                                 "--config.toy.task=arithmetic", f"--config.workdir={tmp_path / 'o'}",
                                                 f"--config.warm_start.path={out}"]))
     with pytest.raises(ConfigError, match="tokenizer .* is not the one of the task"):
         setup.use_warm_start(other)  # the arithmetic task has no word tokens: another vocabulary
     with pytest.raises(ConfigError, match="holds no model"):
-        setup.use_warm_start(config_from_argv([f"--config={ROOT / 'configs' / 'chain.py'}",
+        setup.use_warm_start(config_from_argv([f"--config={ROOT / 'configs' / 'toy.py'}",
                                                f"--config.warm_start.path={tmp_path / 'missing'}"]))
 
 
