@@ -245,7 +245,8 @@ def test_nnx_module_matches_functional_and_trains(hf_qwen2_dir, tmp_path):
     tokens, mask = _batch("left")
     m = jnp.asarray(mask)
     logits = nnx.jit(lambda mod, t: mod(t, positions_from_mask(m), m))(model, jnp.asarray(tokens))
-    np.testing.assert_allclose(np.asarray(logits), _ours(params, cfg, tokens, mask), atol=1e-6)
+    # two programs (nnx.jit and jit) whose float sums may round apart: ~1e-6 relative on logits of ~10
+    np.testing.assert_allclose(np.asarray(logits), _ours(params, cfg, tokens, mask), rtol=1e-5, atol=1e-5)
     grads = nnx.grad(lambda mod: mod(jnp.asarray(tokens)).mean())(model)
     assert jax.tree.leaves(grads)[0].shape == jax.tree.leaves(nnx.state(model, nnx.Param))[0].shape
     out = model.save_pretrained(tmp_path / "nnx_export")
