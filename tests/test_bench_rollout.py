@@ -15,14 +15,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import bench_rollout  # noqa: E402
 
+from tests.helpers_runs import ARITHMETIC_WARM_START  # noqa: E402  (a supervised run here would take minutes)
+
 
 @pytest.mark.slow
 def test_poer_decodes_under_ten_percent_of_grpo(tmp_path, capsys):
     out = tmp_path / "bench.json"
     rc = bench_rollout.main([
         f"--config={ROOT / 'configs' / 'arithmetic.py'}", "--steps", "2", "--workdir", str(tmp_path / "w"),
-        "--json", str(out),
-        "--sweep-L", "16", "--config.toy.num_train=64", "--config.toy.num_test=8", "--config.warm_start.steps=30",
+        "--json", str(out), "--sweep-L", "16", "--config.toy.num_train=64", "--config.toy.num_test=8",
+        f"--config.warm_start.path={ARITHMETIC_WARM_START}",
         "--config.data.questions_per_step=8", "--config.cache.max_truncation=4", "--config.cache.budget=removed",
         "--config.rollout.group_size=4", "--config.mesh.num_devices=1"])
     assert rc == 0

@@ -111,6 +111,22 @@ def _read_scalar_tags(path: Path, event_pb2) -> set[tuple[str, int]]:
     return out
 
 
+def test_start_up_imports_no_torch(toy_env, tmp_path):
+    """A run's tokenizer and TensorBoard writer leave torch unloaded (importing it costs seconds at every start,
+    and tensorboardX and transformers' AutoTokenizer would pull it in when installed); torch still imports after."""
+    pytest.importorskip("tensorboardX")
+    code = (f"import sys\nfrom poer_jax.train.setup import load_tokenizer\n"
+            f"from poer_jax.train.metrics import MetricsWriter\n"
+            f"tok = load_tokenizer({toy_env['model']!r})\n"
+            f"with MetricsWriter({str(tmp_path)!r}, tensorboard=True) as w:\n    w.write(0, {{'loss': 1.0}})\n"
+            f"assert 'torch' not in sys.modules, 'torch was imported'\n"
+            f"import torch\nprint('torch', torch.__version__)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "torch" in r.stdout and list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
 def test_tensorboard_missing_warns_once(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorboardX", None)  # makes the import raise ImportError
     monkeypatch.setattr(metrics_lib, "_tb_missing_warned", False)

@@ -13,13 +13,9 @@ import numpy as np
 import pytest
 
 from poer_jax.train.config import apply_overrides, load_config_file, validate
+from tests.helpers_runs import ARITHMETIC_WARM_START  # committed; the command that remakes it is there
 
 ROOT = Path(__file__).resolve().parents[1]
-# The arithmetic config's own warm start (500 supervised steps on the test's 1,000 training rows), committed so
-# that the learning test skips its ~4 minutes; remake it with
-#   PYTHONPATH=. python scripts/warm_start.py --config=configs/arithmetic.py --out tests/assets/warm_start_arithmetic
-#       --rows 0 --target-accuracy 0 --eval-k 0 --config.toy.num_train=1000
-ARITHMETIC_WARM_START = ROOT / "tests" / "assets" / "warm_start_arithmetic"
 
 
 def _held_out(trainer, k: int) -> np.ndarray:

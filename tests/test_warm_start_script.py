@@ -106,3 +106,24 @@ def test_min_lr_ratio_decays_the_warm_start_steps():
     with pytest.raises(ValueError, match="min_lr_ratio"):
         supervised_warm_start(init_params(cfg, jax.random.key(0)), cfg, prompts, targets, steps=1, learning_rate=1e-3,
                               batch_size=8, seed=0, pad_id=0, min_lr_ratio=1.5)
+
+
+def test_shared_start_runs_the_supervised_warm_start_once(tmp_path, caplog):
+    """``setup.prepare_shared_start`` (bench_rollout, sweep_poer) without ``warm_start.path``: it generates the task,
+    runs the supervised warm start in the shared directory, and points every run at it with task generation and
+    warm start off; a second call finds it there and trains nothing."""
+    from poer_jax.train import setup
+
+    cfg = config_from_argv([f"--config={ROOT / 'configs' / 'arithmetic.py'}", *TINY, "--config.toy.num_train=16",
+                            "--config.data.questions_per_step=4"])
+    base = tmp_path / "base"
+    first = setup.prepare_shared_start(cfg, base)
+    assert first.model.path == str(base / "warm_start")
+    assert (base / "warm_start" / "config.json").is_file()
+    assert len(json.loads((base / "warm_start" / "warm_start_losses.json").read_text())) == 2
+    assert not first.toy.enabled and first.warm_start.steps == 0 and first.warm_start.path is None
+    assert Path(first.data.train_path).parent == base / "toy"
+    assert first.model.tokenizer_path == str(base / "toy" / "model")
+    with caplog.at_level("INFO", logger="poer_jax"):
+        again = setup.prepare_shared_start(cfg, base)
+    assert "warm start: reusing" in caplog.text and again.model.path == first.model.path

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import sys
 import tempfile
 import warnings
 from collections.abc import Mapping
@@ -185,10 +186,30 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
 
 
+def _import_summary_writer() -> Any:
+    """tensorboardX's ``SummaryWriter``, imported without torch.
+
+    tensorboardX imports torch when it is installed (2 s or more at every start-up) only to accept torch
+    tensors; we log Python floats. Unless torch is already loaded, the import sees it as missing (tensorboardX
+    handles that), and torch is importable again afterwards.
+    """
+    if "tensorboardX" in sys.modules or "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # type: ignore[assignment]  # makes ``import torch`` raise ImportError
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if sys.modules.get("torch", 0) is None:
+            del sys.modules["torch"]
+    return SummaryWriter
+
+
 def _make_tb_writer(logdir: str, purge_step: int | None) -> Any:
     global _tb_missing_warned
     try:
-        from tensorboardX import SummaryWriter
+        SummaryWriter = _import_summary_writer()
     except ImportError:
         if not _tb_missing_warned:
             _tb_missing_warned = True

@@ -79,11 +79,13 @@ def load_tokenizer(path: str | Path) -> Any:
         raise ConfigError(f"tokenizer directory {p} does not exist (config key 'model.tokenizer_path')")
     tc = p / "tokenizer_config.json"
     try:
-        from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
         if tc.is_file() and json.loads(tc.read_text()).get("tokenizer_class") == "PreTrainedTokenizerFast":
+            from transformers import PreTrainedTokenizerFast
+
             tok = PreTrainedTokenizerFast.from_pretrained(str(p))
-        else:
+        else:  # AutoTokenizer imports transformers' model configs, and with them torch when installed (~3 s)
+            from transformers import AutoTokenizer
+
             tok = AutoTokenizer.from_pretrained(str(p))
     except (OSError, ValueError, json.JSONDecodeError) as e:
         raise ConfigError(f"{p}: cannot load a tokenizer ({e})") from e
