@@ -8,11 +8,13 @@ weights stream from memory as in the sampler. Compare its ms per layer with ``be
 (docs/benchmarks.md): the difference is what the decode program spends outside the weight products.
 
 Forms (``--forms``):
-  model        the model's blocks, weights [in, out], Eigen dots (what the sampler runs)
+  model        the model's blocks, weights [in, out], Eigen dots (YNNPACK's dot fusions off)
+  model_ynn    the same blocks with XLA:CPU's default dot handling (YNNPACK's dot fusions on)
   product_mlp  the MLP's products as a product and a float32 sum over transposed weights [out, in]
   product_all  every projection in that form
-The product forms compile with YNNPACK's reduce fusion (``xla_cpu_experimental_ynn_fusion_type``); every form
-keeps YNNPACK's dot fusions off, as the sampler's decode programs do.
+The product forms compile with YNNPACK's reduce fusion (``xla_cpu_experimental_ynn_fusion_type``) and keep
+YNNPACK's dot fusions off; ``model_ynn`` compiles with XLA's defaults. The sampler's decode programs compile with
+``engine.DECODE_COMPILER_OPTIONS``.
 
     taskset -c 1 python scripts/bench_decode_layer.py --threads 1 --json /tmp/layer.json
 """
@@ -27,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-FORMS = ("model", "product_mlp", "product_all")
+FORMS = ("model", "model_ynn", "product_mlp", "product_all")
 MLP = ("gate_proj", "up_proj", "down_proj")
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -90,18 +92,19 @@ def main(argv: list[str] | None = None) -> int:
             return mlp_product(lp, x + product(attn, lp["o_proj"]))
         q, k, v = attention_inputs(lp, cfg, x, pos)
         attn = q + jnp.repeat(k + v, args.heads // args.kv_heads, axis=2)  # [B, 1, Hq, hd]: the stand-in
-        if form == "model":
+        if form in ("model", "model_ynn"):
             return attention_output(lp, cfg, x, attn)
         B, T = attn.shape[:2]
         x = x + _linear(attn.reshape(B, T, -1), lp["o_proj"], None, cfg.jnp_dtype)
         return mlp_product(lp, x)
 
     def weights(form: str) -> list[dict]:
-        names = {"model": (), "product_mlp": MLP, "product_all": ATTN + MLP}[form]
+        names = {"model": (), "model_ynn": (), "product_mlp": MLP, "product_all": ATTN + MLP}[form]
         return [{k: (v.T if k in names else v) for k, v in lp.items()} for lp in layers]  # [out, in] copies
 
     def program(form: str):
-        opts = {"xla_cpu_experimental_ynn_fusion_type": "" if form == "model" else "LIBRARY_FUSION_TYPE_REDUCE"}
+        opts = {"model": {"xla_cpu_experimental_ynn_fusion_type": ""}, "model_ynn": {}}.get(
+            form, {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"})
 
         def run(ws: list[dict], x: jax.Array) -> jax.Array:
             pos = jnp.zeros((x.shape[0], 1), jnp.int32)

@@ -97,6 +97,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--attn-chunk-pages", type=int, default=None, help="default: by platform (sampler)")
     p.add_argument("--attention-kernel", default="auto", help="SamplerConfig.attention_kernel")
     p.add_argument("--layer-loop", default="auto", help="SamplerConfig.layer_loop: auto, scan, unrolled")
+    p.add_argument("--kv-layout", default="auto", help="SamplerConfig.kv_layout: auto, split, fused")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default, comparable with HF)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--repeats", type=int, default=3)
@@ -209,6 +210,7 @@ class Ours:
             attn_chunk_pages=a.attn_chunk_pages,
             attention_kernel=a.attention_kernel,
             layer_loop=a.layer_loop,
+            kv_layout=a.kv_layout,
             eos_ids=(),
             sampling=SamplingParams(temperature=a.temperature, top_p=a.top_p),
         )
@@ -386,6 +388,7 @@ def main(argv: list[str] | None = None) -> dict:
         new_tokens=a.new_tokens,
         page_size=a.page_size,
         layer_loop=engines[0].sampler.unroll_layers and "unrolled" or "scan",
+        kv_layout="fused" if engines[0].sampler.attention_kernel.fused_pool else "split",
         device=str(dev),
         device_kind=dev.device_kind,
         platform=dev.platform,

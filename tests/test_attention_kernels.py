@@ -31,6 +31,7 @@ from poer_jax.sampler.paged_attention import (
 from tests.test_sampler import QWEN2, _params, _prompts
 
 GPU = AttentionKernel("pallas_gpu", interpret=True)
+XLA_FUSED = AttentionKernel("xla", fused=True)  # the xla kernel on the TPU kernel's fused pool layout
 TPU = AttentionKernel("pallas_tpu", interpret=True)
 Ng, G, Hq, Hkv, L, N, PAGE, Ps, Pp = 2, 3, 6, 2, 2, 48, 4, 2, 4  # Gq = 3: GQA, padded by the kernels
 B = Ng * G
@@ -79,6 +80,12 @@ def _attend(kernel: AttentionKernel, cascade: bool, hd: int) -> tuple[jax.Array,
 def test_pallas_gpu_kernel_matches_xla(cascade: bool) -> None:
     out, ref = _attend(GPU, cascade, 16)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5)
+
+
+@pytest.mark.parametrize("cascade", [False, True])
+def test_xla_kernel_on_the_fused_pool_matches_the_split_pool(cascade: bool) -> None:
+    out, ref = _attend(XLA_FUSED, cascade, 16)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-6)
 
 
 def test_pallas_tpu_kernel_matches_xla() -> None:
@@ -136,9 +143,36 @@ def test_sampler_with_the_gpu_kernel_gives_the_xla_tokens(devices: int) -> None:
     np.testing.assert_allclose(out["xla"].policy_logprobs, out["pallas_gpu"].policy_logprobs, atol=1e-5)
 
 
+@pytest.mark.parametrize("mesh_shape", [None, {"data": 2, "fsdp": 1, "tensor": 1}, {"data": 1, "fsdp": 1, "tensor": 2}])
+def test_sampler_on_the_fused_pool_gives_the_split_pools_tokens(mesh_shape: dict | None) -> None:
+    """Greedy tokens and log-probs of the whole sampler (cascade decode, prefill writes, decode writes) with the
+    xla kernel on the fused pool (the TPU default) == on split pools; data-parallel, and with KV heads split over
+    'tensor' (the 7B config's sampler mesh)."""
+    from poer_jax.model.sharding import make_mesh
+
+    mesh = None if mesh_shape is None else make_mesh(mesh_shape, jax.devices()[:2])
+    params = _params(QWEN2)
+    prompts = _prompts((5, 8), QWEN2.vocab_size)
+    out = {}
+    for layout in ("split", "fused"):
+        scfg = SamplerConfig(page_size=4, num_pages=64, kv_layout=layout, sampling=SamplingParams(0.0))
+        sampler = GroupSampler(params, QWEN2, scfg, mesh=mesh)
+        assert sampler.attention_kernel == (XLA if layout == "split" else XLA_FUSED)
+        out[layout] = sampler.generate(prompts, 2, 6, jax.random.key(0))
+    assert (out["split"].tokens == out["fused"].tokens).all()
+    np.testing.assert_allclose(out["split"].policy_logprobs, out["fused"].policy_logprobs, atol=1e-5)
+
+
 def test_kernel_choice_by_platform() -> None:
     cpu = SamplerConfig()
     assert attention_kernel(cpu, None) == XLA  # auto on CPU
+    assert attention_kernel(SamplerConfig(kv_layout="fused"), None) == XLA_FUSED
+    assert attention_kernel(SamplerConfig(attention_kernel="pallas_tpu", kv_layout="fused"), None) == TPU
+    for kernel, layout in (("pallas_tpu", "split"), ("pallas_gpu", "fused")):
+        with pytest.raises(SamplerError, match=f"kv_layout='{layout}'"):
+            attention_kernel(SamplerConfig(attention_kernel=kernel, kv_layout=layout), None)
+    with pytest.raises(SamplerError, match="kv_layout must be one of"):
+        SamplerConfig(kv_layout="paged")
     assert attention_kernel(SamplerConfig(attention_kernel="pallas_tpu"), None) == TPU
     assert pool_shapes(QWEN2, cpu, TPU) == ((2, 1024, 16, 4, 8), (0,))
     from poer_jax.model.sharding import make_mesh
@@ -189,11 +223,17 @@ def test_train_config_keys_reach_the_sampler() -> None:
     with pytest.raises(ConfigError, match="'rollout.attention_kernel' must be one of"):
         config_from_argv([f"--config={toy}", "--config.rollout.attention_kernel=triton"])
     cfg = config_from_argv(
-        [f"--config={toy}", "--config.rollout.attention_kernel=pallas_gpu", "--config.rollout.layer_loop=scan"]
+        [f"--config={toy}", "--config.rollout.attention_kernel=pallas_gpu", "--config.rollout.layer_loop=scan",
+         "--config.rollout.kv_layout=split"]
     )
     mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
     scfg = sampler_config(cfg, QWEN2, mesh, eos_ids=(1,))
-    assert (scfg.attention_kernel, scfg.layer_loop) == ("pallas_gpu", "scan")
+    assert (scfg.attention_kernel, scfg.layer_loop, scfg.kv_layout) == ("pallas_gpu", "scan", "split")
+    with pytest.raises(ConfigError, match="'rollout.kv_layout' must be one of"):
+        config_from_argv([f"--config={toy}", "--config.rollout.kv_layout=paged"])
+    with pytest.raises(ConfigError, match="'rollout.kv_layout' is 'split': the pallas_tpu kernel"):
+        config_from_argv([f"--config={toy}", "--config.rollout.attention_kernel=pallas_tpu",
+                          "--config.rollout.kv_layout=split"])
 
 
 @pytest.mark.xdist_group("libtpu")  # with tests/test_plan.py's: one worker loads libtpu
@@ -218,3 +258,37 @@ def test_data_parallel_sampler_programs_compile_with_the_tpu_kernel_for_a_tpu_to
         assert k_pages.shape[1] == 4 * 256 and k_pages.sharding.shard_shape(k_pages.shape)[1] == 256
         mem = spec.fn.lower(*spec.args, **spec.kwargs).compile().memory_analysis()
         assert pool <= mem.argument_size_in_bytes < 1.1 * pool and mem.alias_size_in_bytes >= pool, spec.name
+
+
+@pytest.mark.xdist_group("libtpu")  # with tests/test_plan.py's: one worker loads libtpu
+def test_tpu_decode_with_kv_heads_over_tensor_copies_no_pool_with_the_fused_layout() -> None:
+    """The 7B config's sampler case on TPU: KV heads split over 'tensor', so the xla kernel attends the pages.
+    With split K / V pools the compiled decode program copies the whole pools to change their physical layout
+    (the KV write's scatter and the page gathers want different ones: ~2x the pool's bytes of HBM traffic per
+    step); the default on TPU, the fused layout, has no pool-sized copy at this size (the 7B's decode step keeps
+    one: docs/benchmarks.md)."""
+    import re
+
+    from jax.experimental import topologies
+
+    from poer_jax.model.sharding import make_mesh
+    from poer_jax.sampler.programs import sampler_program_specs
+
+    topo = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2", chips_per_host_bounds=(2, 2, 1))
+    mesh = make_mesh({"data": 2, "fsdp": 1, "tensor": 2}, topo.devices[:4])
+    mcfg = QWEN2.replace(head_dim=128, dtype="bfloat16")
+    pool_copies = {}
+    for layout in ("auto", "split"):
+        scfg = SamplerConfig(page_size=16, num_pages=512, max_slots=8, max_pages_per_seq=16, max_prefill_length=64,
+                             kv_layout=layout)
+        decode = sampler_program_specs(mcfg, scfg, mesh, group_size=4, prompt_len=40, max_new_tokens=24)[1]
+        kernel = decode.kwargs["attention_kernel"]
+        assert kernel == (AttentionKernel("xla", fused=True) if layout == "auto" else XLA)
+        k_pages = decode.args[1].decode.k_pages
+        shard = k_pages.sharding.shard_shape(k_pages.shape)
+        assert 512 in shard and (shard[-2] == 2 * mcfg.num_kv_heads // 2 if kernel.fused else shard[1] == 1)
+        hlo = decode.fn.lower(*decode.args, **decode.kwargs).compile().as_text()
+        per_chip = re.escape(",".join(map(str, shard)))
+        pool_copies[layout] = len(re.findall(rf"= bf16\[{per_chip}\]\S* copy\(", hlo))
+    assert pool_copies["split"] > 0, "the check no longer sees the split layout's copies"
+    assert pool_copies["auto"] == 0, pool_copies

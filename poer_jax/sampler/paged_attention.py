@@ -52,15 +52,18 @@ class AttentionKernel(NamedTuple):
     """Which code attends the pages (a static argument of the decode programs).
 
     name: 'xla' | 'pallas_gpu' | 'pallas_tpu' (module docstring). interpret: run a Pallas kernel in interpret
-    mode (a kernel chosen for another platform than the one it runs on: CPU tests)."""
+    mode (a kernel chosen for another platform than the one it runs on: CPU tests). fused: the 'xla' kernel
+    reads the fused pool layout (``SamplerConfig.kv_layout``; on TPUs by default, see ``attention_kernel``)."""
 
     name: str = "xla"
     interpret: bool = False
+    fused: bool = False
 
     @property
     def fused_pool(self) -> bool:
-        """The pool is one K/V array (the TPU kernel's layout)."""
-        return self.name == "pallas_tpu"
+        """The pool is one K/V array [L, N, page, 2 Hkv, hd] (the TPU kernel's layout; the xla kernel's with
+        ``fused``)."""
+        return self.name == "pallas_tpu" or self.fused
 
 
 XLA = AttentionKernel()
@@ -98,9 +101,12 @@ def _accumulate(
     carry: Carry,
 ) -> Carry:
     """Online-softmax update of ``carry`` [Hkv, R, Gq(, hd)] with the keys of each row r's pages: page j of
-    ``table[r]`` holds positions start[r] + j * page .. + page - 1, of which those < lengths[r] are valid."""
+    ``table[r]`` holds positions start[r] + j * page .. + page - 1, of which those < lengths[r] are valid.
+    Split pools [L, Hkv, N, page, hd], or the fused pool [L, N, page, 2 Hkv, hd] in ``k_pages`` (``v_pages``
+    empty): there a chunk is one gather of whole pages, all heads, K and V together."""
     Hkv, R, _, hd = qg.shape
-    page = k_pages.shape[3]
+    fused = is_fused(k_pages, v_pages)
+    page = k_pages.shape[2] if fused else k_pages.shape[3]
     P = table.shape[1]
     if P % chunk_pages:
         raise ValueError(f"paged attention: table width {P} is not a multiple of chunk_pages {chunk_pages}")
@@ -112,15 +118,20 @@ def _accumulate(
     def chunk(c: jax.Array, carry: Carry) -> Carry:
         m, l, acc = carry
         pages = jax.lax.dynamic_slice_in_dim(table, c * chunk_pages, chunk_pages, axis=1)  # [R, C]
-        k = k_pages[layer, heads, pages[None]].reshape(Hkv, R, span, hd)  # one gather of whole pages
-        v = v_pages[layer, heads, pages[None]].reshape(Hkv, R, span, hd)
-        s = jnp.einsum("krgd,krsd->krgs", qg, k, preferred_element_type=jnp.float32) * scale
+        if fused:  # [R, C, page, 2 Hkv, hd] -> [R, span, Hkv, hd] each; the einsums read that layout as is
+            kv = k_pages[layer, pages].reshape(R, span, Hkv, 2, hd)
+            k, v, kv_dims = kv[..., 0, :], kv[..., 1, :], "rskd"
+        else:
+            k = k_pages[layer, heads, pages[None]].reshape(Hkv, R, span, hd)  # one gather of whole pages
+            v = v_pages[layer, heads, pages[None]].reshape(Hkv, R, span, hd)
+            kv_dims = "krsd"
+        s = jnp.einsum(f"krgd,{kv_dims}->krgs", qg, k, preferred_element_type=jnp.float32) * scale
         valid = (start[:, None] + c * span + offsets[None, :] < lengths[:, None])[None, :, None, :]
         m_new = jnp.maximum(m, jnp.max(jnp.where(valid, s, _NEG_INF), axis=-1))
         corr = jnp.exp(m - m_new)
         p = jnp.where(valid, jnp.exp(s - m_new[..., None]), 0.0)  # explicit zeros: m may still be -inf-like
         l = l * corr + jnp.sum(p, axis=-1)
-        pv = jnp.einsum("krgs,krsd->krgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        pv = jnp.einsum(f"krgs,{kv_dims}->krgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
         return m_new, l, acc * corr[..., None] + pv
 
     if P == chunk_pages:
@@ -147,8 +158,9 @@ def _part(
     """``carry`` merged with the attention of qg [Hkv, R, Gq, hd] over each row's pages (positions start[r]
     onwards, those < lengths[r] valid), by the chosen kernel."""
     if kernel.name == "xla":
-        if kernel.fused_pool or v_pages.size == 0:
-            raise SamplerError("paged attention: the 'xla' kernel reads the split pool layout")
+        if kernel.fused_pool != is_fused(k_pages, v_pages):
+            raise SamplerError(f"paged attention: {kernel} does not read a pool of shapes {k_pages.shape} and "
+                               f"{v_pages.shape}")
         return _accumulate(qg, k_pages, v_pages, layer, table, start, lengths, chunk_pages, dynamic_chunks, carry)
     held = jnp.maximum(lengths - start, 0)
     if kernel.name == "pallas_gpu":
@@ -310,7 +322,16 @@ def attention_kernel(scfg: SamplerConfig, mesh: Mesh | None) -> AttentionKernel:
 
     XLA cannot partition a Pallas kernel: the sampler runs it per device inside its shard_map, manual over
     every mesh axis only when the non-batch axes (``tensor``) have size 1 (``sharded.manual_axes``). With
-    ``tensor`` > 1, 'auto' is xla and a named Pallas kernel is an error."""
+    ``tensor`` > 1, 'auto' is xla and a named Pallas kernel is an error.
+
+    ``SamplerConfig.kv_layout``: the pool layout. 'auto' is fused for pallas_tpu (it reads only that) and for
+    xla on TPUs, split elsewhere (the GPU kernel reads only that). Why fused for xla on TPUs: with split K and V
+    pools [L, Hkv, N, page, hd], the decode step's KV write wants another physical layout than its page gathers,
+    and XLA:TPU copies both pools in every decode step and at entry and exit; XLA's cost analysis of the 7B
+    config's decode step on a v5p-8 falls from 118 to 41 GB accessed per step with the fused pool (42.8 -> 14.7 ms
+    at HBM bandwidth; v6e-8: 21.5 -> 8.1 GB), though one pool-sized copy per step remains there, and the insert
+    program copies the fused pool on entry and exit (its cost rises 9 -> 85 GB per call: a call per admission
+    round against hundreds of decode steps). Measured with scripts/plan.py; docs/benchmarks.md."""
     platform = _platform(mesh)
     name = scfg.attention_kernel
     split = mesh is not None and any(n > 1 for a, n in mesh.shape.items() if a not in BATCH_AXES)
@@ -324,7 +345,14 @@ def attention_kernel(scfg: SamplerConfig, mesh: Mesh | None) -> AttentionKernel:
             f"{dict(mesh.shape)}): the Pallas kernels run per device (use 'xla' or 'auto', or mesh.tensor=1)"
         )
     native = {"pallas_gpu": "gpu", "pallas_tpu": "tpu"}.get(name)
-    return AttentionKernel(name, interpret=native is not None and platform != native)
+    layout = scfg.kv_layout
+    if layout == "auto":
+        layout = "fused" if name == "pallas_tpu" or (name == "xla" and platform == "tpu") else "split"
+    elif (name, layout) in (("pallas_tpu", "split"), ("pallas_gpu", "fused")):
+        raise SamplerError(f"SamplerConfig.kv_layout={layout!r}: the {name} kernel reads only the "
+                           f"{'fused' if name == 'pallas_tpu' else 'split'} pool layout")
+    return AttentionKernel(name, interpret=native is not None and platform != native,
+                           fused=name == "xla" and layout == "fused")
 
 
 def kv_sharding(cfg: QwenConfig, mesh: Mesh | None, kernel: AttentionKernel = XLA) -> NamedSharding | None:

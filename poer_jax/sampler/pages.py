@@ -31,6 +31,7 @@ from poer_jax.sampler.sampling import SamplingParams
 
 ATTENTION_KERNELS = ("auto", "xla", "pallas_gpu", "pallas_tpu")
 LAYER_LOOPS = ("auto", "scan", "unrolled")
+KV_LAYOUTS = ("auto", "split", "fused")
 
 
 class SamplerError(ValueError):
@@ -97,6 +98,9 @@ class SamplerConfig:
     layer_loop: how the decode step runs the layers: 'scan' (one ``lax.scan`` over the stacked weights),
     'unrolled' (each layer's weights sliced once per decode call, the step unrolled over layers; XLA:CPU
     otherwise copies each layer's weights before its matmuls at every step), 'auto' (unrolled on CPU).
+    kv_layout: the KV pool's layout, one of KV_LAYOUTS: 'split' (K and V pools [L, Hkv, N, page, hd]), 'fused'
+    (one pool [L, N, page, 2 Hkv, hd], K of head h at 2h and V at 2h + 1), 'auto' (fused on TPUs and with
+    pallas_tpu, split elsewhere; see ``paged_attention.attention_kernel``).
     """
 
     page_size: int = 16
@@ -115,6 +119,7 @@ class SamplerConfig:
     fixed_tables: bool = False
     attention_kernel: str = "auto"
     layer_loop: str = "auto"
+    kv_layout: str = "auto"
 
     def __post_init__(self) -> None:
         for name in (
@@ -140,7 +145,8 @@ class SamplerConfig:
             dtype_from_name(self.kv_dtype)
         if not 0.0 < self.refill_fraction <= 1.0:
             raise SamplerError(f"SamplerConfig.refill_fraction must be in (0, 1], got {self.refill_fraction!r}")
-        for name, allowed in (("attention_kernel", ATTENTION_KERNELS), ("layer_loop", LAYER_LOOPS)):
+        for name, allowed in (("attention_kernel", ATTENTION_KERNELS), ("layer_loop", LAYER_LOOPS),
+                              ("kv_layout", KV_LAYOUTS)):
             if getattr(self, name) not in allowed:
                 raise SamplerError(f"SamplerConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
 

@@ -206,7 +206,7 @@ def sampler_config(cfg: ml_collections.ConfigDict, mcfg: QwenConfig, sampler_mes
     return SamplerConfig(page_size=R.page_size, num_pages=num_pages, max_slots=slots,
                          max_pages_per_seq=_pow2(pages_per_seq), max_prefill_length=max_seq,
                          eos_ids=tuple(eos_ids), pad_id=pad_id, sampling=sampling_params(cfg)[0], kv_dtype=kv_dtype,
-                         attention_kernel=R.attention_kernel, layer_loop=R.layer_loop,
+                         attention_kernel=R.attention_kernel, layer_loop=R.layer_loop, kv_layout=R.kv_layout,
                          fixed_tables=R.fixed_page_tables)
 
 

@@ -177,6 +177,11 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ConfigError(f"config key 'cache.max_truncation' ({cfg.cache.max_truncation}) is larger than "
                           f"'rollout.max_completion_len' ({cfg.rollout.max_completion_len}): no cached answer is "
                           "that long, so L would never be reached")
+    kernel, layout = cfg.rollout.attention_kernel, cfg.rollout.kv_layout
+    if (kernel, layout) in (("pallas_tpu", "split"), ("pallas_gpu", "fused")):
+        reads = "fused" if kernel == "pallas_tpu" else "split"
+        raise ConfigError(f"config key 'rollout.kv_layout' is {layout!r}: the {kernel} kernel "
+                          f"('rollout.attention_kernel') reads only the {reads} pool layout; use 'auto'")
     _check_reward_functions(cfg.reward.functions)
     q = cfg.data.questions_per_step
     if (q * cfg.rollout.group_size) % (cfg.optim.num_minibatches * cfg.optim.micro_batches):
