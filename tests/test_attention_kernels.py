@@ -43,6 +43,11 @@ def fuse(k_pages: jax.Array, v_pages: jax.Array) -> jax.Array:
     return kv.transpose(0, 3, 4, 1, 2, 5).reshape(L, N, PAGE, 2 * Hkv, k_pages.shape[-1])
 
 
+def page_minor(k_pages: jax.Array, v_pages: jax.Array) -> jax.Array:
+    """Split pools -> the xla kernel's fused layout [L, N, Hkv, 2, page, hd] (k at [.., h, 0], v at [.., h, 1])."""
+    return jnp.stack([k_pages, v_pages], axis=2).transpose(0, 3, 1, 2, 4, 5)
+
+
 def _inputs(hd: int, seed: int = 4) -> tuple:
     ks = jax.random.split(jax.random.key(seed), 6)
     k_pages = jax.random.normal(ks[0], (L, Hkv, N, PAGE, hd))
@@ -69,7 +74,10 @@ def _attend(kernel: AttentionKernel, cascade: bool, hd: int) -> tuple[jax.Array,
         table = jnp.concatenate([jnp.repeat(shared.table, G, axis=0), private], axis=1)
         table = jnp.where((start == 0)[:, None], jnp.roll(table, -Ps, axis=1), table)
         lengths, extra = start + own, (None, 1)
-    pools = (fuse(k_pages, v_pages), jnp.zeros((0,))) if kernel.fused_pool else (k_pages, v_pages)
+    if kernel.fused_pool:
+        pools = (page_minor if kernel.fused else fuse)(k_pages, v_pages), jnp.zeros((0,))
+    else:
+        pools = k_pages, v_pages
     layer = jnp.int32(1)
     out = paged_decode_attention(q, k_cur, v_cur, *pools, layer, table, lengths, 2, True, *extra, kernel=kernel)
     ref = paged_decode_attention(q, k_cur, v_cur, k_pages, v_pages, layer, table, lengths, 2, True, *extra)
@@ -101,10 +109,12 @@ def test_pallas_tpu_kernel_matches_xla() -> None:
 
 
 def test_fused_pool_writes_match_split_writes() -> None:
-    """The TPU layout's prefill and decode writes store exactly what the split layout stores."""
-    fused, split = _writes()
+    """Both fused layouts' prefill and decode writes (the TPU kernel's, and the xla kernel's page-minor one, which
+    writes whole pages) store exactly what the split layout stores."""
+    fused, minor, split = _writes()
     np.testing.assert_array_equal(np.asarray(fused[0]), np.asarray(fuse(*split)))
-    assert fused[1].size == 0 and float(jnp.abs(split[0]).sum()) > 0
+    np.testing.assert_array_equal(np.asarray(minor[0]), np.asarray(page_minor(*split)))
+    assert fused[1].size == 0 and minor[1].size == 0 and float(jnp.abs(split[0]).sum()) > 0
 
 
 @jax.jit
@@ -116,12 +126,15 @@ def _writes() -> tuple:
     k, v = jax.random.normal(ks[0], (L, 2, T, Hkv, hd)), jax.random.normal(ks[1], (L, 2, T, Hkv, hd))
     split = (jnp.zeros((L, Hkv, N, PAGE, hd)), jnp.zeros((L, Hkv, N, PAGE, hd)))
     fused = (jnp.zeros((L, N, PAGE, 2 * Hkv, hd)), jnp.zeros((0,)))
+    minor = (jnp.zeros((L, N, Hkv, 2, PAGE, hd)), jnp.zeros((0,)))
     args = (jnp.array([T, PAGE + 1]), jnp.array([[3, 5], [7, N]]), jnp.array([1, 1, 0]), jnp.array([9, 11, 13]))
     split = write_prefill_pages(*split, k, v, *args)
     fused = write_prefill_pages(*fused, k, v, *args)
+    minor = write_prefill_pages(*minor, k, v, *args)
     k_new, v_new = jax.random.normal(ks[2], (L, Hkv, 3, hd)), jax.random.normal(ks[3], (L, Hkv, 3, hd))
-    step = (jnp.array([[9, 2], [11, 4], [13, 6]]), jnp.array([5, 6, 9]), jnp.array([True, False, True]))
-    return write_decode_kv(*fused, k_new, v_new, *step), write_decode_kv(*split, k_new, v_new, *step)
+    # rows 0 and 2 write into pages holding prefilled tokens (9 and 13: partial-page copies), row 1 is inactive
+    step = (jnp.array([[2, 9], [11, 4], [6, 13]]), jnp.array([5, 6, 9]), jnp.array([True, False, True]))
+    return tuple(write_decode_kv(*pool, k_new, v_new, *step) for pool in (fused, minor, split))
 
 
 @pytest.mark.parametrize("devices", [1, 2])
@@ -175,6 +188,7 @@ def test_kernel_choice_by_platform() -> None:
         SamplerConfig(kv_layout="paged")
     assert attention_kernel(SamplerConfig(attention_kernel="pallas_tpu"), None) == TPU
     assert pool_shapes(QWEN2, cpu, TPU) == ((2, 1024, 16, 4, 8), (0,))
+    assert pool_shapes(QWEN2, cpu, XLA_FUSED) == ((2, 1024, 2, 2, 16, 8), (0,))
     from poer_jax.model.sharding import make_mesh
 
     split = make_mesh({"data": 1, "fsdp": 1, "tensor": 2}, jax.devices()[:2])  # kernels cannot be partitioned
@@ -286,7 +300,7 @@ def test_tpu_decode_with_kv_heads_over_tensor_copies_no_pool_with_the_fused_layo
         assert kernel == (AttentionKernel("xla", fused=True) if layout == "auto" else XLA)
         k_pages = decode.args[1].decode.k_pages
         shard = k_pages.sharding.shard_shape(k_pages.shape)
-        assert 512 in shard and (shard[-2] == 2 * mcfg.num_kv_heads // 2 if kernel.fused else shard[1] == 1)
+        assert 512 in shard and (shard[2] if kernel.fused else shard[1]) == mcfg.num_kv_heads // 2  # heads on 'tensor'
         hlo = decode.fn.lower(*decode.args, **decode.kwargs).compile().as_text()
         per_chip = re.escape(",".join(map(str, shard)))
         pool_copies[layout] = len(re.findall(rf"= bf16\[{per_chip}\]\S* copy\(", hlo))

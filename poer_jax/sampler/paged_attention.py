@@ -26,8 +26,9 @@ reference); 'pallas_gpu' attends the pages with JAX's Triton paged-attention ker
 new token, the group's shared prefix, the sample's own pages) yields a partial softmax state (m, l, a), and
 the parts are merged exactly (``merge``), whichever computed them. The TPU kernel reads K and V of a page
 from one array, so with it the pool is one fused array ``[L, N, page, 2 * Hkv, hd]`` (K of head h at 2h, V
-at 2h + 1) held in ``k_pages``, and ``v_pages`` is an empty placeholder (``pool_shapes``); the writes below
-handle both layouts.
+at 2h + 1) held in ``k_pages``, and ``v_pages`` is an empty placeholder (``pool_shapes``). On TPUs the xla
+kernel also reads one fused array, page-minor: ``[L, N, Hkv, 2, page, hd]`` (K of head h at [h, 0], V at
+[h, 1]), written a whole page at a time (``attention_kernel`` says why). The writes below handle all three.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ class AttentionKernel(NamedTuple):
 
     name: 'xla' | 'pallas_gpu' | 'pallas_tpu' (module docstring). interpret: run a Pallas kernel in interpret
     mode (a kernel chosen for another platform than the one it runs on: CPU tests). fused: the 'xla' kernel
-    reads the fused pool layout (``SamplerConfig.kv_layout``; on TPUs by default, see ``attention_kernel``)."""
+    reads its fused, page-minor pool [L, N, Hkv, 2, page, hd] (``SamplerConfig.kv_layout``; on TPUs by default,
+    see ``attention_kernel``)."""
 
     name: str = "xla"
     interpret: bool = False
@@ -61,8 +63,8 @@ class AttentionKernel(NamedTuple):
 
     @property
     def fused_pool(self) -> bool:
-        """The pool is one K/V array [L, N, page, 2 Hkv, hd] (the TPU kernel's layout; the xla kernel's with
-        ``fused``)."""
+        """The pool is one K/V array: [L, N, page, 2 Hkv, hd] (the TPU kernel's), or with ``fused`` the xla
+        kernel's [L, N, Hkv, 2, page, hd]."""
         return self.name == "pallas_tpu" or self.fused
 
 
@@ -102,11 +104,13 @@ def _accumulate(
 ) -> Carry:
     """Online-softmax update of ``carry`` [Hkv, R, Gq(, hd)] with the keys of each row r's pages: page j of
     ``table[r]`` holds positions start[r] + j * page .. + page - 1, of which those < lengths[r] are valid.
-    Split pools [L, Hkv, N, page, hd], or the fused pool [L, N, page, 2 Hkv, hd] in ``k_pages`` (``v_pages``
-    empty): there a chunk is one gather of whole pages, all heads, K and V together."""
+    Split pools [L, Hkv, N, page, hd], or a fused pool in ``k_pages`` (``v_pages`` empty): [L, N, page, 2 Hkv,
+    hd] or page-minor [L, N, Hkv, 2, page, hd]; there a chunk is one gather of whole pages, all heads, K and V
+    together."""
     Hkv, R, _, hd = qg.shape
     fused = is_fused(k_pages, v_pages)
-    page = k_pages.shape[2] if fused else k_pages.shape[3]
+    page_minor = is_page_minor(k_pages, v_pages)
+    page = k_pages.shape[4 if page_minor else 2] if fused else k_pages.shape[3]
     P = table.shape[1]
     if P % chunk_pages:
         raise ValueError(f"paged attention: table width {P} is not a multiple of chunk_pages {chunk_pages}")
@@ -118,20 +122,31 @@ def _accumulate(
     def chunk(c: jax.Array, carry: Carry) -> Carry:
         m, l, acc = carry
         pages = jax.lax.dynamic_slice_in_dim(table, c * chunk_pages, chunk_pages, axis=1)  # [R, C]
-        if fused:  # [R, C, page, 2 Hkv, hd] -> [R, span, Hkv, hd] each; the einsums read that layout as is
+        if page_minor:  # [R, C, Hkv, 2, page, hd] -> [R, C, Hkv, page, hd] each, read as is
+            kv = k_pages[layer, pages]
+            k, v, kv_dims = kv[:, :, :, 0], kv[:, :, :, 1], "rckpd"
+        elif fused:  # [R, C, page, 2 Hkv, hd] -> [R, span, Hkv, hd] each; the einsums read that layout as is
             kv = k_pages[layer, pages].reshape(R, span, Hkv, 2, hd)
             k, v, kv_dims = kv[..., 0, :], kv[..., 1, :], "rskd"
         else:
             k = k_pages[layer, heads, pages[None]].reshape(Hkv, R, span, hd)  # one gather of whole pages
             v = v_pages[layer, heads, pages[None]].reshape(Hkv, R, span, hd)
             kv_dims = "krsd"
-        s = jnp.einsum(f"krgd,{kv_dims}->krgs", qg, k, preferred_element_type=jnp.float32) * scale
+        if page_minor:  # scores over (chunk page, offset) = the chunk's span
+            s = jnp.einsum("krgd,rckpd->krgcp", qg, k, preferred_element_type=jnp.float32)
+            s = s.reshape(*s.shape[:3], span) * scale
+        else:
+            s = jnp.einsum(f"krgd,{kv_dims}->krgs", qg, k, preferred_element_type=jnp.float32) * scale
         valid = (start[:, None] + c * span + offsets[None, :] < lengths[:, None])[None, :, None, :]
         m_new = jnp.maximum(m, jnp.max(jnp.where(valid, s, _NEG_INF), axis=-1))
         corr = jnp.exp(m - m_new)
         p = jnp.where(valid, jnp.exp(s - m_new[..., None]), 0.0)  # explicit zeros: m may still be -inf-like
         l = l * corr + jnp.sum(p, axis=-1)
-        pv = jnp.einsum(f"krgs,{kv_dims}->krgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        if page_minor:
+            pv = jnp.einsum("krgcp,rckpd->krgd", p.reshape(*p.shape[:3], chunk_pages, page).astype(v.dtype), v,
+                            preferred_element_type=jnp.float32)
+        else:
+            pv = jnp.einsum(f"krgs,{kv_dims}->krgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
         return m_new, l, acc * corr[..., None] + pv
 
     if P == chunk_pages:
@@ -234,8 +249,14 @@ def paged_decode_attention(
 
 
 def is_fused(k_pages: jax.Array, v_pages: jax.Array) -> bool:
-    """The pool is the fused K/V array in ``k_pages`` (``v_pages`` an empty placeholder)."""
-    return v_pages.size == 0 and k_pages.ndim == 5
+    """The pool is one K/V array in ``k_pages`` (``v_pages`` an empty placeholder): the TPU kernel's
+    [L, N, page, 2 Hkv, hd] or the xla kernel's page-minor [L, N, Hkv, 2, page, hd] (``is_page_minor``)."""
+    return v_pages.size == 0 and k_pages.ndim in (5, 6)
+
+
+def is_page_minor(k_pages: jax.Array, v_pages: jax.Array) -> bool:
+    """The xla kernel's fused pool [L, N, Hkv, 2, page, hd]: K at [.., h, 0, ..], V at [.., h, 1, ..]."""
+    return v_pages.size == 0 and k_pages.ndim == 6
 
 
 def _interleave(k: jax.Array, v: jax.Array, axis: int) -> jax.Array:
@@ -261,11 +282,21 @@ def write_decode_kv(
     never touch a page it shares with others.
     """
     fused = is_fused(k_pages, v_pages)
-    N, page = (k_pages.shape[1], k_pages.shape[2]) if fused else (k_pages.shape[2], k_pages.shape[3])
+    N, page = (k_pages.shape[1], k_pages.shape[-2 if k_pages.ndim == 6 else 2]) if fused else \
+        (k_pages.shape[2], k_pages.shape[3])
     rel = positions if start is None else positions - start
     idx = jnp.clip(rel // page, 0, page_table.shape[1] - 1)
     dest = jnp.where(active, jnp.take_along_axis(page_table, idx[:, None], axis=1)[:, 0], N)
     off = positions % page
+    if is_page_minor(k_pages, v_pages):  # [L, Hkv, B, hd] into [L, N, Hkv, 2, page, hd], whole pages
+        # Each row's last page is read, its token set and the page written back: the scatter's window, a whole
+        # page (Hkv, 2, page, hd), is then the pool's minor dimensions, as the page gathers' and the prefill's are,
+        # so XLA:TPU keeps the pool in one layout (a one-token window wants (Hkv, hd) minor: a pool copy per step).
+        # A row writes only its own last page (copy on write), so whole-page writes never collide.
+        kv = jnp.stack([k_new, v_new], axis=2).transpose(0, 3, 1, 2, 4).astype(k_pages.dtype)  # [L, B, Hkv, 2, hd]
+        cur = k_pages[:, jnp.minimum(dest, N - 1)]  # [L, B, Hkv, 2, page, hd]
+        hit = (jnp.arange(page) == off[:, None])[None, :, None, None, :, None]
+        return k_pages.at[:, dest].set(jnp.where(hit, kv[:, :, :, :, None], cur), mode="drop"), v_pages
     if fused:  # [L, B, 2 * Hkv, hd] into [L, N, page, 2 * Hkv, hd]
         kv = _interleave(k_new.transpose(0, 2, 1, 3), v_new.transpose(0, 2, 1, 3), axis=2)
         return k_pages.at[:, dest, off].set(kv.astype(k_pages.dtype), mode="drop"), v_pages
@@ -293,10 +324,15 @@ def write_prefill_pages(
     """
     L, N, T, Hkv, hd = k.shape
     fused = is_fused(k_pages, v_pages)
-    page = k_pages.shape[2] if fused else k_pages.shape[3]
+    page = k_pages.shape[-2 if k_pages.ndim == 6 else 2] if fused else k_pages.shape[3]
     J = T // page
     flat = shared_dest.reshape(N * J)
     src = entry_prefix * J + jnp.minimum(true_lengths[entry_prefix] // page, J - 1)  # [M] page of the copy
+    if is_page_minor(k_pages, v_pages):  # to [L, N*J, Hkv, 2, page, hd]
+        kvp = jnp.stack([k, v], axis=4).reshape(L, N * J, page, Hkv, 2, hd).transpose(0, 1, 3, 4, 2, 5)
+        kvp = kvp.astype(k_pages.dtype)
+        k_pages = k_pages.at[:, flat].set(kvp, mode="drop")
+        return k_pages.at[:, partial_dest].set(kvp[:, src], mode="drop"), v_pages
     if fused:  # to [L, N*J, page, 2 * Hkv, hd]
         kvp = _interleave(k, v, axis=3).reshape(L, N * J, page, 2 * Hkv, hd).astype(k_pages.dtype)
         k_pages = k_pages.at[:, flat].set(kvp, mode="drop")
@@ -324,14 +360,14 @@ def attention_kernel(scfg: SamplerConfig, mesh: Mesh | None) -> AttentionKernel:
     every mesh axis only when the non-batch axes (``tensor``) have size 1 (``sharded.manual_axes``). With
     ``tensor`` > 1, 'auto' is xla and a named Pallas kernel is an error.
 
-    ``SamplerConfig.kv_layout``: the pool layout. 'auto' is fused for pallas_tpu (it reads only that) and for
-    xla on TPUs, split elsewhere (the GPU kernel reads only that). Why fused for xla on TPUs: with split K and V
-    pools [L, Hkv, N, page, hd], the decode step's KV write wants another physical layout than its page gathers,
-    and XLA:TPU copies both pools in every decode step and at entry and exit; XLA's cost analysis of the 7B
-    config's decode step on a v5p-8 falls from 118 to 41 GB accessed per step with the fused pool (42.8 -> 14.7 ms
-    at HBM bandwidth; v6e-8: 21.5 -> 8.1 GB), though one pool-sized copy per step remains there, and the insert
-    program copies the fused pool on entry and exit (its cost rises 9 -> 85 GB per call: a call per admission
-    round against hundreds of decode steps). Measured with scripts/plan.py; docs/benchmarks.md."""
+    ``SamplerConfig.kv_layout``: the pool layout. 'auto' is fused for pallas_tpu (it reads only its
+    [L, N, page, 2 Hkv, hd]) and for xla on TPUs, split elsewhere (the GPU kernel reads only that). Why a fused,
+    page-minor pool [L, N, Hkv, 2, page, hd] written a whole page at a time for xla on TPUs: with split K and V
+    pools, the decode step's one-token KV write wants (Hkv, hd) as the tiled minor dimensions and the page gathers
+    want (page, hd), so XLA:TPU copied both pools in every decode step (and at entry and exit); with (page, hd)
+    minor and page-sized writes, the gathers, the decode write and the prefill write all want the pool row-major.
+    XLA's cost analysis of the 7B config's decode step on a v5p-8: 118 -> 4.9 GB accessed per step (42.8 -> 1.8 ms
+    at HBM bandwidth), temporaries 20.1 -> 1.1 GB (scripts/plan.py; docs/benchmarks.md)."""
     platform = _platform(mesh)
     name = scfg.attention_kernel
     split = mesh is not None and any(n > 1 for a, n in mesh.shape.items() if a not in BATCH_AXES)
@@ -361,6 +397,8 @@ def kv_sharding(cfg: QwenConfig, mesh: Mesh | None, kernel: AttentionKernel = XL
         return None
     tp = mesh.shape.get("tensor", 1)
     head_axis = "tensor" if tp > 1 and cfg.num_kv_heads % tp == 0 else None
+    if kernel.fused:  # [L, N, Hkv, 2, page, hd]
+        return NamedSharding(mesh, P(None, None, head_axis, None, None, None))
     if kernel.fused_pool:  # [L, N, page, 2 * Hkv, hd]: a shard holds whole (k, v) head pairs
         return NamedSharding(mesh, P(None, None, None, head_axis, None))
     return NamedSharding(mesh, P(None, head_axis, None, None, None))
@@ -373,6 +411,8 @@ def pool_shape(cfg: QwenConfig, scfg: SamplerConfig) -> tuple[int, ...]:
 
 def pool_shapes(cfg: QwenConfig, scfg: SamplerConfig, kernel: AttentionKernel = XLA) -> tuple[tuple[int, ...], ...]:
     """(k_pages, v_pages) shapes: split K / V pools, or the fused pool and an empty placeholder."""
+    if kernel.fused:
+        return (cfg.num_layers, scfg.num_pages, cfg.num_kv_heads, 2, scfg.page_size, cfg.head_dim), (0,)
     if kernel.fused_pool:
         return (cfg.num_layers, scfg.num_pages, scfg.page_size, 2 * cfg.num_kv_heads, cfg.head_dim), (0,)
     return pool_shape(cfg, scfg), pool_shape(cfg, scfg)

@@ -99,8 +99,9 @@ class SamplerConfig:
     'unrolled' (each layer's weights sliced once per decode call, the step unrolled over layers; XLA:CPU
     otherwise copies each layer's weights before its matmuls at every step), 'auto' (unrolled on CPU).
     kv_layout: the KV pool's layout, one of KV_LAYOUTS: 'split' (K and V pools [L, Hkv, N, page, hd]), 'fused'
-    (one pool [L, N, page, 2 Hkv, hd], K of head h at 2h and V at 2h + 1), 'auto' (fused on TPUs and with
-    pallas_tpu, split elsewhere; see ``paged_attention.attention_kernel``).
+    (one K/V pool: [L, N, Hkv, 2, page, hd] for the xla kernel, written a page at a time; pallas_tpu's own
+    [L, N, page, 2 Hkv, hd]), 'auto' (fused on TPUs and with pallas_tpu, split elsewhere; see
+    ``paged_attention.attention_kernel``).
     """
 
     page_size: int = 16

@@ -133,6 +133,8 @@ def pool_shapes(
     pools [L, Hkv, D * pages, page, hd], or with the pallas_tpu kernel the fused K/V pool [L, D * pages, page,
     2 Hkv, hd] and an empty v_pages placeholder (``paged_attention.pool_shapes``)."""
     n = shards * scfg.num_pages
+    if kernel.fused:  # the xla kernel's page-minor pool (``paged_attention.pool_shapes``)
+        return (cfg.num_layers, n, cfg.num_kv_heads, 2, scfg.page_size, cfg.head_dim), (0,)
     if kernel.fused_pool:
         return (cfg.num_layers, n, scfg.page_size, 2 * cfg.num_kv_heads, cfg.head_dim), (0,)
     split = (cfg.num_layers, cfg.num_kv_heads, n, scfg.page_size, cfg.head_dim)
@@ -142,6 +144,8 @@ def pool_shapes(
 def pool_sharding(cfg: QwenConfig, mesh: Mesh, kernel: AttentionKernel = XLA) -> NamedSharding:
     """K pool [L, Hkv, D * pages, page, hd]: pages over the batch axes, heads over 'tensor' when they divide
     (fused pool [L, D * pages, page, 2 Hkv, hd]: the same, a shard holding whole (k, v) head pairs)."""
+    if kernel.fused:  # [L, D * pages, Hkv, 2, page, hd]
+        return NamedSharding(mesh, P(None, BATCH_AXES, kv_head_axis(cfg, mesh), None, None, None))
     if kernel.fused_pool:
         return NamedSharding(mesh, P(None, BATCH_AXES, None, kv_head_axis(cfg, mesh), None))
     return NamedSharding(mesh, P(None, kv_head_axis(cfg, mesh), BATCH_AXES, None, None))

@@ -97,8 +97,8 @@ SCHEMA: dict[str, Any] = {
         "layer_loop": _f("auto", str, "decode step over layers: auto (unrolled on CPU), scan, unrolled",
                          choices=("auto", "scan", "unrolled"), resume_safe=True),
         "kv_layout": _f("auto", str, "KV pool layout: auto (fused on TPU), split (K and V pools [L, Hkv, N, page, "
-                        "hd]), fused (one pool [L, N, page, 2 Hkv, hd])", choices=("auto", "split", "fused"),
-                        resume_safe=True),
+                        "hd]), fused (one K/V pool, [L, N, Hkv, 2, page, hd] for the xla kernel)",
+                        choices=("auto", "split", "fused"), resume_safe=True),
     },
     "cache": {
         "init": _f("sample", str, "how the cache pool starts (Eq. 1): sample: one answer per question from the "
