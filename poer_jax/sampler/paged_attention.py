@@ -104,13 +104,11 @@ def _accumulate(
 ) -> Carry:
     """Online-softmax update of ``carry`` [Hkv, R, Gq(, hd)] with the keys of each row r's pages: page j of
     ``table[r]`` holds positions start[r] + j * page .. + page - 1, of which those < lengths[r] are valid.
-    Split pools [L, Hkv, N, page, hd], or a fused pool in ``k_pages`` (``v_pages`` empty): [L, N, page, 2 Hkv,
-    hd] or page-minor [L, N, Hkv, 2, page, hd]; there a chunk is one gather of whole pages, all heads, K and V
-    together."""
+    Split pools [L, Hkv, N, page, hd], or the page-minor pool [L, N, Hkv, 2, page, hd] in ``k_pages``
+    (``v_pages`` empty): there a chunk is one gather of whole pages, all heads, K and V together."""
     Hkv, R, _, hd = qg.shape
-    fused = is_fused(k_pages, v_pages)
     page_minor = is_page_minor(k_pages, v_pages)
-    page = k_pages.shape[4 if page_minor else 2] if fused else k_pages.shape[3]
+    page = k_pages.shape[4] if page_minor else k_pages.shape[3]
     P = table.shape[1]
     if P % chunk_pages:
         raise ValueError(f"paged attention: table width {P} is not a multiple of chunk_pages {chunk_pages}")
@@ -124,19 +122,13 @@ def _accumulate(
         pages = jax.lax.dynamic_slice_in_dim(table, c * chunk_pages, chunk_pages, axis=1)  # [R, C]
         if page_minor:  # [R, C, Hkv, 2, page, hd] -> [R, C, Hkv, page, hd] each, read as is
             kv = k_pages[layer, pages]
-            k, v, kv_dims = kv[:, :, :, 0], kv[:, :, :, 1], "rckpd"
-        elif fused:  # [R, C, page, 2 Hkv, hd] -> [R, span, Hkv, hd] each; the einsums read that layout as is
-            kv = k_pages[layer, pages].reshape(R, span, Hkv, 2, hd)
-            k, v, kv_dims = kv[..., 0, :], kv[..., 1, :], "rskd"
+            k, v = kv[:, :, :, 0], kv[:, :, :, 1]
+            s = jnp.einsum("krgd,rckpd->krgcp", qg, k, preferred_element_type=jnp.float32)
+            s = s.reshape(*s.shape[:3], span) * scale  # (chunk page, offset) = the chunk's span
         else:
             k = k_pages[layer, heads, pages[None]].reshape(Hkv, R, span, hd)  # one gather of whole pages
             v = v_pages[layer, heads, pages[None]].reshape(Hkv, R, span, hd)
-            kv_dims = "krsd"
-        if page_minor:  # scores over (chunk page, offset) = the chunk's span
-            s = jnp.einsum("krgd,rckpd->krgcp", qg, k, preferred_element_type=jnp.float32)
-            s = s.reshape(*s.shape[:3], span) * scale
-        else:
-            s = jnp.einsum(f"krgd,{kv_dims}->krgs", qg, k, preferred_element_type=jnp.float32) * scale
+            s = jnp.einsum("krgd,krsd->krgs", qg, k, preferred_element_type=jnp.float32) * scale
         valid = (start[:, None] + c * span + offsets[None, :] < lengths[:, None])[None, :, None, :]
         m_new = jnp.maximum(m, jnp.max(jnp.where(valid, s, _NEG_INF), axis=-1))
         corr = jnp.exp(m - m_new)
@@ -146,7 +138,7 @@ def _accumulate(
             pv = jnp.einsum("krgcp,rckpd->krgd", p.reshape(*p.shape[:3], chunk_pages, page).astype(v.dtype), v,
                             preferred_element_type=jnp.float32)
         else:
-            pv = jnp.einsum(f"krgs,{kv_dims}->krgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+            pv = jnp.einsum("krgs,krsd->krgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
         return m_new, l, acc * corr[..., None] + pv
 
     if P == chunk_pages:
@@ -173,7 +165,7 @@ def _part(
     """``carry`` merged with the attention of qg [Hkv, R, Gq, hd] over each row's pages (positions start[r]
     onwards, those < lengths[r] valid), by the chosen kernel."""
     if kernel.name == "xla":
-        if kernel.fused_pool != is_fused(k_pages, v_pages):
+        if kernel.fused != is_page_minor(k_pages, v_pages) or (not kernel.fused and v_pages.size == 0):
             raise SamplerError(f"paged attention: {kernel} does not read a pool of shapes {k_pages.shape} and "
                                f"{v_pages.shape}")
         return _accumulate(qg, k_pages, v_pages, layer, table, start, lengths, chunk_pages, dynamic_chunks, carry)
