@@ -66,3 +66,28 @@ def test_decode_writes_the_pool_in_place(group_size: int, layer_loop: str) -> No
     assert hlo.count(f"= {pool}") > 0, pool  # the pool's shape is spelled as assumed here
     copies = [line.strip()[:120] for line in hlo.splitlines() if f"= {pool}" in line and " copy(" in line]
     assert copies == [], copies
+
+
+@pytest.mark.parametrize("program", [0, 1])  # sampler/prefill, sampler/decode
+def test_unrolled_programs_read_each_layers_weights_without_copying_them(program: int) -> None:
+    """With the layers unrolled (the CPU default) the sampler's programs take the per-layer weights it holds
+    (``GroupSampler.update_params``) and copy none of them. The check's own witness: the layer scan's decode
+    program slices (copies) every weight of the stacked layout."""
+    from poer_jax.sampler.programs import sampler_program_specs
+    from tests.test_sampler import QWEN2
+
+    cfg = QWEN2.replace(hidden_size=24, intermediate_size=56)  # weight shapes no activation of these calls has
+    weight_shapes = ("f32[24,56]", "f32[56,24]")  # gate / up, down
+
+    def weight_copies(layer_loop: str) -> list[str]:
+        scfg = SamplerConfig(page_size=4, num_pages=96, max_slots=8, max_pages_per_seq=16, max_prefill_length=40,
+                             layer_loop=layer_loop)
+        spec = sampler_program_specs(cfg, scfg, None, group_size=2, prompt_len=30, max_new_tokens=24)[program]
+        hlo = spec.fn.lower(*spec.args, **spec.kwargs).compile().as_text()
+        return [line.strip()[:120] for line in hlo.splitlines()
+                if any(f"= {s}" in line for s in weight_shapes) and " parameter(" not in line
+                and " get-tuple-element(" not in line and " tuple(" not in line]
+
+    assert weight_copies("unrolled") == []
+    if program == 1:
+        assert weight_copies("scan"), "the check no longer sees the layer scan's weight slices"

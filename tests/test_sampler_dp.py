@@ -216,10 +216,37 @@ def test_decode_weights_bf16_replicated_over_batch_axes_one_reshard():
     np.testing.assert_array_equal(np.asarray(q, np.float32),
                                   np.asarray(jnp.asarray(_params(QWEN2, 1)["layers"]["q_proj"], jnp.bfloat16),
                                              np.float32))
-    sampler = GroupSampler(_params(QWEN2), cfg, SamplerConfig(page_size=4, num_pages=8), mesh=mesh)
+    sampler = GroupSampler(_params(QWEN2), cfg, SamplerConfig(page_size=4, num_pages=8, layer_loop="scan"),
+                           mesh=mesh)
     assert sampler.params["layers"]["q_proj"].dtype == jnp.bfloat16
     sampler.update_params(out)  # already laid out: kept as is, no copy
     assert sampler.params["layers"]["q_proj"] is q
+
+
+def test_unrolled_sampler_holds_each_layers_weights_in_the_decode_layout():
+    """layer_loop='unrolled' (the CPU default): the weights are sliced per layer once per update, each slice laid
+    out as the stacked weight without its layer axis; ``params`` stacks them back to the same values."""
+    cfg = QWEN2.replace(dtype="bfloat16")
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices()[:8])
+    sampler = GroupSampler(_params(QWEN2), cfg, SamplerConfig(page_size=4, num_pages=8, layer_loop="unrolled"),
+                           mesh=mesh)
+    for seed in (0, 1):
+        new = shard_params(_params(QWEN2, seed), cfg, mesh)
+        sampler.update_params(new)
+        layers = sampler._weights["layers"]
+        assert isinstance(layers, tuple) and len(layers) == QWEN2.num_layers
+        for i, lp in enumerate(layers):
+            q = lp["q_proj"]
+            assert q.dtype == jnp.bfloat16 and q.sharding.spec == jax.sharding.PartitionSpec(None, "tensor")
+            np.testing.assert_array_equal(np.asarray(q, np.float32), np.asarray(
+                jnp.asarray(_params(QWEN2, seed)["layers"]["q_proj"][i], jnp.bfloat16), np.float32))
+        stacked = sampler.params
+        assert stacked["layers"]["q_proj"].shape == new["layers"]["q_proj"].shape
+        np.testing.assert_array_equal(np.asarray(stacked["layers"]["down_proj"], np.float32),
+                                      np.asarray(new["layers"]["down_proj"].astype(jnp.bfloat16), np.float32))
+    assert sampler._unstack._cache_size() == 1  # one slicing program, reused after every update
+    sampler.release()
+    assert sampler.params is None
 
 
 # ---- the sampler's programs for the plan command -----------------------------------------------------------

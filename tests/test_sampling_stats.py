@@ -80,6 +80,26 @@ def test_greedy_is_argmax_with_policy_logprob() -> None:
     np.testing.assert_allclose(np.asarray(plp), np.asarray(ref), atol=1e-6)
 
 
+def test_argmax_is_numpys_first_index_of_the_maximum() -> None:
+    """``sampling.argmax`` (two plain reductions) picks what ``np.argmax`` picks: ties go to the first index,
+    -inf rows to index 0, and a row holding NaN to its first NaN."""
+    from poer_jax.sampler.sampling import argmax
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((7, 1000)).astype(np.float32)
+    x[1, [5, 17, 900]] = 10.0  # tie
+    x[2] = -np.inf
+    x[3, [40, 60]] = np.nan
+    x[4, :] = 3.0  # all equal
+    x[5, -1] = np.inf
+    x[6] = np.round(x[6])  # many ties below the maximum
+    got = np.asarray(jax.jit(argmax)(jnp.asarray(x)))
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
+    np.testing.assert_array_equal(got[:4], [int(np.argmax(x[0])), 5, 0, 40])
+
+
+
 @pytest.mark.parametrize("scale", [0.5, 3.0, 12.0])
 def test_top_p_threshold_equals_sorted_nucleus(scale: float) -> None:
     V = 3000

@@ -185,6 +185,8 @@ def forward(
     outputs at masked slots are defined but meaningless). Attention is causal over the T index, so left
     and right padding both work; ``cfg.attention`` picks its implementation (``attention.py``). With
     ``return_kv`` also returns per-layer (k, v), each [L, B, T, Hkv, hd], e.g. for a sampler's prefill.
+    ``params["layers"]`` is stacked (one ``lax.scan``) or a tuple of per-layer dicts (the layers unrolled: the
+    sampler's weights on CPU, ``GroupSampler.update_params``).
     """
     B, T = tokens.shape
     if positions is None:
@@ -199,7 +201,14 @@ def forward(
 
     if cfg.remat:
         layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.nothing_saveable)
-    x, kv = jax.lax.scan(layer, embed(params, cfg, tokens), params["layers"])
+    if isinstance(params["layers"], (tuple, list)):  # per-layer weights (the CPU sampler's): unrolled
+        x, per_layer = embed(params, cfg, tokens), []
+        for lp in params["layers"]:
+            x, kv_l = layer(x, lp)
+            per_layer.append(kv_l)
+        kv = jax.tree.map(lambda *a: jnp.stack(a), *per_layer) if return_kv else None
+    else:
+        x, kv = jax.lax.scan(layer, embed(params, cfg, tokens), params["layers"])
     hidden = final_norm(params, cfg, x)
     return (hidden, kv) if return_kv else hidden
 

@@ -60,7 +60,7 @@ from jax.sharding import PartitionSpec as P
 from poer_jax.model.config import QwenConfig, dtype_from_name
 from poer_jax.model.qwen import Params
 from poer_jax.model.sharding import decode_param_shardings
-from poer_jax.sampler.engine import InsertArrays, unroll_decode_layers
+from poer_jax.sampler.engine import InsertArrays, stack_layers, unroll_decode_layers, unstack_layers
 from poer_jax.sampler.paged_attention import attention_chunk_pages, attention_kernel, dynamic_attention_chunks
 from poer_jax.sampler.pages import (
     PageAllocator,
@@ -81,6 +81,7 @@ from poer_jax.sampler.sharded import (
     decode_weights,
     empty_buffers,
     empty_slots,
+    layer_shardings,
     pool_shapes,
     pool_shardings,
     prefill_insert,
@@ -143,7 +144,10 @@ class GroupSampler:
         else:
             self.param_shardings = decode_param_shardings(cfg, mesh)
         self._reshard = jax.jit(partial(decode_weights, cfg=cfg), out_shardings=self.param_shardings)
-        self.params = self._place(params)
+        self._unstack = None if not self.unroll_layers else jax.jit(
+            partial(unstack_layers, cfg=cfg), out_shardings=layer_shardings(self.param_shardings, cfg))
+        self._weights: Params | None = None
+        self.update_params(params)
         self._pool: tuple[jax.Array, jax.Array] | None = None
         self.last_plan: CallPlan | None = None
 
@@ -178,14 +182,27 @@ class GroupSampler:
         return self._reshard(params)
 
     def update_params(self, params: Params) -> None:
-        """Swap in new weights (same shapes: the compiled programs are reused)."""
-        self.params = self._place(params)
+        """Swap in new weights (same shapes: the compiled programs are reused).
+
+        With the layers unrolled (``SamplerConfig.layer_loop``; CPU by default) the sampler holds each layer's
+        weights as arrays of their own, sliced here once per update, so its own copy of the weights even where
+        the caller's are already laid out for decoding. Sliced inside the programs instead, XLA:CPU would copy
+        every weight at every call (~10 ms per decode step of a 128-token call on the h896 shape)."""
+        placed = self._place(params)
+        self._weights = placed if self._unstack is None else self._unstack(placed)
+
+    @property
+    def params(self) -> Params | None:
+        """The sampler's weights in the model's stacked layout (None after ``release``). Per-layer weights (layers
+        unrolled) are stacked anew on every access: a copy, for export and inspection, not for a hot loop."""
+        w = self._weights
+        return w if w is None or not isinstance(w["layers"], tuple) else stack_layers(w)
 
     def release(self) -> None:
         """Drop the sampler's weights and KV pool until the next ``update_params``, so their memory is free
         while the trainer updates (the pool is rebuilt, in place, by the next call). Weights shared with the
         caller stay alive through the caller's references."""
-        self.params = None
+        self._weights = None
         self._pool = None
 
     @property
@@ -283,7 +300,7 @@ class GroupSampler:
         """
         if int(group_offset) != group_offset or not 0 <= group_offset < 2**31:
             raise SamplerError(f"group_offset must be an int in [0, 2**31), got {group_offset!r}")
-        if self.params is None:
+        if self._weights is None:
             raise SamplerError("sampler: weights were released (release()); call update_params first")
         s = self.scfg
         sp = sampling or s.sampling
@@ -306,7 +323,7 @@ class GroupSampler:
                 t0, c0 = time.perf_counter(), time.process_time()
                 for batch in sched.prefill_batches(admitted, s.num_pages) if any(admitted) else []:
                     state, out = prefill_insert(
-                        self.params, state, out, self._prefill_batch(batch), key, cfg=self.cfg, sp=sp,
+                        self._weights, state, out, self._prefill_batch(batch), key, cfg=self.cfg, sp=sp,
                         group_size=G, eos_ids=s.eos_ids, kv_dtype=self.kv_dtype, mesh=self.mesh)
                 if timing is not None:
                     jax.block_until_ready((state, out))
@@ -315,7 +332,7 @@ class GroupSampler:
                 t1, c1 = time.perf_counter(), time.process_time()
                 last = sched.pending == 0  # nothing waits: this segment runs every slot to its end
                 state, out, seg_steps = decode_segment(
-                    self.params, state, out, SegmentControl(**self._put(sched.control())), cfg=self.cfg, sp=sp,
+                    self._weights, state, out, SegmentControl(**self._put(sched.control())), cfg=self.cfg, sp=sp,
                     eos_ids=s.eos_ids, chunk_pages=sh.chunk_pages, pad_id=s.pad_id,
                     dynamic_chunks=self.dynamic_chunks, shared_chunk_pages=sh.shared_chunk_pages, mesh=self.mesh,
                     unroll_layers=self.unroll_layers, attention_kernel=self.attention_kernel)

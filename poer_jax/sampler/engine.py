@@ -313,11 +313,18 @@ def unstack_layers(params: Params, cfg: QwenConfig) -> Params:
 
     Why: inside a loop, a layer scan reads layer l's weights through a dynamic slice, which XLA:CPU
     materialises before every matmul, so each decode step copies all weights once on top of reading them.
-    Sliced once outside the decode loop, the copies happen once per call and the step reads the weights only.
+    Sliced outside the decode loop, the step reads the weights only. ``GroupSampler`` slices once per weight
+    update (``update_params``) and keeps the slices: sliced inside a decode program, XLA copies every weight
+    once per call (~10 ms per step of a 128-token call on the h896 shape; docs/benchmarks.md).
     """
     stacked = params["layers"]
     layers = tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(cfg.num_layers))
     return {**params, "layers": layers}
+
+
+def stack_layers(params: Params) -> Params:
+    """The inverse of ``unstack_layers``: per-layer dicts stacked along a leading [L] axis (a copy)."""
+    return {**params, "layers": jax.tree.map(lambda *a: jnp.stack(a), *params["layers"])}
 
 
 def unroll_decode_layers(scfg: SamplerConfig, mesh: Mesh | None) -> bool:

@@ -95,9 +95,10 @@ class SamplerConfig:
     backend; the reference), 'pallas_gpu' (JAX's Triton paged-attention kernel), 'pallas_tpu' (JAX's Mosaic
     ragged paged-attention kernel), 'auto' (by the platform: pallas_gpu on NVIDIA GPUs, pallas_tpu on TPUs,
     xla elsewhere); see ``paged_attention.attention_kernel``.
-    layer_loop: how the decode step runs the layers: 'scan' (one ``lax.scan`` over the stacked weights),
-    'unrolled' (each layer's weights sliced once per decode call, the step unrolled over layers; XLA:CPU
-    otherwise copies each layer's weights before its matmuls at every step), 'auto' (unrolled on CPU).
+    layer_loop: how the sampler's programs run the layers: 'scan' (one ``lax.scan`` over the stacked weights),
+    'unrolled' (the programs unrolled over layers, on per-layer weights the sampler slices once per weight update
+    and holds: its own copy of the weights; in a scan XLA:CPU copies each layer's weights before its matmuls at
+    every decode step), 'auto' (unrolled on CPU).
     kv_layout: the KV pool's layout, one of KV_LAYOUTS: 'split' (K and V pools [L, Hkv, N, page, hd]), 'fused'
     (one K/V pool: [L, N, Hkv, 2, page, hd] for the xla kernel, written a page at a time; pallas_tpu's own
     [L, N, page, 2 Hkv, hd]), 'auto' (fused on TPUs and with pallas_tpu, split elsewhere; see

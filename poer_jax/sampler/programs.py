@@ -11,6 +11,7 @@ budget. Nothing is allocated; ``fn.lower(*args, **kwargs)`` compiles for whateve
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import jax
@@ -22,7 +23,7 @@ from poer_jax.model.config import QwenConfig, dtype_from_name
 from poer_jax.model.qwen import param_shapes
 from poer_jax.model.sharding import decode_param_shardings
 from poer_jax.plan.spec import RESIDENT_KV_POOL, RESIDENT_SAMPLER_PARAMS, ProgramSpec
-from poer_jax.sampler.engine import DecodeState, InsertArrays, unroll_decode_layers
+from poer_jax.sampler.engine import DecodeState, InsertArrays, unroll_decode_layers, unstack_layers
 from poer_jax.sampler.paged_attention import (
     AttentionKernel,
     attention_chunk_pages,
@@ -38,6 +39,7 @@ from poer_jax.sampler.sharded import (
     SlotState,
     batch_shards,
     decode_segment,
+    layer_shardings,
     pool_shapes,
     pool_shardings,
     prefill_insert,
@@ -130,13 +132,22 @@ class _Abstract:
         return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
 
     def params(self) -> Any:
+        """The weights as ``GroupSampler`` holds them: stacked, or per layer with the layers unrolled (CPU)."""
         shardings = None if self.mesh is None else decode_param_shardings(self.mcfg, self.mesh)
         shapes = param_shapes(self.mcfg)
         dt = self.mcfg.jnp_dtype
         if shardings is None:
-            return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, dt), shapes, is_leaf=lambda x: isinstance(x, tuple))
-        return jax.tree.map(lambda s, sd: jax.ShapeDtypeStruct(s, dt, sharding=sd), shapes, shardings,
-                            is_leaf=lambda x: isinstance(x, tuple))
+            params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, dt), shapes, is_leaf=lambda x: isinstance(x, tuple))
+        else:
+            params = jax.tree.map(lambda s, sd: jax.ShapeDtypeStruct(s, dt, sharding=sd), shapes, shardings,
+                                  is_leaf=lambda x: isinstance(x, tuple))
+        if not unroll_decode_layers(self.scfg, self.mesh):
+            return params
+        per_layer = jax.eval_shape(partial(unstack_layers, cfg=self.mcfg), params)
+        if shardings is None:
+            return per_layer
+        return jax.tree.map(lambda a, sd: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sd), per_layer,
+                            layer_shardings(shardings, self.mcfg))
 
     def key(self) -> jax.ShapeDtypeStruct:
         key = jax.eval_shape(lambda: jax.random.key(0))

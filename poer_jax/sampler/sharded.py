@@ -109,6 +109,17 @@ def decode_weights(params: Params, cfg: QwenConfig) -> Params:
 
 
 # ---- shardings --------------------------------------------------------------------------------------
+def layer_shardings(shardings: Params, cfg: QwenConfig) -> Params:
+    """The shardings of ``unstack_layers(params)`` given those of ``params``: each layer's slice is laid out as
+    the stacked weight without its leading [L] axis."""
+
+    def drop_layer_axis(s: Any) -> Any:
+        return NamedSharding(s.mesh, P(*s.spec[1:])) if isinstance(s, NamedSharding) else s
+
+    layer = jax.tree.map(drop_layer_axis, shardings["layers"])
+    return {**shardings, "layers": tuple(layer for _ in range(cfg.num_layers))}
+
+
 def batch_shards(mesh: Mesh | None) -> int:
     """Devices of the batch axes (D): each decodes its own rows from its own part of the pool."""
     return 1 if mesh is None else int(mesh.shape["data"] * mesh.shape["fsdp"])
@@ -290,8 +301,8 @@ def _decode_segment_local(
     attention_kernel: AttentionKernel,
 ) -> tuple[SlotState, SampleBuffers, jax.Array]:
     R = state.shared_lengths.shape[0]
-    if unroll_layers:  # each layer's weights sliced once per segment, not at every step (``unstack_layers``)
-        params = unstack_layers(params, cfg)
+    if unroll_layers and not isinstance(params["layers"], (tuple, list)):  # not already per layer: sliced
+        params = unstack_layers(params, cfg)  # once per segment, not at every step (``unstack_layers``)
     M = out.tokens.shape[1]
     total = (lambda x: jax.lax.psum(x, axes)) if axes else (lambda x: x)
 

@@ -94,7 +94,8 @@ SCHEMA: dict[str, Any] = {
         "attention_kernel": _f("auto", str, "decode attention: auto (by platform), xla (pure JAX), pallas_gpu "
                                "(Triton), pallas_tpu (Mosaic)", choices=("auto", "xla", "pallas_gpu", "pallas_tpu"),
                                resume_safe=True),
-        "layer_loop": _f("auto", str, "decode step over layers: auto (unrolled on CPU), scan, unrolled",
+        "layer_loop": _f("auto", str, "how the sampler runs the layers: auto (unrolled on CPU), scan, unrolled "
+                         "(the sampler then holds its own per-layer copy of the weights)",
                          choices=("auto", "scan", "unrolled"), resume_safe=True),
         "kv_layout": _f("auto", str, "KV pool layout: auto (fused on TPU), split (K and V pools [L, Hkv, N, page, "
                         "hd]), fused (one K/V pool, [L, N, Hkv, 2, page, hd] for the xla kernel)",
