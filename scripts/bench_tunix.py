@@ -25,6 +25,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -55,6 +56,29 @@ def decode_rates(batch: int, new_tokens: int, one_s: float, full_s: float) -> di
         raise ValueError(f"decode time is not positive: t(1) = {one_s:.3f} s, t({new_tokens}) = {full_s:.3f} s")
     dec = full_s - one_s
     return {"decode_step_ms": 1e3 * dec / (new_tokens - 1), "decode_tok_s": batch * (new_tokens - 1) / dec}
+
+
+def time_and_report(call: Callable[[int], float], a: argparse.Namespace, engine: str, header: str) -> dict[str, float]:
+    """A peer's timing (module docstring): ``call(n)`` runs one generate call of n new tokens and returns its
+    seconds; a first pair of calls warms up, then --repeats pairs, interleaved, best of each. Prints a table
+    under ``header`` and writes --json; returns the results."""
+    t0 = time.perf_counter()
+    call(1), call(a.new_tokens)
+    first_s = time.perf_counter() - t0
+    ones, fulls = [], []
+    for _ in range(a.repeats):  # interleaved, best of each
+        ones.append(call(1))
+        fulls.append(call(a.new_tokens))
+    res = {"prefill_s": min(ones), "total_s": min(fulls), "first_calls_s": first_s,
+           **decode_rates(a.batch, a.new_tokens, min(ones), min(fulls))}
+    print(header)
+    for k, fmt in (("decode_tok_s", ".2f"), ("decode_step_ms", ".1f"), ("prefill_s", ".2f"), ("total_s", ".2f"),
+                   ("first_calls_s", ".1f")):
+        print(f"{k:16s} {res[k]:{fmt}}")
+    if a.json:
+        a.json.write_text(json.dumps({"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
+                                      "engine": engine, "results": res}, indent=2))
+    return res
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -102,24 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         jax.block_until_ready(out.tokens)
         return time.perf_counter() - t
 
-    t0 = time.perf_counter()
-    call(1), call(a.new_tokens)
-    first_s = time.perf_counter() - t0
-    ones, fulls = [], []
-    for _ in range(a.repeats):  # interleaved, best of each
-        ones.append(call(1))
-        fulls.append(call(a.new_tokens))
-    res = {"prefill_s": min(ones), "total_s": min(fulls), "first_calls_s": first_s,
-           **decode_rates(a.batch, a.new_tokens, min(ones), min(fulls))}
-    print(f"Tunix sampler: D={a.hidden} F={a.ffn} L={a.layers} H={a.heads}/{a.kv_heads} V={a.vocab}, B={a.batch} "
-          f"P={a.prompt_len} N={a.new_tokens}, fp32, greedy; {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs")
-    for k, fmt in (("decode_tok_s", ".2f"), ("decode_step_ms", ".1f"), ("prefill_s", ".2f"), ("total_s", ".2f"),
-                   ("first_calls_s", ".1f")):
-        print(f"{k:16s} {res[k]:{fmt}}")
-    if a.json:
-        a.json.write_text(json.dumps({"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
-                                      "engine": "tunix", "results": res}, indent=2))
+    header = (f"Tunix sampler: D={a.hidden} F={a.ffn} L={a.layers} H={a.heads}/{a.kv_heads} V={a.vocab}, B={a.batch} "
+              f"P={a.prompt_len} N={a.new_tokens}, fp32, greedy; {platform.processor() or platform.machine()}, "
+              f"{os.cpu_count()} CPUs")
+    time_and_report(call, a, "tunix", header)
     return 0
 
 

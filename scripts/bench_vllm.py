@@ -22,7 +22,6 @@ Timing, as bench_tunix.py times Tunix: one call of 1 new token (the prefill and 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -30,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_tunix import decode_rates
+from bench_tunix import time_and_report
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -90,26 +89,12 @@ def main(argv: list[str] | None = None) -> int:
                 raise RuntimeError(f"vLLM decoded {got} tokens per row, expected {n}")
             return dt
 
-        t0 = time.perf_counter()
-        call(1), call(a.new_tokens)
-        first_s = time.perf_counter() - t0
-        ones, fulls = [], []
-        for _ in range(a.repeats):  # interleaved, best of each
-            ones.append(call(1))
-            fulls.append(call(a.new_tokens))
-    res = {"prefill_s": min(ones), "total_s": min(fulls), "first_calls_s": first_s,
-           **decode_rates(a.batch, a.new_tokens, min(ones), min(fulls))}
-    import vllm
+        import vllm
 
-    print(f"vLLM {vllm.__version__} (CPU): D={a.hidden} F={a.ffn} L={a.layers} H={a.heads}/{a.kv_heads} V={a.vocab}, "
-          f"B={a.batch} P={a.prompt_len} N={a.new_tokens}, {a.dtype}, greedy; "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {a.threads} thread(s)")
-    for k, fmt in (("decode_tok_s", ".2f"), ("decode_step_ms", ".1f"), ("prefill_s", ".2f"), ("total_s", ".2f"),
-                   ("first_calls_s", ".1f")):
-        print(f"{k:16s} {res[k]:{fmt}}")
-    if a.json:
-        a.json.write_text(json.dumps({"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
-                                      "engine": f"vllm {vllm.__version__}", "results": res}, indent=2))
+        header = (f"vLLM {vllm.__version__} (CPU): D={a.hidden} F={a.ffn} L={a.layers} H={a.heads}/{a.kv_heads} "
+                  f"V={a.vocab}, B={a.batch} P={a.prompt_len} N={a.new_tokens}, {a.dtype}, greedy; "
+                  f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {a.threads} thread(s)")
+        time_and_report(call, a, f"vllm {vllm.__version__}", header)
     return 0
 
 

@@ -43,3 +43,26 @@ def test_without_tunix_it_says_where_to_run_it(monkeypatch):
     with pytest.raises(SystemExit) as e:
         bench_tunix.main(["--layers", "1"])
     assert "google-tunix" in str(e.value.code)
+
+
+def test_time_and_report_takes_the_best_of_interleaved_calls_and_writes_json(tmp_path, capsys):
+    """The peers' shared timing: one warm-up pair, then --repeats (1, N) pairs; the best of each goes into the
+    decode rates, the table and the JSON."""
+    import argparse
+    import json
+
+    times = iter([9.0, 99.0, 2.0, 2.0 + 127 * 0.3, 1.5, 1.5 + 127 * 0.2])  # warm-up pair, then two pairs
+    calls = []
+
+    def call(n):
+        calls.append(n)
+        return next(times)
+
+    a = argparse.Namespace(batch=8, new_tokens=128, repeats=2, json=tmp_path / "r.json")
+    res = bench_tunix.time_and_report(call, a, "peer", "a header line")
+    assert calls == [1, 128, 1, 128, 1, 128]
+    assert res["prefill_s"] == 1.5 and res["total_s"] == pytest.approx(1.5 + 127 * 0.2)
+    assert res["decode_step_ms"] == pytest.approx(200.0) and res["first_calls_s"] >= 0
+    assert "a header line" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["engine"] == "peer" and saved["results"]["decode_step_ms"] == pytest.approx(200.0)
