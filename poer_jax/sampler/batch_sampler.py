@@ -335,7 +335,7 @@ class GroupSampler:
                     self._weights, state, out, SegmentControl(**self._put(sched.control())), cfg=self.cfg, sp=sp,
                     eos_ids=s.eos_ids, chunk_pages=sh.chunk_pages, pad_id=s.pad_id,
                     dynamic_chunks=self.dynamic_chunks, shared_chunk_pages=sh.shared_chunk_pages, mesh=self.mesh,
-                    unroll_layers=self.unroll_layers, attention_kernel=self.attention_kernel)
+                    attention_kernel=self.attention_kernel)
                 segments += 1
                 if last:
                     host, seg_steps = jax.device_get((out, seg_steps))

@@ -109,7 +109,7 @@ def sampler_program_specs(
         args=(args.params(), state, out, args.control()),
         kwargs=dict(cfg=mcfg, sp=scfg.sampling, eos_ids=scfg.eos_ids, chunk_pages=sh.chunk_pages,
                     pad_id=scfg.pad_id, dynamic_chunks=dynamic, shared_chunk_pages=sh.shared_chunk_pages, mesh=mesh,
-                    unroll_layers=unroll_decode_layers(scfg, mesh), attention_kernel=kernel),
+                    attention_kernel=kernel),
         sizing_keys=(*POOL_KEYS, "rollout.max_completion_len", "data.max_prompt_len", *SLOT_KEYS),
         num_shapes=decode_shapes,
         note=f"{where}; page tables {sh.shared_width} shared + {sh.table_width} private pages; "

@@ -41,7 +41,6 @@ from poer_jax.sampler.engine import (
     decode_step,
     insert_core,
     prefill_core,
-    unstack_layers,
 )
 from poer_jax.sampler.paged_attention import XLA, AttentionKernel, SharedPrefix, is_fused
 from poer_jax.sampler.pages import SamplerConfig
@@ -297,12 +296,9 @@ def _decode_segment_local(
     dynamic_chunks: bool,
     shared_chunk_pages: int,
     axes: tuple[str, ...] | None,
-    unroll_layers: bool,
     attention_kernel: AttentionKernel,
 ) -> tuple[SlotState, SampleBuffers, jax.Array]:
     R = state.shared_lengths.shape[0]
-    if unroll_layers and not isinstance(params["layers"], (tuple, list)):  # not already per layer: sliced
-        params = unstack_layers(params, cfg)  # once per segment, not at every step (``unstack_layers``)
     M = out.tokens.shape[1]
     total = (lambda x: jax.lax.psum(x, axes)) if axes else (lambda x: x)
 
@@ -354,7 +350,6 @@ def _decode_segment_local(
         "dynamic_chunks",
         "shared_chunk_pages",
         "mesh",
-        "unroll_layers",
         "attention_kernel",
     ),
     donate_argnames=("state", "out"),
@@ -374,13 +369,13 @@ def decode_segment(
     dynamic_chunks: bool,
     shared_chunk_pages: int,
     mesh: Mesh | None,
-    unroll_layers: bool = False,
     attention_kernel: AttentionKernel = XLA,
 ) -> tuple[SlotState, SampleBuffers, jax.Array]:
     """Decode every device's active slots until the host should refill or all are done (module docstring).
-    Returns the state, the outputs and the steps run ([D], equal on every device). ``unroll_layers``: run the
-    layers unrolled on weights sliced once per segment (``engine.unroll_decode_layers``); ``attention_kernel``:
-    the paged-attention code (``paged_attention.attention_kernel``). Compiled with ``DECODE_COMPILER_OPTIONS``."""
+    Returns the state, the outputs and the steps run ([D], equal on every device). ``params["layers"]`` stacked
+    runs a layer scan, a tuple of per-layer weights (``GroupSampler.update_params`` on CPU) the layers unrolled;
+    ``attention_kernel``: the paged-attention code (``paged_attention.attention_kernel``). Compiled with
+    ``DECODE_COMPILER_OPTIONS``."""
     fn = partial(
         _decode_segment_local,
         cfg=cfg,
@@ -391,7 +386,6 @@ def decode_segment(
         dynamic_chunks=dynamic_chunks,
         shared_chunk_pages=shared_chunk_pages,
         axes=None if mesh is None else BATCH_AXES,
-        unroll_layers=unroll_layers,
         attention_kernel=attention_kernel,
     )
     specs = (_local_specs(state, is_fused(state.decode.k_pages, state.decode.v_pages)), _local_specs(out))
