@@ -81,14 +81,16 @@ def test_exact_resume_after_sigkill(toy_env, finished_run, tmp_path):
     steps, extra = 3, finished_run["extra"]
     ref = tmp_path / "ref"
     shutil.copytree(finished_run["workdir"], ref)
-    # kill once it has checkpointed a random step (fixed seed for the draw); metrics row 0 is the step-0 eval
+    # kill once it has committed the checkpoint of a random step (fixed seed for the draw). Its metrics row is
+    # written before the checkpoint, which is saved asynchronously, so the wait is on the checkpoint itself: orbax
+    # writes a step to a temporary directory and renames it to the bare step number when it is complete.
     kill_after = int(np.random.default_rng(0).integers(1, steps))
     args, env_vars = _cli(toy_env, tmp_path / "run", **extra)
     proc = subprocess.Popen(args, env=env_vars, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    metrics = tmp_path / "run" / "metrics.jsonl"
+    checkpoints = tmp_path / "run" / "checkpoints"
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 1 + kill_after:
+        if checkpoints.is_dir() and any(p.name.isdigit() and int(p.name) >= kill_after for p in checkpoints.iterdir()):
             break
         time.sleep(0.05)
     assert proc.poll() is None, "the run finished before it was killed"
