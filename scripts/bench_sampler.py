@@ -98,6 +98,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--attention-kernel", default="auto", help="SamplerConfig.attention_kernel")
     p.add_argument("--layer-loop", default="auto", help="SamplerConfig.layer_loop: auto, scan, unrolled")
     p.add_argument("--kv-layout", default="auto", help="SamplerConfig.kv_layout: auto, split, fused")
+    p.add_argument("--matmul-kernel", default="auto", help="SamplerConfig.matmul_kernel: auto, xla, packed_cpu")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default, comparable with HF)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--repeats", type=int, default=3)
@@ -210,6 +211,7 @@ class Ours:
             attn_chunk_pages=a.attn_chunk_pages,
             attention_kernel=a.attention_kernel,
             layer_loop=a.layer_loop,
+            matmul_kernel=a.matmul_kernel,
             kv_layout=a.kv_layout,
             eos_ids=(),
             sampling=SamplingParams(temperature=a.temperature, top_p=a.top_p),
@@ -388,6 +390,7 @@ def main(argv: list[str] | None = None) -> dict:
         new_tokens=a.new_tokens,
         page_size=a.page_size,
         layer_loop=engines[0].sampler.unroll_layers and "unrolled" or "scan",
+        matmul_kernel="packed_cpu" if engines[0].sampler.packed_matmuls else "xla",
         kv_layout="fused" if engines[0].sampler.attention_kernel.fused_pool else "split",
         device=str(dev),
         device_kind=dev.device_kind,
@@ -442,7 +445,8 @@ def print_table(res: dict) -> None:
     print(
         f"{res['preset']} (L={m['layers']} D={m['hidden']} F={m['ffn']} H={m['heads']}/{m['kv_heads']} "
         f"V={m['vocab']}) {res['dtype']} B={res['batch']} G={res['group']} P={res['prompt_len']} "
-        f"N={res['new_tokens']} page={res['page_size']} layers={res['layer_loop']} on {res['device_kind']} "
+        f"N={res['new_tokens']} page={res['page_size']} layers={res['layer_loop']} "
+        f"matmul={res['matmul_kernel']} on {res['device_kind']} "
         f"({res['threads']} of {res['cpu_count']} CPUs, load {res['load_average'][0]:.1f})"
     )
     print(f"{'metric':36s} {'poer_jax':>14s} {'transformers':>14s}")

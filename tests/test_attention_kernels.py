@@ -238,11 +238,14 @@ def test_train_config_keys_reach_the_sampler() -> None:
         config_from_argv([f"--config={toy}", "--config.rollout.attention_kernel=triton"])
     cfg = config_from_argv(
         [f"--config={toy}", "--config.rollout.attention_kernel=pallas_gpu", "--config.rollout.layer_loop=scan",
-         "--config.rollout.kv_layout=split"]
+         "--config.rollout.kv_layout=split", "--config.rollout.matmul_kernel=xla"]
     )
     mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
     scfg = sampler_config(cfg, QWEN2, mesh, eos_ids=(1,))
-    assert (scfg.attention_kernel, scfg.layer_loop, scfg.kv_layout) == ("pallas_gpu", "scan", "split")
+    assert (scfg.attention_kernel, scfg.layer_loop, scfg.kv_layout, scfg.matmul_kernel) == (
+        "pallas_gpu", "scan", "split", "xla")
+    with pytest.raises(ConfigError, match="'rollout.matmul_kernel' must be one of"):
+        config_from_argv([f"--config={toy}", "--config.rollout.matmul_kernel=mkl"])
     with pytest.raises(ConfigError, match="'rollout.kv_layout' must be one of"):
         config_from_argv([f"--config={toy}", "--config.rollout.kv_layout=paged"])
     with pytest.raises(ConfigError, match="'rollout.kv_layout' is 'split': the pallas_tpu kernel"):

@@ -68,26 +68,37 @@ def test_decode_writes_the_pool_in_place(group_size: int, layer_loop: str) -> No
     assert copies == [], copies
 
 
+@pytest.mark.parametrize("matmul_kernel", ["xla", "packed_cpu"])
 @pytest.mark.parametrize("program", [0, 1])  # sampler/prefill, sampler/decode
-def test_unrolled_programs_read_each_layers_weights_without_copying_them(program: int) -> None:
+def test_unrolled_programs_read_each_layers_weights_without_copying_them(program: int, matmul_kernel: str) -> None:
     """With the layers unrolled (the CPU default) the sampler's programs take the per-layer weights it holds
-    (``GroupSampler.update_params``) and copy none of them. The check's own witness: the layer scan's decode
-    program slices (copies) every weight of the stacked layout."""
+    (``GroupSampler.update_params``; packed in 32-column panels for the packed CPU kernel, which every product
+    then calls) and copy none of them. The check's own witness: the layer scan's decode program slices (copies)
+    every weight of the stacked layout."""
     from poer_jax.sampler.programs import sampler_program_specs
     from tests.test_sampler import QWEN2
 
     cfg = QWEN2.replace(hidden_size=24, intermediate_size=56)  # weight shapes no activation of these calls has
-    weight_shapes = ("f32[24,56]", "f32[56,24]")  # gate / up, down
+    # gate / up, down: as they are, or packed ([panels, K, 32])
+    weight_shapes = ("f32[24,56]", "f32[56,24]") if matmul_kernel == "xla" else ("f32[2,24,32]", "f32[1,56,32]")
 
-    def weight_copies(layer_loop: str) -> list[str]:
+    def compiled(layer_loop: str) -> str:
         scfg = SamplerConfig(page_size=4, num_pages=96, max_slots=8, max_pages_per_seq=16, max_prefill_length=40,
-                             layer_loop=layer_loop)
+                             layer_loop=layer_loop, matmul_kernel=matmul_kernel if layer_loop == "unrolled" else "xla")
         spec = sampler_program_specs(cfg, scfg, None, group_size=2, prompt_len=30, max_new_tokens=24)[program]
-        hlo = spec.fn.lower(*spec.args, **spec.kwargs).compile().as_text()
+        return spec.fn.lower(*spec.args, **spec.kwargs).compile().as_text()
+
+    def weight_copies(hlo: str) -> list[str]:
         return [line.strip()[:120] for line in hlo.splitlines()
                 if any(f"= {s}" in line for s in weight_shapes) and " parameter(" not in line
                 and " get-tuple-element(" not in line and " tuple(" not in line]
 
-    assert weight_copies("unrolled") == []
-    if program == 1:
-        assert weight_copies("scan"), "the check no longer sees the layer scan's weight slices"
+    hlo = compiled("unrolled")
+    assert sum(f"= {s}" in line and " parameter(" in line for line in hlo.splitlines() for s in weight_shapes) \
+        >= 3 * cfg.num_layers  # the check sees the weights as the program takes them
+    assert weight_copies(hlo) == []
+    # 7 products per layer and the output projection, each one custom call (none with XLA's dot)
+    assert hlo.count('custom_call_target="poer_packed_matmul"') == (7 * cfg.num_layers + 1) * (
+        matmul_kernel == "packed_cpu")
+    if program == 1 and matmul_kernel == "xla":
+        assert weight_copies(compiled("scan")), "the check no longer sees the layer scan's weight slices"

@@ -31,10 +31,11 @@ def _mesh8(tensor: int = 1):
     return make_mesh({"data": 2, "fsdp": 4 // tensor, "tensor": tensor}, jax.devices()[:8])
 
 
-def _sampler(params, sp, *, num_pages, max_slots=64, mesh=None, eos=(), fixed_tables=False) -> GroupSampler:
+def _sampler(params, sp, *, num_pages, max_slots=64, mesh=None, eos=(), fixed_tables=False,
+             matmul_kernel="auto") -> GroupSampler:
     scfg = SamplerConfig(page_size=4, num_pages=num_pages, max_slots=max_slots, max_pages_per_seq=16,
                          max_prefill_length=32, attn_chunk_pages=2, eos_ids=tuple(eos), sampling=sp,
-                         fixed_tables=fixed_tables)
+                         fixed_tables=fixed_tables, matmul_kernel=matmul_kernel)
     return GroupSampler(params, QWEN2, scfg, mesh=mesh)
 
 
@@ -53,9 +54,11 @@ def greedy_ref(setup):
 
 @pytest.fixture(scope="module")
 def sampled_ref(setup):
-    """One device, a pool for the whole call: one prefill round, one decode segment."""
+    """One device, a pool for the whole call: one prefill round, one decode segment. XLA's products, as with a
+    tensor axis (the packed CPU kernel sums in another order: its own test, test_packed_matmul.py)."""
     params, prompts = setup
-    res = _sampler(params, SAMPLED, num_pages=512, eos=(5, 11)).generate(prompts, G, BUDGETS, jax.random.key(4))
+    sampler = _sampler(params, SAMPLED, num_pages=512, eos=(5, 11), matmul_kernel="xla")
+    res = sampler.generate(prompts, G, BUDGETS, jax.random.key(4))
     assert res.decode_segments == 1 and res.refills == 0
     assert (res.finish_reason == FINISH_EOS).any() and (res.finish_reason == FINISH_BUDGET).any()
     return res

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from poer_jax.model.attention import attention, causal_mask, dense_attention  # noqa: F401  (re-exported: sampler, tests)
 from poer_jax.model.config import QwenConfig
+from poer_jax.model.packed_matmul import PackedWeight, packed_matmul
 
 Params = dict[str, Any]
 
@@ -113,7 +114,11 @@ def _linear(x: jax.Array, w: jax.Array, b: jax.Array | None, dtype: Any) -> jax.
 
     One 2-D matmul over the flattened leading axes: the same products as an einsum (forward bit-identical),
     but XLA:CPU runs the backward of a 2-D dot as two plain GEMMs instead of batched dots with transposes
-    (about 1.5x faster model backward on CPU, see README)."""
+    (about 1.5x faster model backward on CPU, see README). A ``PackedWeight`` (the CPU sampler's weights,
+    ``sampler/packed_weights.py``) runs the packed FFI kernel instead."""
+    if isinstance(w, PackedWeight):
+        y = packed_matmul(x.astype(dtype), w)
+        return y if b is None else y + b.astype(dtype)
     lead = x.shape[:-1]
     y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(dtype), w.astype(dtype)).reshape(*lead, w.shape[-1])
     return y if b is None else y + b.astype(dtype)
@@ -157,14 +162,20 @@ def final_norm(params: Params, cfg: QwenConfig, x: jax.Array) -> jax.Array:
     return rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
 
 
-def lm_head_weight(params: Params, cfg: QwenConfig) -> jax.Array:
-    """[D, V] output projection (the transposed embedding when embeddings are tied)."""
+def lm_head_weight(params: Params, cfg: QwenConfig) -> Any:
+    """[D, V] output projection (the transposed embedding when embeddings are tied; a ``PackedWeight`` in the CPU
+    sampler's packed weights, which hold it under ``lm_head`` either way)."""
+    if isinstance(params.get("lm_head"), PackedWeight):
+        return params["lm_head"]
     return params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
 
 
 def logits_from_hidden(params: Params, cfg: QwenConfig, hidden: jax.Array) -> jax.Array:
     """Final hidden states [..., D] -> float32 logits [..., V]."""
-    w = lm_head_weight(params, cfg).astype(cfg.jnp_dtype)
+    w = lm_head_weight(params, cfg)
+    if isinstance(w, PackedWeight):  # float32 compute: the kernel's float32 output is the einsum's
+        return packed_matmul(hidden.astype(cfg.jnp_dtype), w)
+    w = w.astype(cfg.jnp_dtype)
     return jnp.einsum("...d,dv->...v", hidden.astype(cfg.jnp_dtype), w, preferred_element_type=jnp.float32)
 
 

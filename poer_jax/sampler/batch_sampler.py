@@ -61,6 +61,7 @@ from poer_jax.model.config import QwenConfig, dtype_from_name
 from poer_jax.model.qwen import Params
 from poer_jax.model.sharding import decode_param_shardings
 from poer_jax.sampler.engine import InsertArrays, stack_layers, unroll_decode_layers, unstack_layers
+from poer_jax.sampler.packed_weights import pack_weights, packed_shardings, unpack_weights, use_packed_matmuls
 from poer_jax.sampler.paged_attention import attention_chunk_pages, attention_kernel, dynamic_attention_chunks
 from poer_jax.sampler.pages import (
     PageAllocator,
@@ -87,6 +88,17 @@ from poer_jax.sampler.sharded import (
     prefill_insert,
     rows_sharding,
 )
+
+
+def per_layer_program(cfg: QwenConfig, shardings: Params, unrolled: bool, packed: bool) -> Any:
+    """The jitted program ``update_params`` runs on the placed weights: None (stacked weights: the scan), the
+    per-layer slices (``unstack_layers``), or those slices with their products packed (``pack_weights``)."""
+    if not unrolled:
+        return None
+    per_layer = layer_shardings(shardings, cfg)
+    if not packed:
+        return jax.jit(partial(unstack_layers, cfg=cfg), out_shardings=per_layer)
+    return jax.jit(lambda p: pack_weights(unstack_layers(p, cfg), cfg), out_shardings=packed_shardings(per_layer, cfg))
 
 
 @dataclasses.dataclass
@@ -135,6 +147,7 @@ class GroupSampler:
         self.chunk_pages = attention_chunk_pages(sampler_cfg, mesh)
         self.attention_kernel = attention_kernel(sampler_cfg, mesh)
         self.unroll_layers = unroll_decode_layers(sampler_cfg, mesh)
+        self.packed_matmuls = use_packed_matmuls(sampler_cfg, cfg, mesh, self.unroll_layers)
         self.allocators = [PageAllocator(sampler_cfg.num_pages) for _ in range(self.shards)]
         # without a mesh everything lives on one device: the (lowest) device of the weights given here
         self._device = min(jax.tree.leaves(params)[0].devices(), key=lambda d: d.id)
@@ -144,8 +157,7 @@ class GroupSampler:
         else:
             self.param_shardings = decode_param_shardings(cfg, mesh)
         self._reshard = jax.jit(partial(decode_weights, cfg=cfg), out_shardings=self.param_shardings)
-        self._unstack = None if not self.unroll_layers else jax.jit(
-            partial(unstack_layers, cfg=cfg), out_shardings=layer_shardings(self.param_shardings, cfg))
+        self._unstack = per_layer_program(cfg, self.param_shardings, self.unroll_layers, self.packed_matmuls)
         self._weights: Params | None = None
         self.update_params(params)
         self._pool: tuple[jax.Array, jax.Array] | None = None
@@ -187,7 +199,8 @@ class GroupSampler:
         With the layers unrolled (``SamplerConfig.layer_loop``; CPU by default) the sampler holds each layer's
         weights as arrays of their own, sliced here once per update, so its own copy of the weights even where
         the caller's are already laid out for decoding. Sliced inside the programs instead, XLA:CPU would copy
-        every weight at every call (~10 ms per decode step of a 128-token call on the h896 shape)."""
+        every weight at every call (~10 ms per decode step of a 128-token call on the h896 shape). With the packed
+        CPU kernel (``SamplerConfig.matmul_kernel``) the slices' products are packed here too."""
         placed = self._place(params)
         self._weights = placed if self._unstack is None else self._unstack(placed)
 
@@ -196,7 +209,7 @@ class GroupSampler:
         """The sampler's weights in the model's stacked layout (None after ``release``). Per-layer weights (layers
         unrolled) are stacked anew on every access: a copy, for export and inspection, not for a hot loop."""
         w = self._weights
-        return w if w is None or not isinstance(w["layers"], tuple) else stack_layers(w)
+        return w if w is None or not isinstance(w["layers"], tuple) else stack_layers(unpack_weights(w, self.cfg))
 
     def release(self) -> None:
         """Drop the sampler's weights and KV pool until the next ``update_params``, so their memory is free

@@ -32,6 +32,7 @@ from poer_jax.sampler.sampling import SamplingParams
 ATTENTION_KERNELS = ("auto", "xla", "pallas_gpu", "pallas_tpu")
 LAYER_LOOPS = ("auto", "scan", "unrolled")
 KV_LAYOUTS = ("auto", "split", "fused")
+MATMUL_KERNELS = ("auto", "xla", "packed_cpu")
 
 
 class SamplerError(ValueError):
@@ -103,6 +104,9 @@ class SamplerConfig:
     (one K/V pool: [L, N, Hkv, 2, page, hd] for the xla kernel, written a page at a time; pallas_tpu's own
     [L, N, page, 2 Hkv, hd]), 'auto' (fused on TPUs and with pallas_tpu, split elsewhere; see
     ``paged_attention.attention_kernel``).
+    matmul_kernel: the weight products, one of MATMUL_KERNELS: 'xla' (XLA's dot), 'packed_cpu' (the weights packed
+    once per update in 32-column panels, multiplied by a C++ FFI kernel built on first use; CPU, float32, layers
+    unrolled, no tensor axis: ``packed_weights.py``), 'auto' (packed_cpu where it applies and builds, else xla).
     """
 
     page_size: int = 16
@@ -122,6 +126,7 @@ class SamplerConfig:
     attention_kernel: str = "auto"
     layer_loop: str = "auto"
     kv_layout: str = "auto"
+    matmul_kernel: str = "auto"
 
     def __post_init__(self) -> None:
         for name in (
@@ -148,7 +153,7 @@ class SamplerConfig:
         if not 0.0 < self.refill_fraction <= 1.0:
             raise SamplerError(f"SamplerConfig.refill_fraction must be in (0, 1], got {self.refill_fraction!r}")
         for name, allowed in (("attention_kernel", ATTENTION_KERNELS), ("layer_loop", LAYER_LOOPS),
-                              ("kv_layout", KV_LAYOUTS)):
+                              ("kv_layout", KV_LAYOUTS), ("matmul_kernel", MATMUL_KERNELS)):
             if getattr(self, name) not in allowed:
                 raise SamplerError(f"SamplerConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
 

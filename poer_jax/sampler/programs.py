@@ -24,6 +24,7 @@ from poer_jax.model.qwen import param_shapes
 from poer_jax.model.sharding import decode_param_shardings
 from poer_jax.plan.spec import RESIDENT_KV_POOL, RESIDENT_SAMPLER_PARAMS, ProgramSpec
 from poer_jax.sampler.engine import DecodeState, InsertArrays, unroll_decode_layers, unstack_layers
+from poer_jax.sampler.packed_weights import abstract_packed, use_packed_matmuls
 from poer_jax.sampler.paged_attention import (
     AttentionKernel,
     attention_chunk_pages,
@@ -144,10 +145,13 @@ class _Abstract:
         if not unroll_decode_layers(self.scfg, self.mesh):
             return params
         per_layer = jax.eval_shape(partial(unstack_layers, cfg=self.mcfg), params)
-        if shardings is None:
-            return per_layer
-        return jax.tree.map(lambda a, sd: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sd), per_layer,
-                            layer_shardings(shardings, self.mcfg))
+        per_layer_sh = None if shardings is None else layer_shardings(shardings, self.mcfg)
+        if per_layer_sh is not None:
+            per_layer = jax.tree.map(lambda a, sd: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sd), per_layer,
+                                     per_layer_sh)
+        if use_packed_matmuls(self.scfg, self.mcfg, self.mesh, True):
+            return abstract_packed(per_layer, self.mcfg, per_layer_sh)
+        return per_layer
 
     def key(self) -> jax.ShapeDtypeStruct:
         key = jax.eval_shape(lambda: jax.random.key(0))

@@ -207,7 +207,7 @@ def sampler_config(cfg: ml_collections.ConfigDict, mcfg: QwenConfig, sampler_mes
                          max_pages_per_seq=_pow2(pages_per_seq), max_prefill_length=max_seq,
                          eos_ids=tuple(eos_ids), pad_id=pad_id, sampling=sampling_params(cfg)[0], kv_dtype=kv_dtype,
                          attention_kernel=R.attention_kernel, layer_loop=R.layer_loop, kv_layout=R.kv_layout,
-                         fixed_tables=R.fixed_page_tables)
+                         matmul_kernel=R.matmul_kernel, fixed_tables=R.fixed_page_tables)
 
 
 def kv_free_bytes(cfg: ml_collections.ConfigDict, mcfg: QwenConfig, sampler_mesh: Mesh) -> float | None:

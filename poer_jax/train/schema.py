@@ -100,6 +100,9 @@ SCHEMA: dict[str, Any] = {
         "kv_layout": _f("auto", str, "KV pool layout: auto (fused on TPU), split (K and V pools [L, Hkv, N, page, "
                         "hd]), fused (one K/V pool, [L, N, Hkv, 2, page, hd] for the xla kernel)",
                         choices=("auto", "split", "fused"), resume_safe=True),
+        "matmul_kernel": _f("auto", str, "the sampler's weight products: auto (packed_cpu where it applies), xla "
+                            "(XLA's dot), packed_cpu (weights packed per update, a C++ kernel built on first use; "
+                            "CPU, float32, no tensor axis)", choices=("auto", "xla", "packed_cpu"), resume_safe=True),
     },
     "cache": {
         "init": _f("sample", str, "how the cache pool starts (Eq. 1): sample: one answer per question from the "

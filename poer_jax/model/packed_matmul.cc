@@ -1,0 +1,149 @@
+// y[M, N] = x[M, K] @ W[K, N] on CPU, with W pre-packed in column panels: packed[p, k, j] = W[k, 32 p + j]
+// (N padded with zeros to a multiple of 32). See packed_matmul.py for why and when the sampler uses it.
+//
+// A decode step multiplies a few rows (the slots of a device) by every weight of the model once: the step
+// streams the weights from memory, and XLA:CPU's Eigen GEMM packs each weight panel anew on every call (an
+// extra pass over the weights, measured ~30 GFLOP/s at 8 rows on the h896 shapes). Packed once per weight
+// update, each panel is one contiguous stream: read once per row block, prefetched ahead, multiplied into a
+// register tile of ROWS x 32 accumulators.
+//
+// Built at first use by packed_matmul.py with the host's compiler and -march=native; the vector type follows
+// the instruction set the compiler targets (AVX-512: 8-row tiles in 2 zmm per row; otherwise 3-row tiles).
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kPanel = 32;  // columns per packed panel (the Python side packs with the same width)
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+constexpr int kRows = 8;
+#else
+constexpr int kLanes = 8;
+constexpr int kRows = 3;
+#endif
+constexpr int kVecs = kPanel / kLanes;
+constexpr int kPrefetchRows = 24;  // panel rows (128 bytes each) prefetched ahead of the multiply
+
+typedef float Vec __attribute__((vector_size(kLanes * 4), aligned(4)));
+
+// R rows of x (row stride ldx) times one panel [K, 32] -> R x 32 outputs, the first `cols` of each written.
+template <int R>
+inline void Tile(const float* x, int64_t ldx, const float* panel, int64_t K, float* y, int64_t ldy, int cols) {
+  Vec acc[R][kVecs];
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < kVecs; ++j) acc[i][j] = Vec{};
+  for (int64_t k = 0; k < K; ++k) {
+    const float* row = panel + k * kPanel;
+    for (int q = 0; q < kPanel; q += 16) __builtin_prefetch(row + kPrefetchRows * kPanel + q);
+    Vec w[kVecs];
+    for (int j = 0; j < kVecs; ++j) std::memcpy(&w[j], row + j * kLanes, sizeof(Vec));
+    for (int i = 0; i < R; ++i) {
+      const float s = x[i * ldx + k];
+      for (int j = 0; j < kVecs; ++j) acc[i][j] += s * w[j];
+    }
+  }
+  for (int i = 0; i < R; ++i) {
+    float out[kPanel];
+    std::memcpy(out, acc[i], sizeof(out));
+    std::memcpy(y + i * ldy, out, cols * sizeof(float));
+  }
+}
+
+template <int R>
+inline void TileUpTo(int rows, const float* x, int64_t ldx, const float* panel, int64_t K, float* y, int64_t ldy,
+                     int cols) {
+  if constexpr (R > 0) {
+    if (rows == R) return Tile<R>(x, ldx, panel, K, y, ldy, cols);
+    return TileUpTo<R - 1>(rows, x, ldx, panel, K, y, ldy, cols);
+  }
+}
+
+// Panels [p0, p1) for all M rows.
+void Panels(const float* x, const float* packed, float* y, int64_t M, int64_t K, int64_t N, int64_t p0,
+            int64_t p1) {
+  for (int64_t p = p0; p < p1; ++p) {
+    const float* panel = packed + p * K * kPanel;
+    const int cols = static_cast<int>(std::min<int64_t>(kPanel, N - p * kPanel));
+    for (int64_t m = 0; m < M; m += kRows) {
+      const int rows = static_cast<int>(std::min<int64_t>(kRows, M - m));
+      TileUpTo<kRows>(rows, x + m * K, K, panel, K, y + m * N + p * kPanel, N, cols);
+    }
+  }
+}
+
+// Work shared between the calling thread and tasks on XLA's intra-op pool. The state lives on the heap and
+// tasks hold it by shared_ptr: a task that starts after the caller has returned finds no chunk left and only
+// drops its reference, so the caller never waits for a task to start (no deadlock when the pool is busy).
+struct Shared {
+  const float* x;
+  const float* packed;
+  float* y;
+  int64_t M, K, N, panels, chunk;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+
+  void Work() {
+    for (;;) {
+      const int64_t p0 = next.fetch_add(chunk);
+      if (p0 >= panels) return;
+      const int64_t p1 = std::min(panels, p0 + chunk);
+      Panels(x, packed, y, M, K, N, p0, p1);
+      done.fetch_add(p1 - p0, std::memory_order_release);
+    }
+  }
+};
+
+ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> packed,
+                        ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions();
+  const auto wd = packed.dimensions();
+  const auto yd = y->dimensions();
+  if (xd.size() != 2 || wd.size() != 3 || yd.size() != 2)
+    return ffi::Error::InvalidArgument("packed_matmul: x [M, K], packed [P, K, 32] and y [M, N] expected");
+  const int64_t M = xd[0], K = xd[1], N = yd[1];
+  if (wd[2] != kPanel || wd[1] != K || yd[0] != M || wd[0] * kPanel < N || (wd[0] - 1) * kPanel >= N)
+    return ffi::Error::InvalidArgument("packed_matmul: shapes do not match a [K, N] weight packed in 32 columns");
+  const int64_t panels = wd[0];
+  if (M == 0 || N == 0) return ffi::Error::Success();
+  if (K == 0) {
+    std::memset(y->typed_data(), 0, M * N * sizeof(float));
+    return ffi::Error::Success();
+  }
+  const int64_t threads = std::min<int64_t>(pool.num_threads(), panels);
+  if (threads <= 1) {
+    Panels(x.typed_data(), packed.typed_data(), y->typed_data(), M, K, N, 0, panels);
+    return ffi::Error::Success();
+  }
+  auto shared = std::make_shared<Shared>();
+  shared->x = x.typed_data();
+  shared->packed = packed.typed_data();
+  shared->y = y->typed_data();
+  shared->M = M;
+  shared->K = K;
+  shared->N = N;
+  shared->panels = panels;
+  shared->chunk = std::max<int64_t>(1, panels / (4 * threads));
+  for (int64_t t = 1; t < threads; ++t) pool.Schedule([shared] { shared->Work(); });
+  shared->Work();
+  while (shared->done.load(std::memory_order_acquire) < panels) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PoerPackedMatmul, PackedMatmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

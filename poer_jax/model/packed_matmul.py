@@ -1,0 +1,157 @@
+"""Pre-packed weight products for CPU decoding (an XLA FFI custom call built on first use).
+
+A decode step multiplies a few rows (a device's slots, B ~ 8) by every weight once, y = x W with x [B, K],
+W [K, N]: it streams the weights. XLA:CPU runs each product as an Eigen GEMM that packs W's panels anew at
+every call, one more pass over the weights; measured on the h896 shapes at 8 rows, ~30 GFLOP/s, which is
+most of a decode step (docs/benchmarks.md). Here W is packed once per weight update into 32-column panels,
+
+    packed[p, k, j] = W[k, 32 p + j]   (N padded with zeros to a multiple of 32),
+
+and ``packed_matmul.cc`` streams each panel once, prefetched, into a register tile of rows x 32 accumulators
+(sharing the panels between XLA's intra-op threads when it has more than one).
+
+The kernel is compiled by the host's C++ compiler (``$CXX``, default ``c++``) with ``-march=native`` against the
+FFI headers that ship with jaxlib, into ``$POER_JAX_KERNEL_CACHE`` (default ``~/.cache/poer_jax``), keyed by the
+source, jaxlib, compiler and CPU. ``kernel_error()`` says why it cannot be used (no compiler, not x86/ARM...);
+the sampler then keeps XLA's dot (``SamplerConfig.matmul_kernel``). float32 only.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import hashlib
+import math
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+PANEL = 32  # columns per panel; packed_matmul.cc's kPanel
+TARGET = "poer_packed_matmul"
+SOURCE = Path(__file__).with_name("packed_matmul.cc")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PackedWeight:
+    """A [K, N] weight packed in 32-column panels: ``data`` [ceil(N / 32), K, 32]; ``n`` the true N."""
+
+    data: jax.Array
+    n: int = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The unpacked weight's shape [K, N]."""
+        return int(self.data.shape[1]), self.n
+
+
+def pack(w: jax.Array) -> PackedWeight:
+    """[K, N] -> packed panels [ceil(N / 32), K, 32] (zero columns past N)."""
+    K, N = w.shape
+    panels = -(-N // PANEL)
+    padded = jnp.pad(w, ((0, 0), (0, panels * PANEL - N)))
+    return PackedWeight(padded.reshape(K, panels, PANEL).transpose(1, 0, 2), N)
+
+
+def unpack(pw: PackedWeight) -> jax.Array:
+    """The inverse of ``pack``: [K, N]."""
+    P, K, _ = pw.data.shape
+    return pw.data.transpose(1, 0, 2).reshape(K, P * PANEL)[:, : pw.n]
+
+
+def packed_matmul(x: jax.Array, pw: PackedWeight) -> jax.Array:
+    """x [..., K] float32 times the packed [K, N] weight -> [..., N] float32 (the FFI kernel; load it first:
+    ``load_kernel``). No VJP: for sampling, not for training."""
+    if x.dtype != jnp.float32 or pw.data.dtype != jnp.float32:
+        raise TypeError(f"packed_matmul takes float32 operands, got {x.dtype} x {pw.data.dtype}")
+    K, N = pw.shape
+    if x.shape[-1] != K:
+        raise ValueError(f"packed_matmul: x [..., {x.shape[-1]}] does not match the weight's K={K}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(math.prod(lead), K)
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x2.shape[0], N), jnp.float32))
+    return call(x2, pw.data).reshape(*lead, N)
+
+
+# ---- build and registration -------------------------------------------------------------------------------
+_lock = threading.Lock()
+_state: dict[str, Any] = {}
+
+
+def _cache_dir() -> Path:
+    env = os.environ.get("POER_JAX_KERNEL_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "poer_jax"
+
+
+def _cpu_signature() -> str:
+    """The CPU's feature flags (``-march=native`` output depends on them), or the machine name elsewhere."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _build(cxx: str) -> Path:
+    include = jax.ffi.include_dir()
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), jax.__version__, version, _cpu_signature(),
+                                    platform.machine()]).encode()).hexdigest()[:16]
+    out = _cache_dir() / f"packed_matmul-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # build next to the target and rename: concurrent builders (pytest workers, hosts) never load a partial file
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    cmd = [cxx, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", f"-I{include}", str(SOURCE), "-o", tmp]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        os.unlink(tmp)
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr[-2000:]}")
+    os.replace(tmp, out)
+    return out
+
+
+def load_kernel() -> None:
+    """Build (once per source, compiler and CPU) and register the kernel with XLA:CPU; raises RuntimeError
+    saying why it cannot be (cached: later calls raise the same)."""
+    with _lock:
+        if "error" not in _state:
+            _state["error"] = _load()
+    if _state["error"]:
+        raise RuntimeError(_state["error"])
+
+
+def _load() -> str:
+    if platform.machine().lower() not in ("x86_64", "amd64", "aarch64", "arm64"):
+        return f"packed_matmul: no build for the {platform.machine()} architecture"
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        return f"packed_matmul: no C++ compiler ({cxx!r} not on PATH; set CXX)"
+    try:
+        lib = ctypes.cdll.LoadLibrary(str(_build(cxx)))
+        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.PoerPackedMatmul), platform="cpu")
+    except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
+        return f"packed_matmul: {e}"
+    _state["lib"] = lib  # keep the library loaded for the process's life
+    return ""
+
+
+def kernel_error() -> str:
+    """'' when the kernel is built and registered (building it if needed), else why it is not."""
+    try:
+        load_kernel()
+    except RuntimeError as e:
+        return str(e)
+    return ""

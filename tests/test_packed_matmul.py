@@ -1,0 +1,169 @@
+"""The packed CPU product kernel (``model/packed_matmul``) and the sampler's packed weights
+(``sampler/packed_weights``).
+
+The kernel equals numpy's product over ragged shapes (rows not a multiple of its register tile, columns not a
+multiple of a panel, leading axes); packing round-trips exactly; a build that cannot happen says why and leaves
+nothing in the cache. The sampler packs where it applies (CPU, float32, layers unrolled, no tensor axis), refuses
+'packed_cpu' elsewhere naming why, and its samples equal XLA's products: greedy tokens, seeded samples, log-probs
+to float32 rounding, for Qwen2 (biases, untied head) and Qwen3 (q/k norms, tied head).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from poer_jax.model import packed_matmul as pm
+from poer_jax.model.sharding import make_mesh
+from poer_jax.sampler import GroupSampler, SamplerConfig, SamplerError, SamplingParams
+from poer_jax.sampler import packed_weights as pw_mod
+from tests.test_sampler import QWEN2, QWEN3, _params, _prompts
+
+LENS = (1, 4, 5, 16, 17, 23, 9, 30)
+BUDGETS = [6, 9, 3, 12, 7, 10, 2, 5]
+
+
+@pytest.fixture(scope="module")
+def kernel() -> None:
+    pm.load_kernel()  # the CI machine has a compiler: a failed build fails here, with the compiler's message
+
+
+def _rand(shape: tuple[int, ...], seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+# ---- the kernel ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("M,K,N", [(1, 7, 5), (3, 64, 33), (8, 96, 32), (9, 64, 130), (17, 33, 96), (33, 16, 64),
+                                   (0, 8, 40), (4, 0, 40)])
+def test_packed_matmul_equals_numpy(kernel, M: int, K: int, N: int) -> None:
+    x, w = _rand((M, K), 0), _rand((K, N), 1)
+    y = jax.jit(pm.packed_matmul)(jnp.asarray(x), jax.jit(pm.pack)(jnp.asarray(w)))
+    assert y.shape == (M, N) and y.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(y), x.astype(np.float64) @ w, rtol=1e-5, atol=1e-5 * max(K, 1) ** 0.5)
+
+
+def test_packed_matmul_takes_leading_axes_and_many_panels(kernel) -> None:
+    """[2, 3, K] rows and a weight of 40 panels (split between XLA's threads where it has several)."""
+    x, w = _rand((2, 3, 48), 2), _rand((48, 1270), 3)
+    y = jax.jit(pm.packed_matmul)(jnp.asarray(x), pm.pack(jnp.asarray(w)))
+    np.testing.assert_allclose(np.asarray(y), x.astype(np.float64) @ w, rtol=1e-5, atol=1e-4)
+
+
+def test_pack_layout_and_round_trip() -> None:
+    w = _rand((5, 70), 4)
+    p = pm.pack(jnp.asarray(w))
+    assert p.data.shape == (3, 5, 32) and p.shape == (5, 70)
+    data = np.asarray(p.data)
+    for k, n in [(0, 0), (4, 31), (2, 32), (3, 69)]:
+        assert data[n // 32, k, n % 32] == w[k, n]
+    assert (data[2, :, 70 - 64:] == 0).all()  # padding columns are zeros
+    np.testing.assert_array_equal(np.asarray(pm.unpack(p)), w)
+    leaves, treedef = jax.tree.flatten(p)  # a pytree of one array; N is static
+    assert len(leaves) == 1 and jax.tree.unflatten(treedef, leaves).n == 70
+
+
+def test_packed_matmul_rejects_other_dtypes_and_shapes(kernel) -> None:
+    p = pm.pack(jnp.ones((8, 40), jnp.float32))
+    with pytest.raises(TypeError, match="float32"):
+        pm.packed_matmul(jnp.ones((2, 8), jnp.bfloat16), p)
+    with pytest.raises(ValueError, match="K=8"):
+        pm.packed_matmul(jnp.ones((2, 9), jnp.float32), p)
+
+
+def test_a_build_that_cannot_happen_says_why_and_leaves_nothing(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("POER_JAX_KERNEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    assert "no C++ compiler ('no-such-compiler-here'" in pm._load()
+    monkeypatch.setenv("CXX", "c++")
+    bad = tmp_path / "broken.cc"
+    bad.write_text("this is not C++\n")
+    monkeypatch.setattr(pm, "SOURCE", bad)
+    msg = pm._load()
+    assert msg.startswith("packed_matmul: ") and "broken.cc" in msg and "failed" in msg
+    assert list((tmp_path / "cache").iterdir()) == []  # no partial library, no temporary file
+
+
+def test_the_build_is_cached_by_source(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("POER_JAX_KERNEL_CACHE", str(tmp_path))
+    first = pm._build("c++")
+    stamp = first.stat().st_mtime_ns
+    assert pm._build("c++") == first and first.stat().st_mtime_ns == stamp  # not rebuilt
+    edited = tmp_path / "edited.cc"
+    edited.write_text(pm.SOURCE.read_text() + "\n// edited\n")
+    monkeypatch.setattr(pm, "SOURCE", edited)
+    assert pm._build("c++") != first  # another source, another library
+
+
+# ---- when the sampler packs -----------------------------------------------------------------------------
+def test_the_sampler_packs_where_the_kernel_applies(kernel, monkeypatch) -> None:
+    use = pw_mod.use_packed_matmuls
+    scfg = SamplerConfig()
+    assert use(scfg, QWEN2, None, unrolled=True)
+    assert not use(SamplerConfig(matmul_kernel="xla"), QWEN2, None, unrolled=True)
+    assert not use(scfg, QWEN2, None, unrolled=False)
+    assert not use(scfg, QWEN2.replace(dtype="bfloat16"), None, unrolled=True)
+    tp = make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices()[:8])
+    assert not use(scfg, QWEN2, tp, unrolled=True)
+    assert use(scfg, QWEN2, make_mesh({"data": 2, "fsdp": 4, "tensor": 1}, jax.devices()[:8]), unrolled=True)
+    forced = SamplerConfig(matmul_kernel="packed_cpu")
+    for cfg, mesh, unrolled, why in [(QWEN2.replace(dtype="bfloat16"), None, True, "compute dtype bfloat16"),
+                                     (QWEN2, tp, True, "tensor parallelism"), (QWEN2, None, False, "layer_loop")]:
+        with pytest.raises(SamplerError, match=f"matmul_kernel='packed_cpu' cannot be used: {why}"):
+            use(forced, cfg, mesh, unrolled)
+    monkeypatch.setattr(pw_mod, "kernel_error", lambda: "packed_matmul: no C++ compiler")
+    with pytest.warns(UserWarning, match=r"XLA's dot on CPU .*no C\+\+ compiler"):
+        assert not use(scfg, QWEN2, None, unrolled=True)  # auto falls back to XLA's dot, saying so
+    with pytest.raises(SamplerError, match=r"no C\+\+ compiler"):
+        use(forced, QWEN2, None, unrolled=True)
+    with pytest.raises(SamplerError, match="matmul_kernel must be one of"):
+        SamplerConfig(matmul_kernel="mkl")
+
+
+# ---- the sampler's samples -----------------------------------------------------------------------------
+def _generate(params, cfg, kernel_name: str, sp: SamplingParams, mesh=None):
+    scfg = SamplerConfig(page_size=4, num_pages=256, max_slots=64, max_pages_per_seq=16, max_prefill_length=32,
+                         eos_ids=(5,), sampling=sp, matmul_kernel=kernel_name)
+    sampler = GroupSampler(params, cfg, scfg, mesh=mesh)
+    assert sampler.packed_matmuls == (kernel_name == "packed_cpu")
+    return sampler, sampler.generate(_prompts(LENS, cfg.vocab_size, seed=5), 3, BUDGETS, jax.random.key(7))
+
+
+@pytest.mark.parametrize("cfg_name", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("sp", [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, top_p=0.9)])
+def test_packed_samples_equal_xlas(kernel, cfg_name: str, sp: SamplingParams) -> None:
+    cfg = QWEN2 if cfg_name == "qwen2" else QWEN3
+    params = _params(cfg)
+    _, ref = _generate(params, cfg, "xla", sp)
+    sampler, res = _generate(params, cfg, "packed_cpu", sp)
+    np.testing.assert_array_equal(res.tokens, ref.tokens)
+    np.testing.assert_array_equal(res.finish_reason, ref.finish_reason)
+    np.testing.assert_allclose(res.logprobs, ref.logprobs, rtol=1e-5, atol=2e-5)
+    np.testing.assert_allclose(res.policy_logprobs, ref.policy_logprobs, rtol=1e-5, atol=2e-5)
+    weights = sampler._weights
+    assert isinstance(weights["lm_head"], pm.PackedWeight)  # the head too, tied or not
+    assert all(isinstance(lp[k], pm.PackedWeight) for lp in weights["layers"] for k in pw_mod.PRODUCTS)
+    assert not isinstance(weights["layers"][0]["input_norm"], pm.PackedWeight)
+
+
+def test_packed_sampler_on_eight_devices_returns_the_weights_it_was_given(kernel) -> None:
+    """Data-parallel over 8 devices (no tensor axis): every device holds the whole packed weights; samples equal
+    one device's; ``params`` unpacks to the given weights exactly; one packing program across updates."""
+    cfg = QWEN2
+    mesh = make_mesh({"data": 2, "fsdp": 4, "tensor": 1}, jax.devices()[:8])
+    sp = SamplingParams(temperature=1.0, top_p=0.9)
+    _, ref = _generate(_params(cfg), cfg, "packed_cpu", sp)
+    sampler, res = _generate(_params(cfg), cfg, "packed_cpu", sp, mesh=mesh)
+    np.testing.assert_array_equal(res.tokens, ref.tokens)
+    np.testing.assert_allclose(res.logprobs, ref.logprobs, rtol=1e-6, atol=1e-6)
+    for leaf in jax.tree.leaves(sampler._weights):
+        assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == 8
+    for seed in (1, 2):
+        new = _params(cfg, seed)
+        sampler.update_params(new)
+        got = sampler.params
+        assert "lm_head" not in got or not cfg.tie_word_embeddings
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(new), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert sampler._unstack._cache_size() == 1
