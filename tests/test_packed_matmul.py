@@ -35,13 +35,17 @@ def _rand(shape: tuple[int, ...], seed: int) -> np.ndarray:
 
 
 # ---- the kernel ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("M,K,N", [(1, 7, 5), (3, 64, 33), (8, 96, 32), (9, 64, 130), (17, 33, 96), (33, 16, 64),
                                    (0, 8, 40), (4, 0, 40)])
-def test_packed_matmul_equals_numpy(kernel, M: int, K: int, N: int) -> None:
-    x, w = _rand((M, K), 0), _rand((K, N), 1)
-    y = jax.jit(pm.packed_matmul)(jnp.asarray(x), jax.jit(pm.pack)(jnp.asarray(w)))
+def test_packed_matmul_equals_numpy(kernel, M: int, K: int, N: int, dtype: str) -> None:
+    """bfloat16 operands: their products are exact in float32, so the result is the float64 product of the
+    bfloat16 values to float32 summation error, like float32's."""
+    x, w = jnp.asarray(_rand((M, K), 0), dtype), jnp.asarray(_rand((K, N), 1), dtype)
+    y = jax.jit(pm.packed_matmul)(x, jax.jit(pm.pack)(w))
     assert y.shape == (M, N) and y.dtype == jnp.float32
-    np.testing.assert_allclose(np.asarray(y), x.astype(np.float64) @ w, rtol=1e-5, atol=1e-5 * max(K, 1) ** 0.5)
+    ref = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+    np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5 * max(K, 1) ** 0.5)
 
 
 def test_packed_matmul_takes_leading_axes_and_many_panels(kernel) -> None:
@@ -66,8 +70,9 @@ def test_pack_layout_and_round_trip() -> None:
 
 def test_packed_matmul_rejects_other_dtypes_and_shapes(kernel) -> None:
     p = pm.pack(jnp.ones((8, 40), jnp.float32))
-    with pytest.raises(TypeError, match="float32"):
-        pm.packed_matmul(jnp.ones((2, 8), jnp.bfloat16), p)
+    for x in (jnp.ones((2, 8), jnp.bfloat16), jnp.ones((2, 8), jnp.float16)):  # another dtype than the weight's
+        with pytest.raises(TypeError, match="float32 or bfloat16 operands of one dtype"):
+            pm.packed_matmul(x, p)
     with pytest.raises(ValueError, match="K=8"):
         pm.packed_matmul(jnp.ones((2, 9), jnp.float32), p)
 
@@ -103,12 +108,13 @@ def test_the_sampler_packs_where_the_kernel_applies(kernel, monkeypatch) -> None
     assert use(scfg, QWEN2, None, unrolled=True)
     assert not use(SamplerConfig(matmul_kernel="xla"), QWEN2, None, unrolled=True)
     assert not use(scfg, QWEN2, None, unrolled=False)
-    assert not use(scfg, QWEN2.replace(dtype="bfloat16"), None, unrolled=True)
+    assert use(scfg, QWEN2.replace(dtype="bfloat16"), None, unrolled=True)
+    assert not use(scfg, QWEN2.replace(dtype="float16"), None, unrolled=True)
     tp = make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices()[:8])
     assert not use(scfg, QWEN2, tp, unrolled=True)
     assert use(scfg, QWEN2, make_mesh({"data": 2, "fsdp": 4, "tensor": 1}, jax.devices()[:8]), unrolled=True)
     forced = SamplerConfig(matmul_kernel="packed_cpu")
-    for cfg, mesh, unrolled, why in [(QWEN2.replace(dtype="bfloat16"), None, True, "compute dtype bfloat16"),
+    for cfg, mesh, unrolled, why in [(QWEN2.replace(dtype="float16"), None, True, "compute dtype float16"),
                                      (QWEN2, tp, True, "tensor parallelism"), (QWEN2, None, False, "layer_loop")]:
         with pytest.raises(SamplerError, match=f"matmul_kernel='packed_cpu' cannot be used: {why}"):
             use(forced, cfg, mesh, unrolled)
@@ -130,10 +136,12 @@ def _generate(params, cfg, kernel_name: str, sp: SamplingParams, mesh=None):
     return sampler, sampler.generate(_prompts(LENS, cfg.vocab_size, seed=5), 3, BUDGETS, jax.random.key(7))
 
 
-@pytest.mark.parametrize("cfg_name", ["qwen2", "qwen3"])
-@pytest.mark.parametrize("sp", [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, top_p=0.9)])
+GREEDY, TOP_P = SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, top_p=0.9)
+
+
+@pytest.mark.parametrize("cfg_name,sp", [("qwen2", GREEDY), ("qwen2", TOP_P), ("qwen3", TOP_P), ("qwen2-bf16", GREEDY)])
 def test_packed_samples_equal_xlas(kernel, cfg_name: str, sp: SamplingParams) -> None:
-    cfg = QWEN2 if cfg_name == "qwen2" else QWEN3
+    cfg = {"qwen2": QWEN2, "qwen3": QWEN3, "qwen2-bf16": QWEN2.replace(dtype="bfloat16")}[cfg_name]
     params = _params(cfg)
     _, ref = _generate(params, cfg, "xla", sp)
     sampler, res = _generate(params, cfg, "packed_cpu", sp)

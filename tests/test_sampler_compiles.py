@@ -98,7 +98,7 @@ def test_unrolled_programs_read_each_layers_weights_without_copying_them(program
         >= 3 * cfg.num_layers  # the check sees the weights as the program takes them
     assert weight_copies(hlo) == []
     # 7 products per layer and the output projection, each one custom call (none with XLA's dot)
-    assert hlo.count('custom_call_target="poer_packed_matmul"') == (7 * cfg.num_layers + 1) * (
+    assert hlo.count('custom_call_target="poer_packed_matmul_f32"') == (7 * cfg.num_layers + 1) * (
         matmul_kernel == "packed_cpu")
     if program == 1 and matmul_kernel == "xla":
         assert weight_copies(compiled("scan")), "the check no longer sees the layer scan's weight slices"

@@ -9,6 +9,7 @@
 //
 // Built at first use by packed_matmul.py with the host's compiler and -march=native; the vector type follows
 // the instruction set the compiler targets (AVX-512: 8-row tiles in 2 zmm per row; otherwise 3-row tiles).
+// Operands float32, or bfloat16 (widened in registers: half the bytes streamed); float32 results.
 
 #include <algorithm>
 #include <atomic>
@@ -36,17 +37,37 @@ constexpr int kPrefetchRows = 24;  // panel rows (128 bytes each) prefetched ahe
 
 typedef float Vec __attribute__((vector_size(kLanes * 4), aligned(4)));
 
-// R rows of x (row stride ldx) times one panel [K, 32] -> R x 32 outputs, the first `cols` of each written.
-template <int R>
-inline void Tile(const float* x, int64_t ldx, const float* panel, int64_t K, float* y, int64_t ldy, int cols) {
+// bfloat16 is the upper half of a float32: widening a panel row is a zero-extension and a shift.
+inline Vec LoadPanelRow(const float* p) {
+  Vec w;
+  std::memcpy(&w, p, sizeof(Vec));
+  return w;
+}
+inline Vec LoadPanelRow(const uint16_t* p) {
+  typedef uint16_t Half __attribute__((vector_size(kLanes * 2), aligned(2)));
+  typedef uint32_t Wide __attribute__((vector_size(kLanes * 4)));
+  Half h;
+  std::memcpy(&h, p, sizeof(Half));
+  const Wide u = __builtin_convertvector(h, Wide) << 16;
+  Vec w;
+  std::memcpy(&w, &u, sizeof(Vec));
+  return w;
+}
+
+// R rows of float32 x (row stride ldx) times one panel [K, 32] -> R x 32 float32 outputs, the first `cols` of each
+// written. T: the weight's float (float32) or uint16_t (bfloat16); float32 accumulation either way.
+template <int R, typename T>
+inline void Tile(const float* x, int64_t ldx, const T* panel, int64_t K, float* y, int64_t ldy, int cols) {
   Vec acc[R][kVecs];
   for (int i = 0; i < R; ++i)
     for (int j = 0; j < kVecs; ++j) acc[i][j] = Vec{};
+  // 128 bytes of float32 panel row (64 of bfloat16): prefetch the same distance in bytes
+  constexpr int kAhead = kPrefetchRows * 4 / static_cast<int>(sizeof(T));
   for (int64_t k = 0; k < K; ++k) {
-    const float* row = panel + k * kPanel;
-    for (int q = 0; q < kPanel; q += 16) __builtin_prefetch(row + kPrefetchRows * kPanel + q);
+    const T* row = panel + k * kPanel;
+    for (int q = 0; q < kPanel; q += 64 / static_cast<int>(sizeof(T))) __builtin_prefetch(row + kAhead * kPanel + q);
     Vec w[kVecs];
-    for (int j = 0; j < kVecs; ++j) std::memcpy(&w[j], row + j * kLanes, sizeof(Vec));
+    for (int j = 0; j < kVecs; ++j) w[j] = LoadPanelRow(row + j * kLanes);
     for (int i = 0; i < R; ++i) {
       const float s = x[i * ldx + k];
       for (int j = 0; j < kVecs; ++j) acc[i][j] += s * w[j];
@@ -59,9 +80,8 @@ inline void Tile(const float* x, int64_t ldx, const float* panel, int64_t K, flo
   }
 }
 
-template <int R>
-inline void TileUpTo(int rows, const float* x, int64_t ldx, const float* panel, int64_t K, float* y, int64_t ldy,
-                     int cols) {
+template <int R, typename T>
+inline void TileUpTo(int rows, const float* x, int64_t ldx, const T* panel, int64_t K, float* y, int64_t ldy, int cols) {
   if constexpr (R > 0) {
     if (rows == R) return Tile<R>(x, ldx, panel, K, y, ldy, cols);
     return TileUpTo<R - 1>(rows, x, ldx, panel, K, y, ldy, cols);
@@ -69,10 +89,10 @@ inline void TileUpTo(int rows, const float* x, int64_t ldx, const float* panel, 
 }
 
 // Panels [p0, p1) for all M rows.
-void Panels(const float* x, const float* packed, float* y, int64_t M, int64_t K, int64_t N, int64_t p0,
-            int64_t p1) {
+template <typename T>
+void Panels(const float* x, const T* packed, float* y, int64_t M, int64_t K, int64_t N, int64_t p0, int64_t p1) {
   for (int64_t p = p0; p < p1; ++p) {
-    const float* panel = packed + p * K * kPanel;
+    const T* panel = packed + p * K * kPanel;
     const int cols = static_cast<int>(std::min<int64_t>(kPanel, N - p * kPanel));
     for (int64_t m = 0; m < M; m += kRows) {
       const int rows = static_cast<int>(std::min<int64_t>(kRows, M - m));
@@ -84,9 +104,10 @@ void Panels(const float* x, const float* packed, float* y, int64_t M, int64_t K,
 // Work shared between the calling thread and tasks on XLA's intra-op pool. The state lives on the heap and
 // tasks hold it by shared_ptr: a task that starts after the caller has returned finds no chunk left and only
 // drops its reference, so the caller never waits for a task to start (no deadlock when the pool is busy).
+template <typename T>
 struct Shared {
   const float* x;
-  const float* packed;
+  const T* packed;
   float* y;
   int64_t M, K, N, panels, chunk;
   std::atomic<int64_t> next{0};
@@ -103,8 +124,10 @@ struct Shared {
   }
 };
 
-ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> packed,
+template <ffi::DataType D>
+ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<D> packed,
                         ffi::ResultBuffer<ffi::F32> y) {
+  using T = ffi::NativeType<D>;
   const auto xd = x.dimensions();
   const auto wd = packed.dimensions();
   const auto yd = y->dimensions();
@@ -119,14 +142,16 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
     std::memset(y->typed_data(), 0, M * N * sizeof(float));
     return ffi::Error::Success();
   }
+  const float* xs = x.typed_data();
+  const T* ws = reinterpret_cast<const T*>(packed.typed_data());
   const int64_t threads = std::min<int64_t>(pool.num_threads(), panels);
   if (threads <= 1) {
-    Panels(x.typed_data(), packed.typed_data(), y->typed_data(), M, K, N, 0, panels);
+    Panels(xs, ws, y->typed_data(), M, K, N, 0, panels);
     return ffi::Error::Success();
   }
-  auto shared = std::make_shared<Shared>();
-  shared->x = x.typed_data();
-  shared->packed = packed.typed_data();
+  auto shared = std::make_shared<Shared<T>>();
+  shared->x = xs;
+  shared->packed = ws;
   shared->y = y->typed_data();
   shared->M = M;
   shared->K = K;
@@ -141,9 +166,18 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PoerPackedMatmul, PackedMatmul,
+// float32 x times float32 or bfloat16 weights -> float32 (accumulated in float32; the caller rounds). x comes in
+// float32 even in a bfloat16 model (XLA converts it in the fusion before): broadcasting a bfloat16 scalar costs
+// four instructions per row and step of k where a float32 one costs one.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PoerPackedMatmulF32, PackedMatmul<ffi::F32>,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PoerPackedMatmulBF16, PackedMatmul<ffi::BF16>,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -13,7 +13,8 @@ and ``packed_matmul.cc`` streams each panel once, prefetched, into a register ti
 The kernel is compiled by the host's C++ compiler (``$CXX``, default ``c++``) with ``-march=native`` against the
 FFI headers that ship with jaxlib, into ``$POER_JAX_KERNEL_CACHE`` (default ``~/.cache/poer_jax``), keyed by the
 source, jaxlib, compiler and CPU. ``kernel_error()`` says why it cannot be used (no compiler, not x86/ARM...);
-the sampler then keeps XLA's dot (``SamplerConfig.matmul_kernel``). float32 only.
+the sampler then keeps XLA's dot (``SamplerConfig.matmul_kernel``). float32 or bfloat16 operands (bfloat16 widened
+in registers: half the bytes streamed), float32 accumulation and results.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 PANEL = 32  # columns per panel; packed_matmul.cc's kPanel
-TARGET = "poer_packed_matmul"
+TARGETS = {jnp.dtype(jnp.float32): "poer_packed_matmul_f32", jnp.dtype(jnp.bfloat16): "poer_packed_matmul_bf16"}
 SOURCE = Path(__file__).with_name("packed_matmul.cc")
 
 
@@ -68,16 +69,18 @@ def unpack(pw: PackedWeight) -> jax.Array:
 
 
 def packed_matmul(x: jax.Array, pw: PackedWeight) -> jax.Array:
-    """x [..., K] float32 times the packed [K, N] weight -> [..., N] float32 (the FFI kernel; load it first:
-    ``load_kernel``). No VJP: for sampling, not for training."""
-    if x.dtype != jnp.float32 or pw.data.dtype != jnp.float32:
-        raise TypeError(f"packed_matmul takes float32 operands, got {x.dtype} x {pw.data.dtype}")
+    """x [..., K] times the packed [K, N] weight -> [..., N] float32 (the FFI kernel; load it first:
+    ``load_kernel``). Weights float32 or bfloat16, x of the same dtype (handed to the kernel in float32: exact);
+    float32 accumulation. No VJP: for sampling, not for training."""
+    if x.dtype != pw.data.dtype or x.dtype not in TARGETS:
+        raise TypeError(f"packed_matmul takes float32 or bfloat16 operands of one dtype, got {x.dtype} x "
+                        f"{pw.data.dtype}")
     K, N = pw.shape
     if x.shape[-1] != K:
         raise ValueError(f"packed_matmul: x [..., {x.shape[-1]}] does not match the weight's K={K}")
     lead = x.shape[:-1]
-    x2 = x.reshape(math.prod(lead), K)
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x2.shape[0], N), jnp.float32))
+    x2 = x.reshape(math.prod(lead), K).astype(jnp.float32)
+    call = jax.ffi.ffi_call(TARGETS[x.dtype], jax.ShapeDtypeStruct((x2.shape[0], N), jnp.float32))
     return call(x2, pw.data).reshape(*lead, N)
 
 
@@ -141,7 +144,10 @@ def _load() -> str:
         return f"packed_matmul: no C++ compiler ({cxx!r} not on PATH; set CXX)"
     try:
         lib = ctypes.cdll.LoadLibrary(str(_build(cxx)))
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.PoerPackedMatmul), platform="cpu")
+        jax.ffi.register_ffi_target(TARGETS[jnp.dtype(jnp.float32)], jax.ffi.pycapsule(lib.PoerPackedMatmulF32),
+                                    platform="cpu")
+        jax.ffi.register_ffi_target(TARGETS[jnp.dtype(jnp.bfloat16)], jax.ffi.pycapsule(lib.PoerPackedMatmulBF16),
+                                    platform="cpu")
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
         return f"packed_matmul: {e}"
     _state["lib"] = lib  # keep the library loaded for the process's life

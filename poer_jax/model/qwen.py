@@ -116,8 +116,8 @@ def _linear(x: jax.Array, w: jax.Array, b: jax.Array | None, dtype: Any) -> jax.
     but XLA:CPU runs the backward of a 2-D dot as two plain GEMMs instead of batched dots with transposes
     (about 1.5x faster model backward on CPU, see README). A ``PackedWeight`` (the CPU sampler's weights,
     ``sampler/packed_weights.py``) runs the packed FFI kernel instead."""
-    if isinstance(w, PackedWeight):
-        y = packed_matmul(x.astype(dtype), w)
+    if isinstance(w, PackedWeight):  # float32 accumulation, rounded to the compute dtype as XLA's dot is
+        y = packed_matmul(x.astype(dtype), w).astype(dtype)
         return y if b is None else y + b.astype(dtype)
     lead = x.shape[:-1]
     y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(dtype), w.astype(dtype)).reshape(*lead, w.shape[-1])
@@ -173,7 +173,7 @@ def lm_head_weight(params: Params, cfg: QwenConfig) -> Any:
 def logits_from_hidden(params: Params, cfg: QwenConfig, hidden: jax.Array) -> jax.Array:
     """Final hidden states [..., D] -> float32 logits [..., V]."""
     w = lm_head_weight(params, cfg)
-    if isinstance(w, PackedWeight):  # float32 compute: the kernel's float32 output is the einsum's
+    if isinstance(w, PackedWeight):  # float32 results, as the einsum's preferred_element_type
         return packed_matmul(hidden.astype(cfg.jnp_dtype), w)
     w = w.astype(cfg.jnp_dtype)
     return jnp.einsum("...d,dv->...v", hidden.astype(cfg.jnp_dtype), w, preferred_element_type=jnp.float32)

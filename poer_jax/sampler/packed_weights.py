@@ -7,8 +7,9 @@ transposed embedding when embeddings are tied), packed once per ``update_params`
 ``logits_from_hidden`` then run the FFI kernel instead of XLA's dot: ~2.3x faster products at 8 rows on one core
 (docs/benchmarks.md). Norms, biases and the embedding stay as they are.
 
-Where it applies: a CPU sampler with the layers unrolled, float32 compute, and no tensor parallelism (the custom
-call has no partitioning rule; the batch axes are fine: each device runs it on its own rows under shard_map).
+Where it applies: a CPU sampler with the layers unrolled, float32 or bfloat16 compute, and no tensor parallelism
+(the custom call has no partitioning rule; the batch axes are fine: each device runs it on its own rows under
+shard_map).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from poer_jax.model.config import QwenConfig
-from poer_jax.model.packed_matmul import PackedWeight, kernel_error, pack, unpack
+from poer_jax.model.packed_matmul import TARGETS, PackedWeight, kernel_error, pack, unpack
 from poer_jax.model.qwen import Params, lm_head_weight
 from poer_jax.sampler.pages import SamplerConfig, SamplerError
 
@@ -37,8 +38,8 @@ def packed_matmul_reason(scfg: SamplerConfig, cfg: QwenConfig, mesh: Mesh | None
         return f"the sampler runs on {device.platform}, the kernel on CPU only"
     if not unrolled:
         return "layer_loop='scan' (the kernel takes per-layer weights)"
-    if cfg.jnp_dtype != jnp.float32:
-        return f"compute dtype {cfg.dtype} (the kernel is float32)"
+    if jnp.dtype(cfg.jnp_dtype) not in TARGETS:
+        return f"compute dtype {cfg.dtype} (the kernel takes float32 or bfloat16)"
     if mesh is not None and mesh.shape.get("tensor", 1) > 1:
         return "tensor parallelism (the custom call has no partitioning rule)"
     return kernel_error()

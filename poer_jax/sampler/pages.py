@@ -105,8 +105,9 @@ class SamplerConfig:
     [L, N, page, 2 Hkv, hd]), 'auto' (fused on TPUs and with pallas_tpu, split elsewhere; see
     ``paged_attention.attention_kernel``).
     matmul_kernel: the weight products, one of MATMUL_KERNELS: 'xla' (XLA's dot), 'packed_cpu' (the weights packed
-    once per update in 32-column panels, multiplied by a C++ FFI kernel built on first use; CPU, float32, layers
-    unrolled, no tensor axis: ``packed_weights.py``), 'auto' (packed_cpu where it applies and builds, else xla).
+    once per update in 32-column panels, multiplied by a C++ FFI kernel built on first use; CPU, float32 or
+    bfloat16, layers unrolled, no tensor axis: ``packed_weights.py``), 'auto' (packed_cpu where it applies and
+    builds, else xla).
     """
 
     page_size: int = 16

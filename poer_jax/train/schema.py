@@ -102,7 +102,8 @@ SCHEMA: dict[str, Any] = {
                         choices=("auto", "split", "fused"), resume_safe=True),
         "matmul_kernel": _f("auto", str, "the sampler's weight products: auto (packed_cpu where it applies), xla "
                             "(XLA's dot), packed_cpu (weights packed per update, a C++ kernel built on first use; "
-                            "CPU, float32, no tensor axis)", choices=("auto", "xla", "packed_cpu"), resume_safe=True),
+                            "CPU, float32 or bfloat16, no tensor axis)", choices=("auto", "xla", "packed_cpu"),
+                            resume_safe=True),
     },
     "cache": {
         "init": _f("sample", str, "how the cache pool starts (Eq. 1): sample: one answer per question from the "
