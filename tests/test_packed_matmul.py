@@ -90,15 +90,18 @@ def test_a_build_that_cannot_happen_says_why_and_leaves_nothing(tmp_path, monkey
     assert list((tmp_path / "cache").iterdir()) == []  # no partial library, no temporary file
 
 
-def test_the_build_is_cached_by_source(tmp_path, monkeypatch) -> None:
+def test_the_build_is_cached_by_source_and_cpu(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("POER_JAX_KERNEL_CACHE", str(tmp_path))
     first = pm._build("c++")
     stamp = first.stat().st_mtime_ns
     assert pm._build("c++") == first and first.stat().st_mtime_ns == stamp  # not rebuilt
     edited = tmp_path / "edited.cc"
     edited.write_text(pm.SOURCE.read_text() + "\n// edited\n")
-    monkeypatch.setattr(pm, "SOURCE", edited)
-    assert pm._build("c++") != first  # another source, another library
+    with monkeypatch.context() as m:
+        m.setattr(pm, "SOURCE", edited)
+        assert pm._library_path("c++") != first  # another source, another library
+    monkeypatch.setattr(pm, "_cpu_signature", lambda: "flags : another CPU")
+    assert pm._library_path("c++") != first  # -march=native: another CPU, another library
 
 
 # ---- when the sampler packs -----------------------------------------------------------------------------

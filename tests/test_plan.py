@@ -17,7 +17,14 @@ from jax.sharding import Mesh
 from poer_jax.model import init_params, preset
 from poer_jax.model.qwen import forward
 from poer_jax.plan import get_target
-from poer_jax.plan.build import check_batch_layout, check_resident_memory, mesh_for, model_shapes, plan_config
+from poer_jax.plan.build import (
+    check_batch_layout,
+    check_resident_memory,
+    config_for_target,
+    mesh_for,
+    model_shapes,
+    plan_config,
+)
 from poer_jax.plan.compile import target_devices
 from poer_jax.plan.report import build_report
 from poer_jax.rl.batch import ladder_length, length_ladder
@@ -155,6 +162,15 @@ def test_model_shapes_from_a_missing_path_name_a_preset() -> None:
     mcfg, note = model_shapes(cfg)
     assert mcfg.num_layers == 28 and mcfg.param_dtype == "float32" and mcfg.dtype == "bfloat16"
     assert "r1-distill-qwen-7b" in note
+
+
+def test_gpu_targets_plan_xlas_products_not_the_packed_cpu_kernel() -> None:
+    """GPU programs compile on host CPU devices, where the sampler's 'auto' would pack for the CPU kernel."""
+    cfg = _cfg()
+    assert config_for_target(cfg, get_target("h100-80gb-1")).rollout.matmul_kernel == "xla"
+    assert config_for_target(cfg, get_target("cpu-8")).rollout.matmul_kernel == "auto"
+    forced = _cfg("rollout.matmul_kernel=packed_cpu")  # an explicit choice is the user's
+    assert config_for_target(forced, get_target("h100-80gb-1")).rollout.matmul_kernel == "packed_cpu"
 
 
 def test_length_ladder() -> None:

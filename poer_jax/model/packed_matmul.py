@@ -105,12 +105,17 @@ def _cpu_signature() -> str:
     return platform.processor() or platform.machine()
 
 
-def _build(cxx: str) -> Path:
-    include = jax.ffi.include_dir()
+def _library_path(cxx: str) -> Path:
+    """Where the library built from ``SOURCE`` by ``cxx`` for this CPU and jaxlib lives in the cache."""
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(), jax.__version__, version, _cpu_signature(),
                                     platform.machine()]).encode()).hexdigest()[:16]
-    out = _cache_dir() / f"packed_matmul-{key}.so"
+    return _cache_dir() / f"packed_matmul-{key}.so"
+
+
+def _build(cxx: str) -> Path:
+    include = jax.ffi.include_dir()
+    out = _library_path(cxx)
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -221,10 +221,19 @@ def program_specs(cfg: ml_collections.ConfigDict, mcfg: QwenConfig, mesh: Mesh, 
     return specs, extra, notes
 
 
+def config_for_target(cfg: ml_collections.ConfigDict, target: Target) -> ml_collections.ConfigDict:
+    """The config as it runs on ``target``: a GPU target is compiled on host CPU devices, where
+    ``rollout.matmul_kernel=auto`` would pick the packed CPU kernel; on the GPU it is XLA's dot."""
+    if target.platform == "gpu" and cfg.rollout.matmul_kernel == "auto":
+        return apply_overrides(cfg, ["rollout.matmul_kernel=xla"])
+    return cfg
+
+
 def plan_config(cfg: ml_collections.ConfigDict, target: Target, *, num_questions: int | None = None,
                 memory_fraction: float = 0.95, programs: list[str] | None = None,
                 log: Any = None) -> PlanReport:
     """Compile the config's programs for ``target`` and judge the fit (``report.py``)."""
+    cfg = config_for_target(cfg, target)
     mcfg, shape_note = model_shapes(cfg)
     if target.platform == "gpu" and mcfg.attention == "auto":
         mcfg = mcfg.replace(attention="chunked")  # compiled on CPU: cuDNN's O(T) stand-in, not CPU's dense
