@@ -9,7 +9,7 @@
 //
 // Built at first use by packed_matmul.py with the host's compiler and -march=native; the vector type follows
 // the instruction set the compiler targets (AVX-512: 8-row tiles in 2 zmm per row; otherwise 3-row tiles).
-// Operands float32, or bfloat16 (widened in registers: half the bytes streamed); float32 results.
+// Weights float32, or bfloat16 (widened in registers: half the bytes streamed); rows and results float32.
 
 #include <algorithm>
 #include <atomic>
