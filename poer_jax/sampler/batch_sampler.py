@@ -98,7 +98,7 @@ def per_layer_program(cfg: QwenConfig, shardings: Params, unrolled: bool, packed
     per_layer = layer_shardings(shardings, cfg)
     if not packed:
         return jax.jit(partial(unstack_layers, cfg=cfg), out_shardings=per_layer)
-    return jax.jit(lambda p: pack_weights(unstack_layers(p, cfg), cfg), out_shardings=packed_shardings(per_layer, cfg))
+    return jax.jit(lambda p: pack_weights(unstack_layers(p, cfg), cfg), out_shardings=packed_shardings(per_layer))
 
 
 @dataclasses.dataclass

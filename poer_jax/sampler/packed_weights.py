@@ -31,7 +31,7 @@ _warned: set[str] = set()
 PRODUCTS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def packed_matmul_reason(scfg: SamplerConfig, cfg: QwenConfig, mesh: Mesh | None, unrolled: bool) -> str:
+def packed_matmul_reason(cfg: QwenConfig, mesh: Mesh | None, unrolled: bool) -> str:
     """'' when the sampler can use the packed CPU kernel, else why not."""
     device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
     if device.platform != "cpu":
@@ -50,7 +50,7 @@ def use_packed_matmuls(scfg: SamplerConfig, cfg: QwenConfig, mesh: Mesh | None, 
     saying why it cannot; 'xla' keeps XLA's dot."""
     if scfg.matmul_kernel == "xla":
         return False
-    reason = packed_matmul_reason(scfg, cfg, mesh, unrolled)
+    reason = packed_matmul_reason(cfg, mesh, unrolled)
     if reason and scfg.matmul_kernel == "packed_cpu":
         raise SamplerError(f"SamplerConfig.matmul_kernel='packed_cpu' cannot be used: {reason}")
     if reason.startswith("packed_matmul:") and reason not in _warned:  # it applies but did not build: say so once
@@ -80,7 +80,7 @@ def unpack_weights(params: Params, cfg: QwenConfig) -> Params:
     return out
 
 
-def packed_shardings(layer_shardings: Params, cfg: QwenConfig) -> Params:
+def packed_shardings(layer_shardings: Params) -> Params:
     """The shardings of ``pack_weights``' output given those of its input (``layer_shardings``): packed weights
     are whole on every device (no tensor axis here), as a sharding prefix of each ``PackedWeight``."""
 
@@ -96,7 +96,7 @@ def abstract_packed(per_layer: Params, cfg: QwenConfig, shardings: Params | None
     out = jax.eval_shape(lambda p: pack_weights(p, cfg), per_layer)
     if shardings is None:
         return out
-    flat = jax.tree.leaves(packed_shardings(shardings, cfg), is_leaf=lambda x: x is None)
+    flat = jax.tree.leaves(packed_shardings(shardings), is_leaf=lambda x: x is None)
     # one sharding per PackedWeight (a prefix) -> one per leaf: each PackedWeight has one array leaf
     leaves, treedef = jax.tree.flatten(out)
     return jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
