@@ -2,10 +2,13 @@
 (``sampler/packed_weights``).
 
 The kernel equals numpy's product over ragged shapes (rows not a multiple of its register tile, columns not a
-multiple of a panel, leading axes); packing round-trips exactly; a build that cannot happen says why and leaves
-nothing in the cache. The sampler packs where it applies (CPU, float32, layers unrolled, no tensor axis), refuses
-'packed_cpu' elsewhere naming why, and its samples equal XLA's products: greedy tokens, seeded samples, log-probs
-to float32 rounding, for Qwen2 (biases, untied head) and Qwen3 (q/k norms, tied head).
+multiple of a panel, leading axes) on every instruction-set path this CPU can run (``pm.isa_paths()``: on an
+AVX-512 machine the AVX-512, AVX2 and baseline builds of the same source); a row's result does not depend on the
+rows that come with it, bit for bit, on every path; the fused multiply-add paths agree bit for bit; packing
+round-trips exactly; a build that cannot happen says why and leaves nothing in the cache. The sampler packs where
+it applies (CPU, float32, layers unrolled, no tensor axis), refuses 'packed_cpu' elsewhere naming why, and its
+samples equal XLA's products: greedy tokens, seeded samples, log-probs to float32 rounding, for Qwen2 (biases,
+untied head) and Qwen3 (q/k norms, tied head).
 """
 
 from __future__ import annotations
@@ -25,9 +28,21 @@ LENS = (1, 4, 5, 16, 17, 23, 9, 30)
 BUDGETS = [6, 9, 3, 12, 7, 10, 2, 5]
 
 
+PATHS = pm.isa_paths()
+
+
 @pytest.fixture(scope="module")
 def kernel() -> None:
-    pm.load_kernel()  # the CI machine has a compiler: a failed build fails here, with the compiler's message
+    for isa in PATHS:  # the CI machine has a compiler: a failed build fails here, with the compiler's message
+        pm.load_kernel(isa)
+
+
+def test_every_instruction_set_path_of_this_architecture_is_tested() -> None:
+    """On x86-64 with AVX2 + FMA (every CI machine) three builds run: native (AVX-512 where the CPU has it), AVX2
+    and the SSE2 baseline; so a CPU family the suite never ran on meets no path the suite did not run."""
+    flags = set(pm._cpu_signature().split())
+    want = set(pm.ISA_FLAGS[pm._arch()]) - ({"avx2"} if not {"avx2", "fma"} <= flags else set())
+    assert PATHS[0] == "native" and set(PATHS) == want and "baseline" in PATHS, PATHS
 
 
 def _rand(shape: tuple[int, ...], seed: int) -> np.ndarray:
@@ -35,23 +50,47 @@ def _rand(shape: tuple[int, ...], seed: int) -> np.ndarray:
 
 
 # ---- the kernel ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("isa", PATHS)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("M,K,N", [(1, 7, 5), (3, 64, 33), (8, 96, 32), (9, 64, 130), (17, 33, 96), (33, 16, 64),
                                    (0, 8, 40), (4, 0, 40)])
-def test_packed_matmul_equals_numpy(kernel, M: int, K: int, N: int, dtype: str) -> None:
+def test_packed_matmul_equals_numpy(kernel, M: int, K: int, N: int, dtype: str, isa: str) -> None:
     """bfloat16 operands: their products are exact in float32, so the result is the float64 product of the
     bfloat16 values to float32 summation error, like float32's."""
     x, w = jnp.asarray(_rand((M, K), 0), dtype), jnp.asarray(_rand((K, N), 1), dtype)
-    y = jax.jit(pm.packed_matmul)(x, jax.jit(pm.pack)(w))
+    y = jax.jit(pm.packed_matmul, static_argnums=2)(x, jax.jit(pm.pack)(w), isa)
     assert y.shape == (M, N) and y.dtype == jnp.float32
     ref = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
     np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5 * max(K, 1) ** 0.5)
 
 
-def test_packed_matmul_takes_leading_axes_and_many_panels(kernel) -> None:
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_rows_result_does_not_depend_on_the_other_rows(kernel, dtype: str) -> None:
+    """Bit for bit, on every path: the first m of 33 rows (every tile shape and remainder: 1-8 row tiles) and each
+    row alone give the rows of the 33-row call, over 40 panels shared between threads. So a sampler's row gets the
+    same products on 1 device as on 8, whichever rows share its tile. Where a fused multiply-add exists (AVX-512,
+    AVX2 + FMA) the paths agree bit for bit too: the same chain of fma over k, in another register width."""
+    x, w = jnp.asarray(_rand((33, 96), 6), dtype), jax.jit(pm.pack)(jnp.asarray(_rand((96, 1270), 7), dtype))
+    full = {}
+    for isa in PATHS:
+        f = jax.jit(pm.packed_matmul, static_argnums=2)
+        full[isa] = np.asarray(f(x, w, isa))
+        for m in range(1, 33):
+            np.testing.assert_array_equal(np.asarray(f(x[:m], w, isa)), full[isa][:m], err_msg=f"{isa}: {m} rows")
+        for i in (0, 7, 8, 16, 31, 32):
+            np.testing.assert_array_equal(np.asarray(f(x[i:i + 1], w, isa))[0], full[isa][i], err_msg=f"{isa}: row {i}")
+    fused = [isa for isa in PATHS if isa != "baseline"]
+    if pm._arch() == "x86_64" and "fma" not in pm._cpu_signature().split():
+        fused = []  # native on an x86 without FMA is the baseline's arithmetic
+    for isa in fused[1:]:
+        np.testing.assert_array_equal(full[isa], full[fused[0]], err_msg=f"{isa} vs {fused[0]}")
+
+
+@pytest.mark.parametrize("isa", PATHS)
+def test_packed_matmul_takes_leading_axes_and_many_panels(kernel, isa: str) -> None:
     """[2, 3, K] rows and a weight of 40 panels (split between XLA's threads where it has several)."""
     x, w = _rand((2, 3, 48), 2), _rand((48, 1270), 3)
-    y = jax.jit(pm.packed_matmul)(jnp.asarray(x), pm.pack(jnp.asarray(w)))
+    y = jax.jit(pm.packed_matmul, static_argnums=2)(jnp.asarray(x), pm.pack(jnp.asarray(w)), isa)
     np.testing.assert_allclose(np.asarray(y), x.astype(np.float64) @ w, rtol=1e-5, atol=1e-4)
 
 
@@ -88,6 +127,11 @@ def test_a_build_that_cannot_happen_says_why_and_leaves_nothing(tmp_path, monkey
     msg = pm._load()
     assert msg.startswith("packed_matmul: ") and "broken.cc" in msg and "failed" in msg
     assert list((tmp_path / "cache").iterdir()) == []  # no partial library, no temporary file
+    monkeypatch.setattr(pm, "SOURCE", pm.SOURCE.__class__(pm.__file__).with_name("packed_matmul.cc"))
+    assert "no 'avx9' path on" in pm._load("avx9")
+    monkeypatch.setattr(pm, "_cpu_signature", lambda: "flags : fpu sse sse2")  # an x86-64 without AVX2
+    if pm._arch() == "x86_64":
+        assert "cannot run the 'avx2' path (it lacks avx2, fma)" in pm._load("avx2")
 
 
 def test_the_build_is_cached_by_source_and_cpu(tmp_path, monkeypatch) -> None:
@@ -100,6 +144,7 @@ def test_the_build_is_cached_by_source_and_cpu(tmp_path, monkeypatch) -> None:
     with monkeypatch.context() as m:
         m.setattr(pm, "SOURCE", edited)
         assert pm._library_path("c++") != first  # another source, another library
+    assert pm._library_path("c++", "baseline") != first  # another path, another library
     monkeypatch.setattr(pm, "_cpu_signature", lambda: "flags : another CPU")
     assert pm._library_path("c++") != first  # -march=native: another CPU, another library
 
@@ -167,7 +212,14 @@ def test_packed_sampler_on_eight_devices_returns_the_weights_it_was_given(kernel
     _, ref = _generate(_params(cfg), cfg, "packed_cpu", sp)
     sampler, res = _generate(_params(cfg), cfg, "packed_cpu", sp, mesh=mesh)
     np.testing.assert_array_equal(res.tokens, ref.tokens)
-    np.testing.assert_allclose(res.logprobs, ref.logprobs, rtol=1e-6, atol=1e-6)
+    # Not bit for bit: the packed products are (test_a_rows_result_does_not_depend_on_the_other_rows), but XLA:CPU
+    # compiles the rest per shape, and a device's programs see 1/8 of the rows. Its reductions then reassociate a
+    # row's sum by the row count (measured, jax 0.10.2, on the AMD EPYC here: a 256-wide log_softmax row differs by
+    # 9.5e-7 between calls of 33 and of 3-9 rows, a logsumexp by 4.8e-7, a batched attention product by up to
+    # 2.9e-6): a few float32 ulps per reduction, about ten reductions deep through 2 layers and the head. Seen:
+    # 1.9e-6 on an Intel Xeon, 4.1e-6 here with XLA:CPU limited to SSE4.2 (--xla_cpu_max_isa=SSE4_2). 1e-5 holds
+    # that with a 2.5x margin and stays 50x below a wrong-row error (a log-prob of another token differs by ~0.1+).
+    np.testing.assert_allclose(res.logprobs, ref.logprobs, rtol=1e-5, atol=1e-5)
     for leaf in jax.tree.leaves(sampler._weights):
         assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == 8
     for seed in (1, 2):

@@ -7,8 +7,16 @@
 // update, each panel is one contiguous stream: read once per row block, prefetched ahead, multiplied into a
 // register tile of ROWS x 32 accumulators.
 //
-// Built at first use by packed_matmul.py with the host's compiler and -march=native; the vector type follows
-// the instruction set the compiler targets (AVX-512: 8-row tiles in 2 zmm per row; otherwise 3-row tiles).
+// Built at first use by packed_matmul.py with the host's compiler; the instruction-set path follows the flags it
+// is built with (packed_matmul.ISA_FLAGS: -march=native for the sampler; AVX2 and a baseline build for the tests):
+//   AVX-512F         16 lanes, 8-row tiles, fused multiply-add (_mm512_fmadd_ps)
+//   AVX2 + FMA        8 lanes, 3-row tiles, fused multiply-add (_mm256_fmadd_ps)
+//   AArch64           4 lanes, 3-row tiles, fused multiply-add (vfmaq_n_f32)
+//   otherwise         4 lanes (SSE2 / any vector unit), 2-row tiles, a rounded product then a rounded sum
+// Every path computes y[m, n] as the same chain over k, acc = fma(x[m, k], W[k, n], acc) from acc = 0 (or the
+// rounded product and sum), whatever the tile, the row's place in it and the thread: a row's result does not depend
+// on how many rows come with it (1 device or 8) nor on how panels are shared. The multiply-adds are written as
+// intrinsics and the build passes -ffp-contract=off, so no tile shape is left to the compiler's contraction choice.
 // Weights float32, or bfloat16 (widened in registers: half the bytes streamed); rows and results float32.
 
 #include <algorithm>
@@ -17,6 +25,12 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#include <immintrin.h>
+#elif defined(__aarch64__)
+#include <arm_neon.h>
+#endif
 
 #include "xla/ffi/api/ffi.h"
 
@@ -28,22 +42,59 @@ constexpr int kPanel = 32;  // columns per packed panel (the Python side packs w
 #if defined(__AVX512F__)
 constexpr int kLanes = 16;
 constexpr int kRows = 8;
-#else
+#elif defined(__AVX2__) && defined(__FMA__)
 constexpr int kLanes = 8;
 constexpr int kRows = 3;
+#elif defined(__aarch64__)
+constexpr int kLanes = 4;
+constexpr int kRows = 3;
+#else
+constexpr int kLanes = 4;
+constexpr int kRows = 2;
 #endif
 constexpr int kVecs = kPanel / kLanes;
 constexpr int kPrefetchRows = 24;  // panel rows (128 bytes each) prefetched ahead of the multiply
 
+// The vector of kLanes floats and its four operations, per instruction set: Load a panel row's kLanes weights
+// (bfloat16 is the upper half of a float32: widening is a zero-extension and a shift), MulAdd (acc + s * w,
+// rounded once where there is a fused multiply-add: every tile the same instruction), Store, Zero. Loads and
+// stores are intrinsics: through memcpy, GCC's Haswell tuning (-march=haswell) kept the accumulators on the stack.
+#if defined(__AVX512F__)
+typedef __m512 Vec;
+inline Vec Zero() { return _mm512_setzero_ps(); }
+inline Vec Load(const float* p) { return _mm512_loadu_ps(p); }
+inline Vec Load(const uint16_t* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline Vec MulAdd(Vec acc, float s, Vec w) { return _mm512_fmadd_ps(_mm512_set1_ps(s), w, acc); }
+inline void Store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+#elif defined(__AVX2__) && defined(__FMA__)
+typedef __m256 Vec;
+inline Vec Zero() { return _mm256_setzero_ps(); }
+inline Vec Load(const float* p) { return _mm256_loadu_ps(p); }
+inline Vec Load(const uint16_t* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline Vec MulAdd(Vec acc, float s, Vec w) { return _mm256_fmadd_ps(_mm256_set1_ps(s), w, acc); }
+inline void Store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+#elif defined(__aarch64__)
+typedef float32x4_t Vec;
+inline Vec Zero() { return vdupq_n_f32(0.0f); }
+inline Vec Load(const float* p) { return vld1q_f32(p); }
+inline Vec Load(const uint16_t* p) { return vreinterpretq_f32_u32(vshlq_n_u32(vmovl_u16(vld1_u16(p)), 16)); }
+inline Vec MulAdd(Vec acc, float s, Vec w) { return vfmaq_n_f32(acc, w, s); }
+inline void Store(float* p, Vec v) { vst1q_f32(p, v); }
+#else
 typedef float Vec __attribute__((vector_size(kLanes * 4), aligned(4)));
-
-// bfloat16 is the upper half of a float32: widening a panel row is a zero-extension and a shift.
-inline Vec LoadPanelRow(const float* p) {
+inline Vec Zero() { return Vec{}; }
+inline Vec Load(const float* p) {
   Vec w;
   std::memcpy(&w, p, sizeof(Vec));
   return w;
 }
-inline Vec LoadPanelRow(const uint16_t* p) {
+inline Vec Load(const uint16_t* p) {
   typedef uint16_t Half __attribute__((vector_size(kLanes * 2), aligned(2)));
   typedef uint32_t Wide __attribute__((vector_size(kLanes * 4)));
   Half h;
@@ -53,6 +104,9 @@ inline Vec LoadPanelRow(const uint16_t* p) {
   std::memcpy(&w, &u, sizeof(Vec));
   return w;
 }
+inline Vec MulAdd(Vec acc, float s, Vec w) { return acc + s * w; }  // -ffp-contract=off: two roundings, every tile
+inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof(Vec)); }
+#endif
 
 // R rows of float32 x (row stride ldx) times one panel [K, 32] -> R x 32 float32 outputs, the first `cols` of each
 // written. T: the weight's float (float32) or uint16_t (bfloat16); float32 accumulation either way.
@@ -60,22 +114,22 @@ template <int R, typename T>
 inline void Tile(const float* x, int64_t ldx, const T* panel, int64_t K, float* y, int64_t ldy, int cols) {
   Vec acc[R][kVecs];
   for (int i = 0; i < R; ++i)
-    for (int j = 0; j < kVecs; ++j) acc[i][j] = Vec{};
+    for (int j = 0; j < kVecs; ++j) acc[i][j] = Zero();
   // 128 bytes of float32 panel row (64 of bfloat16): prefetch the same distance in bytes
   constexpr int kAhead = kPrefetchRows * 4 / static_cast<int>(sizeof(T));
   for (int64_t k = 0; k < K; ++k) {
     const T* row = panel + k * kPanel;
     for (int q = 0; q < kPanel; q += 64 / static_cast<int>(sizeof(T))) __builtin_prefetch(row + kAhead * kPanel + q);
     Vec w[kVecs];
-    for (int j = 0; j < kVecs; ++j) w[j] = LoadPanelRow(row + j * kLanes);
+    for (int j = 0; j < kVecs; ++j) w[j] = Load(row + j * kLanes);
     for (int i = 0; i < R; ++i) {
       const float s = x[i * ldx + k];
-      for (int j = 0; j < kVecs; ++j) acc[i][j] += s * w[j];
+      for (int j = 0; j < kVecs; ++j) acc[i][j] = MulAdd(acc[i][j], s, w[j]);
     }
   }
   for (int i = 0; i < R; ++i) {
     float out[kPanel];
-    std::memcpy(out, acc[i], sizeof(out));
+    for (int j = 0; j < kVecs; ++j) Store(out + j * kLanes, acc[i][j]);
     std::memcpy(y + i * ldy, out, cols * sizeof(float));
   }
 }
