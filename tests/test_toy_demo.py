@@ -6,27 +6,18 @@ docs/benchmarks.md."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 
 from poer_jax.train.config import apply_overrides, load_config_file, validate
-from tests.helpers_runs import ARITHMETIC_WARM_START  # committed; the command that remakes it is there
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _held_out(trainer, k: int) -> np.ndarray:
-    from poer_jax.eval.evaluator import evaluate
-
-    ep = trainer.eval_prompts
-    rows = ep.rows(range(len(ep)))
-    res = evaluate(trainer.sampler, trainer.tokenizer, list(ep.ids), [r.get("solution") for r in rows],
-                   [r.get("answer") for r in rows], k=k, max_new_tokens=trainer.cfg.eval.max_new_tokens,
-                   sampling=trainer.eval_sampling, key=jax.random.key(123), grader=trainer.grader)
-    return res.correct.astype(np.float64)  # [problems, k]
 
 
 @pytest.mark.slow
@@ -60,23 +51,18 @@ def test_demo_runs_in_poers_regime_from_a_warm_start_rl_can_improve(tmp_path):
 
 @pytest.mark.slow
 def test_arithmetic_config_learns(tmp_path):
+    """40 POER steps from the committed warm start, in a process of its own compiled at XLA's default level
+    (tests/learning_run.py says why)."""
     from scipy import stats
 
-    from poer_jax.train.loop import PoerTrainer
-
-    cfg = validate(apply_overrides(load_config_file(ROOT / "configs" / "arithmetic.py"), [
-        f"workdir={tmp_path / 'toy'}", f"warm_start.path={ARITHMETIC_WARM_START}", "toy.num_train=1000",
-        "toy.num_test=160", "train.max_steps=40", "eval.every=0", "train.checkpoint_every=1000",
-        "train.export_final=false",
-        "mesh.num_devices=1"]))  # conftest fakes 8 CPU devices; the demo runs on one
-    trainer = PoerTrainer(cfg)
-    try:
-        before = _held_out(trainer, k=8)
-        while trainer.step < cfg.train.max_steps:
-            trainer.train_step()
-        after = _held_out(trainer, k=8)
-    finally:
-        trainer.close()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    out = tmp_path / "held_out.json"
+    run = subprocess.run([sys.executable, "-m", "tests.learning_run", str(out)], capture_output=True, text=True,
+                         timeout=900, env=env, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(out.read_text())
+    before, after = np.asarray(got["before"]), np.asarray(got["after"])
+    assert before.shape == after.shape == (160, 8)
     gain = after.mean() - before.mean()
     # one-sided paired t-test over problems (each problem's accuracy over its 8 samples)
     p = stats.ttest_rel(after.mean(1), before.mean(1), alternative="greater").pvalue
