@@ -51,8 +51,8 @@ def _prepare(cfg: Any, base: Path, preset: str | None = None, model_path: str | 
              dtype: str | None = None) -> Any:
     """The task and the starting model, prepared once for every run; with ``preset`` / ``model_path`` the
     task's data with that model instead (no warm start)."""
+    from poer_jax.system.config import apply_overrides, validate
     from poer_jax.train import setup
-    from poer_jax.train.config import apply_overrides, validate
 
     if preset or model_path:
         cfg = apply_overrides(cfg, [f"workdir={base}"])
@@ -71,7 +71,7 @@ def _prepare(cfg: Any, base: Path, preset: str | None = None, model_path: str | 
 
 def run_strategy(cfg: Any, strategy: str, steps: int, workdir: Path, extra: list[str] | None = None) -> dict:
     """``steps`` training steps with the given strategy; returns per-sample token counts and timings."""
-    from poer_jax.train.config import apply_overrides, validate
+    from poer_jax.system.config import apply_overrides, validate
     from poer_jax.train.loop import PoerTrainer
 
     shutil.rmtree(workdir, ignore_errors=True)
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default=None, choices=("float32", "bfloat16"), help="weights and compute dtype")
     args, rest = ap.parse_known_args(argv)
 
-    from poer_jax.train.config import ConfigError, apply_overrides, load_config_file, validate
+    from poer_jax.system.config import ConfigError, apply_overrides, load_config_file, validate
 
     config_path = [a for a in rest if a.startswith("--config=")]
     overrides = [a[len("--config."):] for a in rest if a.startswith("--config.")]

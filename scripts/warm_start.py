@@ -91,8 +91,8 @@ def make_warm_start(cfg: Any, out: Path, *, rows: int = 8000, validation: int = 
     import jax
 
     from poer_jax.model.sharding import make_mesh
+    from poer_jax.system.config import apply_overrides, validate
     from poer_jax.train import builders, setup
-    from poer_jax.train.config import apply_overrides, validate
     from poer_jax.train.data import load_dataset_file
     from poer_jax.train.loop import PoerTrainer
 
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     log.setLevel(logging.INFO)
 
-    from poer_jax.train.config import ConfigError, config_from_argv
+    from poer_jax.system.config import ConfigError, config_from_argv
 
     try:
         cfg = config_from_argv(rest)

@@ -28,8 +28,8 @@ from poer_jax.plan.build import (
 from poer_jax.plan.compile import target_devices
 from poer_jax.plan.report import build_report
 from poer_jax.rl.batch import ladder_length, length_ladder
+from poer_jax.system.config import ConfigError, apply_overrides, load_config_file, validate
 from poer_jax.train import setup
-from poer_jax.train.config import ConfigError, apply_overrides, load_config_file, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.preset=tiny-hd128", "model.path=None", "data.train_path=unused.jsonl", "toy.enabled=false",

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from poer_jax.train.config import ConfigError, config_from_argv
+from poer_jax.system.config import ConfigError, config_from_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 HELPERS = Path(__file__).resolve().parent / "helpers_rewards.py"

@@ -274,8 +274,8 @@ def test_kv_budget_keys_size_the_pool_per_device():
     """Pages per device from rollout.kv_cache_gb, capped at the device's share of the largest call; the
     num_pages override; a budget below one group, a fraction on a backend without memory stats and a
     non-positive budget fail naming the key."""
+    from poer_jax.system.config import ConfigError, apply_overrides, default_config, validate
     from poer_jax.train.builders import sampler_config
-    from poer_jax.train.config import ConfigError, apply_overrides, default_config, validate
 
     def config(**kw):
         base = {"model.preset": "tiny", "data.train_path": "x.jsonl", "data.max_prompt_len": 12,

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from poer_jax.train.config import apply_overrides, load_config_file, validate
+from poer_jax.system.config import apply_overrides, load_config_file, validate
 from tests.helpers_runs import ARITHMETIC_WARM_START  # committed; the command that remakes it is there
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from poer_jax.train.config import ConfigError, config_from_argv
+from poer_jax.system.config import ConfigError, config_from_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))

@@ -1,1 +1,1 @@
-"""Evaluation: answer extraction and grading (``answers``), pass@k / avg@k estimators (``passk``)."""
+"""Evaluation: pass@k / avg@k estimators (``passk``)."""

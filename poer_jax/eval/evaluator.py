@@ -1,7 +1,7 @@
 """avg@k and pass@k of a policy on a set of problems: k samples each, graded with math-verify.
 
 Used by the training loop (held-out accuracy every N steps) and by ``python -m poer_jax.evaluate``.
-The answer extraction and grading are the training reward's (``poer_jax.eval.answers``).
+The answer extraction and grading are the training reward's (``poer_jax.rewards.answers``).
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from poer_jax.plan.report import PlanReport, build_report
 from poer_jax.plan.spec import RESIDENT_CACHE_POOL, ProgramSpec
 from poer_jax.plan.targets import GB, Target
 from poer_jax.rl.batch import LENGTH_MULTIPLE, length_ladder
-from poer_jax.train.config import ConfigError, apply_overrides
+from poer_jax.system.config import ConfigError, apply_overrides
 
 OPEN_RS_QUESTIONS = 7000  # open-rs' training split, the paper's data (cache pool rows when no data file is read)
 

@@ -8,7 +8,14 @@ import sys
 from pathlib import Path
 from types import FrameType
 
-from poer_jax.train.config import ConfigError, apply_overrides, config_from_argv, describe, load_config_file, parse_argv
+from poer_jax.system.config import (
+    ConfigError,
+    apply_overrides,
+    config_from_argv,
+    describe,
+    load_config_file,
+    parse_argv,
+)
 
 USAGE = """usage: python -m poer_jax.train --config=configs/NAME.py [--config.KEY=VALUE ...] [--help]
 

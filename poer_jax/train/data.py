@@ -5,7 +5,7 @@ Rows are loaded from JSONL (``.jsonl``, ``.json``: one object per line, or a JSO
 such a directory is given). Columns follow open-rs (``problem``, ``solution``, ``answer``); the names
 are configurable (``ColumnMap``) and renamed to these canonical names, other columns are kept and passed
 to user reward functions. A row needs a problem and at least one of solution / answer (MATH-500, AIME
-and AMC files have no solution); the gold is graded from the solution first (``poer_jax.eval.answers``).
+and AMC files have no solution); the gold is graded from the solution first (``poer_jax.rewards.answers``).
 
 Errors (``DataError``, a ValueError) name the file and the line or row: malformed JSON (``file:line``),
 a missing column (with the columns found), an empty dataset, an unreadable path.

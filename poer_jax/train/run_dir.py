@@ -36,7 +36,7 @@ from typing import Any
 
 import ml_collections
 
-from poer_jax.train.config import SCHEMA, ConfigError, Field
+from poer_jax.system.config import SCHEMA, ConfigError, Field
 
 log = logging.getLogger("poer_jax")
 

@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 
 from poer_jax.model import QwenConfig, export_hf, init_params, load_hf, preset
 from poer_jax.model.sharding import param_shardings
-from poer_jax.train.config import ConfigError
+from poer_jax.system.config import ConfigError
 from poer_jax.train.multihost import barrier, host_copy, is_main_process
 from poer_jax.train.warm_start import supervised_warm_start
 
@@ -308,8 +308,8 @@ def prepare_shared_start(cfg: ml_collections.ConfigDict, workdir: str | Path) ->
     off, so every run built from it (with its own ``workdir``) starts from the same weights and data.
     """
     from poer_jax.model.sharding import make_mesh
+    from poer_jax.system.config import apply_overrides, validate
     from poer_jax.train import builders
-    from poer_jax.train.config import apply_overrides, validate
 
     cfg = apply_overrides(cfg, [f"workdir={workdir}"])
     if cfg.toy.enabled:

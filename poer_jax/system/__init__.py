@@ -1,0 +1,1 @@
+"""The assembly layer: from a validated config to the parts of a run."""
