@@ -75,7 +75,7 @@ def test_the_update_runs_without_the_samplers_buffers() -> None:
     KV pool; the sampler's programs with them; the before-work check takes the larger phase."""
     from poer_jax.plan.build import rollout_and_update_bytes
     from poer_jax.plan.compile import CompiledCost
-    from poer_jax.plan.spec import RESIDENT_KV_POOL, RESIDENT_TRAIN_STATE, ROLLOUT_BUFFERS, ProgramSpec
+    from poer_jax.program_spec import RESIDENT_KV_POOL, RESIDENT_TRAIN_STATE, ROLLOUT_BUFFERS, ProgramSpec
 
     mesh = Mesh(jax.devices()[:1], ("x",))
     abstract = lambda n: jax.ShapeDtypeStruct((n,), jnp.uint8, sharding=jax.NamedSharding(mesh, jax.P()))  # noqa: E731

@@ -54,7 +54,7 @@ def test_micro_batches_give_the_same_warm_start():
     import numpy as np
 
     from poer_jax.model import QwenConfig, init_params
-    from poer_jax.train.warm_start import supervised_warm_start
+    from poer_jax.rl.supervised import supervised_warm_start
 
     cfg = QwenConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
                      head_dim=8, max_position_embeddings=64)
@@ -79,7 +79,7 @@ def test_min_lr_ratio_decays_the_warm_start_steps():
     import numpy as np
 
     from poer_jax.model import QwenConfig, init_params
-    from poer_jax.train.warm_start import supervised_warm_start
+    from poer_jax.rl.supervised import supervised_warm_start
 
     cfg = QwenConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
                      head_dim=8, max_position_embeddings=64)

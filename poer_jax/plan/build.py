@@ -23,8 +23,8 @@ from poer_jax.model.presets import preset, preset_names
 from poer_jax.model.sharding import make_mesh
 from poer_jax.plan.compile import compile_program, target_devices
 from poer_jax.plan.report import PlanReport, build_report
-from poer_jax.plan.spec import RESIDENT_CACHE_POOL, ProgramSpec
 from poer_jax.plan.targets import GB, Target
+from poer_jax.program_spec import RESIDENT_CACHE_POOL, ProgramSpec
 from poer_jax.rl.batch import LENGTH_MULTIPLE, length_ladder
 from poer_jax.system.config import ConfigError, apply_overrides
 

@@ -20,8 +20,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from poer_jax.plan.spec import ProgramSpec
 from poer_jax.plan.targets import Target
+from poer_jax.program_spec import ProgramSpec
 
 
 class PlanError(RuntimeError):

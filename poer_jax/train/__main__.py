@@ -52,7 +52,7 @@ def _help(argv: list[str]) -> int:
 
 
 def _setup_logging() -> None:
-    from poer_jax.train.progress import TqdmLoggingHandler
+    from poer_jax.console import TqdmLoggingHandler
 
     handler = TqdmLoggingHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"))

@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 
 from poer_jax import poer
+from poer_jax.console import TaskProgress
 from poer_jax.rl import (
     DynamicSampler,
     DynamicSamplingError,
@@ -38,7 +39,7 @@ from poer_jax.train.checkpoint import BrokenCheckpointError, Checkpointer, pool_
 from poer_jax.train.held_out import evaluate_held_out
 from poer_jax.train.metrics import MetricsWriter, SamplesWriter
 from poer_jax.train.multihost import barrier, is_main_process
-from poer_jax.train.progress import Progress, TaskProgress
+from poer_jax.train.progress import Progress
 from poer_jax.train.reward_pool import RewardPool, RewardResult
 from poer_jax.train.rollout import Rollout, responses_array, rollout, select_groups
 from poer_jax.train.step_metrics import gather_reward_result, rollout_metrics

@@ -22,9 +22,9 @@ from jax.sharding import Mesh
 
 from poer_jax.model import QwenConfig, export_hf, init_params, load_hf, preset
 from poer_jax.model.sharding import param_shardings
+from poer_jax.rl.supervised import supervised_warm_start
 from poer_jax.system.config import ConfigError
 from poer_jax.train.multihost import barrier, host_copy, is_main_process
-from poer_jax.train.warm_start import supervised_warm_start
 
 log = logging.getLogger("poer_jax")
 
@@ -259,7 +259,7 @@ def run_warm_start(cfg: ml_collections.ConfigDict, tokenizer: Any, prompt_ids: l
     ``callback_every`` steps may stop it early (``supervised_warm_start``). Multi-host: every process
     trains, process 0 writes.
     """
-    from poer_jax.train.progress import TaskProgress
+    from poer_jax.console import TaskProgress
 
     out_dir = Path(out_dir) if out_dir is not None else warm_start_dir(cfg)
     settings = warm_start_settings(cfg)
