@@ -51,18 +51,18 @@ def _prepare(cfg: Any, base: Path, preset: str | None = None, model_path: str | 
              dtype: str | None = None) -> Any:
     """The task and the starting model, prepared once for every run; with ``preset`` / ``model_path`` the
     task's data with that model instead (no warm start)."""
+    from poer_jax import system
     from poer_jax.system.config import apply_overrides, validate
-    from poer_jax.train import setup
 
     if preset or model_path:
         cfg = apply_overrides(cfg, [f"workdir={base}"])
         if cfg.toy.enabled:
-            cfg = setup.prepare_toy(cfg)  # the data; the tiny model it also makes is not used
+            cfg = system.prepare_toy(cfg)  # the data; the tiny model it also makes is not used
         tok = None if model_path else cfg.model.tokenizer_path or cfg.model.path
         cfg.model.path, cfg.model.preset, cfg.model.tokenizer_path = model_path, preset, tok
         cfg = apply_overrides(cfg, ["toy.enabled=false", "warm_start.steps=0", "warm_start.path=None"])
     else:
-        cfg = setup.prepare_shared_start(cfg, base)
+        cfg = system.prepare_shared_start(cfg, base)
     over = ["eval.enabled=false", "train.export_final=false", "resume=false", "train.checkpoint_every=1000000"]
     if dtype:
         over += [f"model.dtype={dtype}", f"model.param_dtype={dtype}"]

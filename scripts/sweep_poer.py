@@ -180,8 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-grpo", action="store_true")
     args, rest = ap.parse_known_args(argv)
 
+    from poer_jax import system
     from poer_jax.system.config import ConfigError, apply_overrides, config_from_argv
-    from poer_jax.train import setup
 
     try:
         cfg = config_from_argv(rest)
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    base = setup.prepare_shared_start(cfg, args.out / "work" / "base")
+    base = system.prepare_shared_start(cfg, args.out / "work" / "base")
     mean_len = _mean_answer_length(apply_overrides(base, [f"workdir={args.out / 'work' / 'probe'}",
                                                           "rollout.strategy=poer", "eval.enabled=false"]))
     arms: dict[str, list[str]] = {} if args.no_grpo else {"grpo": ["rollout.strategy=full"]}

@@ -133,7 +133,7 @@ def toy_env(tmp_path_factory):
 
     def make(work):
         from poer_jax.system.config import default_config
-        from poer_jax.train.setup import prepare_toy
+        from poer_jax.system.start import prepare_toy
 
         c = default_config()
         c.workdir = str(work)

@@ -116,7 +116,7 @@ def test_start_up_imports_no_torch(toy_env, tmp_path):
     """A run's tokenizer and TensorBoard writer leave torch unloaded (importing it costs seconds at every start,
     and tensorboardX and transformers' AutoTokenizer would pull it in when installed); torch still imports after."""
     pytest.importorskip("tensorboardX")
-    code = (f"import sys\nfrom poer_jax.train.setup import load_tokenizer\n"
+    code = (f"import sys\nfrom poer_jax.system.text import load_tokenizer\n"
             f"from poer_jax.train.metrics import MetricsWriter\n"
             f"tok = load_tokenizer({toy_env['model']!r})\n"
             f"with MetricsWriter({str(tmp_path)!r}, tensorboard=True) as w:\n    w.write(0, {{'loss': 1.0}})\n"

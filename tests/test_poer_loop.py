@@ -168,7 +168,7 @@ def test_truncation_keys_are_validated():
         config_from_argv([*base, "--config.cache.truncation=dynamic", "--config.cache.truncation_mode=authors"])
     with pytest.raises(ConfigError, match="'cache.max_truncation' must be >= 2"):
         config_from_argv([*base, "--config.cache.max_truncation=1", "--config.cache.truncation_mode=authors"])
-    from poer_jax.train.builders import build_truncation
+    from poer_jax.system.cache_pool import build_truncation
 
     both = build_truncation(config_from_argv([*base, "--config.cache.truncation=both",
                                               "--config.cache.truncation_fraction=0.25"]))
