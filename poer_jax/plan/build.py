@@ -9,7 +9,6 @@ target and returns the ``PlanReport``. Only those two functions' signatures are 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import ml_collections
@@ -25,6 +24,7 @@ from poer_jax.rl.programs import trainer_program_specs
 from poer_jax.sampler.programs import sampler_program_specs
 from poer_jax.system.cache_pool import build_empty_pool
 from poer_jax.system.config import ConfigError, apply_overrides
+from poer_jax.system.data import count_jsonl_rows
 from poer_jax.system.memory import trainer_and_sampler_config
 from poer_jax.system.mesh import check_batch_layout, mesh_for
 from poer_jax.system.model import model_shapes
@@ -134,8 +134,4 @@ def _resident_of_skipped(specs: list[ProgramSpec], kept: list[ProgramSpec], extr
 
 
 def _count_questions(cfg: ml_collections.ConfigDict) -> int | None:
-    path = cfg.data.train_path
-    if path and Path(path).is_file() and str(path).endswith(".jsonl"):
-        with open(path, "rb") as f:
-            return sum(1 for line in f if line.strip()) or None
-    return None
+    return count_jsonl_rows(cfg.data.train_path, cfg.data.limit) or None

@@ -40,6 +40,7 @@ __all__ = [
     "PromptConfig",
     "TokenizedPrompts",
     "build_prompt_text",
+    "count_jsonl_rows",
     "load_dataset_file",
     "tokenize_prompts",
 ]
@@ -95,6 +96,16 @@ class MathDataset:
         for i in indices:  # JSONL rows may differ in their extra columns: take the union, in order
             keys += [k for k in self.rows[int(i)] if k not in keys]
         return {k: [self.rows[int(i)].get(k) for i in indices] for k in keys}
+
+
+def count_jsonl_rows(path: str | Path | None, limit: int | None = None) -> int | None:
+    """The rows of a local ``.jsonl`` file (its non-blank lines; at most ``limit``) without parsing them, as a
+    plan sizes what a run would load; None for another format or a file that is not here."""
+    if not path or not str(path).endswith(".jsonl") or not Path(path).is_file():
+        return None
+    with open(path, "rb") as f:
+        rows = sum(1 for line in f if line.strip())
+    return min(rows, limit) if limit else rows
 
 
 def load_dataset_file(

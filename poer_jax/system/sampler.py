@@ -19,6 +19,7 @@ from poer_jax.sampler.budget import budget_bytes, device_free_bytes, kv_bytes_pe
 from poer_jax.sampler.pages import cdiv
 from poer_jax.sampler.sharded import head_shards
 from poer_jax.system.config import ConfigError, apply_overrides
+from poer_jax.system.data import count_jsonl_rows
 from poer_jax.system.multihost import ProcessLocalParams, ProcessRows
 from poer_jax.system.text import TextSide
 
@@ -89,16 +90,26 @@ def sampler_config(cfg: ml_collections.ConfigDict, mcfg: QwenConfig, sampler_mes
                          matmul_kernel=R.matmul_kernel, fixed_tables=R.fixed_page_tables)
 
 
+def eval_problems(cfg: ml_collections.ConfigDict) -> int:
+    """The held-out problems a run of ``cfg`` evaluates, as far as they size the sampler, without loading them:
+    none when evaluation is off or has no file, the rows of ``data.eval_path`` when it is a local JSONL file,
+    else as many as one evaluation call takes (``EVAL_BATCH``: more do not change the sampler)."""
+    if not (cfg.eval.enabled and cfg.data.eval_path):
+        return 0
+    return count_jsonl_rows(cfg.data.eval_path, cfg.data.eval_limit) or EVAL_BATCH
+
+
 def sampler_config_for(cfg: ml_collections.ConfigDict, mcfg: QwenConfig, mesh: Mesh,
                        free_bytes: float | None = None) -> SamplerConfig:
     """The run's ``SamplerConfig`` on ``mesh`` as ``PoerTrainer`` builds it (one process holding the whole
-    mesh; no tokenizer: EOS / pad ids do not change shapes). ``free_bytes``: the device memory left for the
-    KV pool, used by ``rollout.kv_cache_fraction``. When that leaves no room for one group at full length,
-    the pool is planned at that minimum instead, so the plan shows what does not fit."""
+    mesh; no tokenizer: EOS / pad ids do not change shapes; the held-out problems counted by ``eval_problems``).
+    ``free_bytes``: the device memory left for the KV pool, used by ``rollout.kv_cache_fraction``. When that
+    leaves no room for one group at full length, the pool is planned at that minimum instead, so the plan shows
+    what does not fit."""
 
     def build(c: ml_collections.ConfigDict) -> SamplerConfig:
-        return sampler_config(c, mcfg, mesh, eos_ids=(0,), pad_id=0, process_count=1, num_eval_problems=0,
-                              free_bytes=free_bytes)
+        return sampler_config(c, mcfg, mesh, eos_ids=(0,), pad_id=0, process_count=1,
+                              num_eval_problems=eval_problems(c), free_bytes=free_bytes)
 
     try:
         return build(cfg)
