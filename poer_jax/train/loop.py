@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from poer_jax import poer, system
+from poer_jax import poer
 from poer_jax.console import TaskProgress
 from poer_jax.rl import (
     DynamicSampler,
@@ -36,8 +36,18 @@ from poer_jax.rl import (
 from poer_jax.rl.batch import LENGTH_MULTIPLE
 from poer_jax.rl.update import TrainState, create_train_state, reference_copy
 from poer_jax.sampler.pages import cdiv
+from poer_jax.system.cache_pool import build_empty_pool, build_truncation
 from poer_jax.system.config import ConfigError
+from poer_jax.system.memory import check_before_work
+from poer_jax.system.mesh import build_mesh
+from poer_jax.system.model import load_model
 from poer_jax.system.multihost import barrier, is_main_process
+from poer_jax.system.preflight import check_inputs
+from poer_jax.system.runtime import enable_compilation_cache
+from poer_jax.system.sampler import build_sampler, sampling_params
+from poer_jax.system.start import prepare_toy, run_warm_start, use_warm_start, warm_start_target
+from poer_jax.system.text import build_prompts, build_text
+from poer_jax.system.update import build_update_trainer
 from poer_jax.train import report, run_dir
 from poer_jax.train.checkpoint import BrokenCheckpointError, Checkpointer, pool_from_items, pool_items
 from poer_jax.train.held_out import evaluate_held_out
@@ -57,7 +67,7 @@ class PoerTrainer:
     ``run()`` trains to ``train.max_steps``.
 
     Construction first decides how the run starts in its workdir (``run_dir.inspect``: fresh, resume,
-    already complete, or refused) and checks every input (``system.check_inputs``), before anything heavy is made.
+    already complete, or refused) and checks every input (``check_inputs``), before anything heavy is made.
     Whatever fails later closes what was opened (checkpointer, reward workers, writers) before raising.
     """
 
@@ -83,33 +93,33 @@ class PoerTrainer:
             raise
 
     def _build(self, cfg: ml_collections.ConfigDict) -> None:
-        system.check_inputs(cfg)
+        check_inputs(cfg)
         if cfg.toy.enabled:
-            cfg = system.prepare_toy(cfg)
+            cfg = prepare_toy(cfg)
         if cfg.warm_start.path:
-            cfg = system.use_warm_start(cfg)
-        self.mesh, self.rows = system.build_mesh(cfg)
-        system.check_before_work(cfg, self.mesh)  # batch layout and resident memory, before any loading
-        text = system.build_text(cfg)
+            cfg = use_warm_start(cfg)
+        self.mesh, self.rows = build_mesh(cfg)
+        check_before_work(cfg, self.mesh)  # batch layout and resident memory, before any loading
+        text = build_text(cfg)
         self.tokenizer, self.eos_ids, self.pad_id = text.tokenizer, text.eos_ids, text.pad_id
-        data = system.build_prompts(cfg, self.tokenizer)
+        data = build_prompts(cfg, self.tokenizer)
         self.train_data, self.prompts, self.eval_prompts = data.train_rows, data.train, data.eval
         if cfg.warm_start.steps > 0 and not cfg.warm_start.path:
-            targets = [system.warm_start_target(r, cfg) for r in self.prompts.rows(range(len(self.prompts)))]
-            cfg = system.run_warm_start(cfg, self.tokenizer, list(self.prompts.ids), targets, self.mesh)
-        params, self.mcfg = system.load_model(cfg, self.mesh)  # NaN weights are refused here
+            targets = [warm_start_target(r, cfg) for r in self.prompts.rows(range(len(self.prompts)))]
+            cfg = run_warm_start(cfg, self.tokenizer, list(self.prompts.ids), targets, self.mesh)
+        params, self.mcfg = load_model(cfg, self.mesh)  # NaN weights are refused here
         # the inputs are good: only now is the run's part of the workdir touched (an old run moved aside,
         # the config recorded); toy/ and warm_start/ are caches
         run_dir.prepare(self.cfg, self.start, main_process=is_main_process())
         barrier("poer_jax.run_dir")
-        system.enable_compilation_cache(cfg)  # workdir/jax_cache: written only once the inputs are known good
+        enable_compilation_cache(cfg)  # workdir/jax_cache: written only once the inputs are known good
         self.cfg = cfg
         self.checkpointer = Checkpointer(self.workdir / run_dir.CHECKPOINTS, keep=cfg.train.keep_checkpoints,
                                          broken_directory=self.workdir / run_dir.BROKEN)
         resuming = self.start.mode == "resume"
 
         # -- the update step (Eq. 5-7) and its state
-        self.trainer = system.build_update_trainer(cfg, self.mcfg, self.mesh)
+        self.trainer = build_update_trainer(cfg, self.mcfg, self.mesh)
         self.optim_cfg, self.loss_cfg = self.trainer.optim_cfg, self.trainer.loss_cfg
         # the reference policy is only run forward, in the compute dtype: stored there it gives the same log-probs
         # (every weight is cast to it before use) in half the memory of float32 master weights
@@ -117,9 +127,9 @@ class PoerTrainer:
         self.state: TrainState = create_train_state(params, self.trainer)
 
         # -- rollout: the sampler on this process's devices, fed from the trained weights after each update
-        self.sampling, self.eval_sampling = system.sampling_params(cfg)
+        self.sampling, self.eval_sampling = sampling_params(cfg)
         num_eval = len(self.eval_prompts) if self.eval_prompts is not None else 0
-        self.sampler, self.sampler_params = system.build_sampler(
+        self.sampler, self.sampler_params = build_sampler(
             cfg, self.mcfg, self.mesh, self.rows, self.state.params, text, num_eval)
         if self.rows.multihost:
             log.info("process %d of %d: samples %d of the %d questions of a step on its %d devices",
@@ -129,8 +139,8 @@ class PoerTrainer:
         # -- rewards, data order, POER truncation (Eq. 3-4) and the cache pool
         self.rewards, self.grader = build_rewards(cfg)
         self.iterator = build_iterator(cfg, len(self.prompts))
-        self.truncation = system.build_truncation(cfg)
-        self.pool = system.build_empty_pool(len(self.prompts), cfg.rollout.max_completion_len, self.pad_id,
+        self.truncation = build_truncation(cfg)
+        self.pool = build_empty_pool(len(self.prompts), cfg.rollout.max_completion_len, self.pad_id,
                                             self.mesh)
         self.key = jax.random.key(cfg.seed)
         self.step = 0
@@ -165,7 +175,7 @@ class PoerTrainer:
         if c.init == "solutions":
             # as the warm start learnt to write them (a built-in task's R1 format: a cut then falls where the
             # policy's own answers could be cut), else the dataset's solutions
-            texts = [system.warm_start_target(r, self.cfg) if r.get("solution") or r.get("answer") else ""
+            texts = [warm_start_target(r, self.cfg) if r.get("solution") or r.get("answer") else ""
                      for r in rows]
             ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] + [self.eos_ids[0]] for t in texts]
             self.pool = poer.from_token_lists(ids, self.pool.max_len, self.pad_id, self.eos_ids[0],
