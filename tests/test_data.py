@@ -1,4 +1,5 @@
-"""Data loading, prompt building and the resumable sharded iterator (poer_jax.system.data)."""
+"""Data loading and prompt building (poer_jax.system.data), and the resumable sharded iterator
+(poer_jax.train.iterator)."""
 
 from __future__ import annotations
 
