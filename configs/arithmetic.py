@@ -14,7 +14,7 @@ fastest complete run.
 
 from pathlib import Path
 
-from poer_jax.train.config import load_config_file
+from poer_jax.system.config import load_config_file
 
 
 def get_config():

@@ -10,7 +10,7 @@ step alone peaks at ~47-54 GB: a 40 or 48 GB device does not fit it.
 
 from pathlib import Path
 
-from poer_jax.train.config import load_config_file
+from poer_jax.system.config import load_config_file
 
 
 def get_config():

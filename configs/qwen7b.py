@@ -11,7 +11,7 @@ step, 32.0 of 32.6 GB); not one chip (v5e-1: the train state alone is 91 GB).
         --config.data.train_path=/data/open-rs/train.parquet
 """
 
-from poer_jax.train.config import default_config
+from poer_jax.system.config import default_config
 
 
 def get_config():

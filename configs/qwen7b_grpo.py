@@ -6,7 +6,7 @@ Length-aware shaping stays as in the POER config so that only the rollout strate
 
 from pathlib import Path
 
-from poer_jax.train.config import load_config_file
+from poer_jax.system.config import load_config_file
 
 
 def get_config():

@@ -30,7 +30,7 @@ configs/arithmetic.py is a faster short-answer run, outside POER's regime.
 
 from pathlib import Path
 
-from poer_jax.train.config import default_config
+from poer_jax.system.config import default_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -25,7 +25,7 @@ _EXPORTS = {
     "group_advantages": "poer_jax.rl", "LossConfig": "poer_jax.rl", "compute_loss": "poer_jax.rl",
     "Trainer": "poer_jax.rl", "TrainState": "poer_jax.rl", "OptimConfig": "poer_jax.rl",
     "build_rollout_batch": "poer_jax.rl",
-    "default_config": "poer_jax.train.config", "PoerTrainer": "poer_jax.train.loop",
+    "default_config": "poer_jax.system.config", "PoerTrainer": "poer_jax.train.loop",
 }
 _RENAMED = {"update_cache": ("poer_jax.poer", "update")}
 

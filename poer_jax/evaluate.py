@@ -110,9 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     from poer_jax.model.config import ModelConfigError
     from poer_jax.model.sharding import make_mesh
     from poer_jax.sampler import GroupSampler, SamplerConfig, SamplingParams
-    from poer_jax.train.data import ColumnMap, DataError, PromptConfig, load_dataset_file, tokenize_prompts
+    from poer_jax.system.data import ColumnMap, DataError, PromptConfig, load_dataset_file, tokenize_prompts
+    from poer_jax.system.text import eos_and_pad, load_tokenizer
     from poer_jax.train.reward_pool import RewardPool
-    from poer_jax.train.setup import eos_and_pad, load_tokenizer
 
     mesh = make_mesh({"fsdp": -1})
     try:

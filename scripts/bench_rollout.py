@@ -51,18 +51,18 @@ def _prepare(cfg: Any, base: Path, preset: str | None = None, model_path: str | 
              dtype: str | None = None) -> Any:
     """The task and the starting model, prepared once for every run; with ``preset`` / ``model_path`` the
     task's data with that model instead (no warm start)."""
-    from poer_jax.train import setup
-    from poer_jax.train.config import apply_overrides, validate
+    from poer_jax import system
+    from poer_jax.system.config import apply_overrides, validate
 
     if preset or model_path:
         cfg = apply_overrides(cfg, [f"workdir={base}"])
         if cfg.toy.enabled:
-            cfg = setup.prepare_toy(cfg)  # the data; the tiny model it also makes is not used
+            cfg = system.prepare_toy(cfg)  # the data; the tiny model it also makes is not used
         tok = None if model_path else cfg.model.tokenizer_path or cfg.model.path
         cfg.model.path, cfg.model.preset, cfg.model.tokenizer_path = model_path, preset, tok
         cfg = apply_overrides(cfg, ["toy.enabled=false", "warm_start.steps=0", "warm_start.path=None"])
     else:
-        cfg = setup.prepare_shared_start(cfg, base)
+        cfg = system.prepare_shared_start(cfg, base)
     over = ["eval.enabled=false", "train.export_final=false", "resume=false", "train.checkpoint_every=1000000"]
     if dtype:
         over += [f"model.dtype={dtype}", f"model.param_dtype={dtype}"]
@@ -71,7 +71,7 @@ def _prepare(cfg: Any, base: Path, preset: str | None = None, model_path: str | 
 
 def run_strategy(cfg: Any, strategy: str, steps: int, workdir: Path, extra: list[str] | None = None) -> dict:
     """``steps`` training steps with the given strategy; returns per-sample token counts and timings."""
-    from poer_jax.train.config import apply_overrides, validate
+    from poer_jax.system.config import apply_overrides, validate
     from poer_jax.train.loop import PoerTrainer
 
     shutil.rmtree(workdir, ignore_errors=True)
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default=None, choices=("float32", "bfloat16"), help="weights and compute dtype")
     args, rest = ap.parse_known_args(argv)
 
-    from poer_jax.train.config import ConfigError, apply_overrides, load_config_file, validate
+    from poer_jax.system.config import ConfigError, apply_overrides, load_config_file, validate
 
     config_path = [a for a in rest if a.startswith("--config=")]
     overrides = [a[len("--config."):] for a in rest if a.startswith("--config.")]

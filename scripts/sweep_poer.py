@@ -63,7 +63,7 @@ def _evaluate(trainer: Any) -> tuple[float, list[float]]:
 def run_arm(cfg: Any, name: str, overrides: list[str], steps: int, eval_steps: set[int], workdir: Path,
             start: tuple[float, list[float]] | None) -> dict[str, Any]:
     """One training run; returns its per-step metrics and evaluations."""
-    from poer_jax.train.config import apply_overrides, validate
+    from poer_jax.system.config import apply_overrides, validate
     from poer_jax.train.loop import PoerTrainer
 
     c = validate(apply_overrides(cfg, [f"workdir={workdir}", f"train.max_steps={steps}", "eval.every=0",
@@ -180,8 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-grpo", action="store_true")
     args, rest = ap.parse_known_args(argv)
 
-    from poer_jax.train import setup
-    from poer_jax.train.config import ConfigError, apply_overrides, config_from_argv
+    from poer_jax import system
+    from poer_jax.system.config import ConfigError, apply_overrides, config_from_argv
 
     try:
         cfg = config_from_argv(rest)
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    base = setup.prepare_shared_start(cfg, args.out / "work" / "base")
+    base = system.prepare_shared_start(cfg, args.out / "work" / "base")
     mean_len = _mean_answer_length(apply_overrides(base, [f"workdir={args.out / 'work' / 'probe'}",
                                                           "rollout.strategy=poer", "eval.enabled=false"]))
     arms: dict[str, list[str]] = {} if args.no_grpo else {"grpo": ["rollout.strategy=full"]}

@@ -48,11 +48,11 @@ class _Validation:
     """The stopping rule: validation accuracy every few steps, True once it reaches the target."""
 
     def __init__(self, cfg: Any, text: Any, prompts: Any, target: float, k: int = 2) -> None:
-        from poer_jax.train import builders
+        from poer_jax.train.reward_setup import build_rewards
 
         self.cfg, self.text, self.prompts, self.target, self.k = cfg, text, prompts, target, k
         self.rows = prompts.rows(range(len(prompts)))
-        _, self.grader = builders.build_rewards(cfg)
+        _, self.grader = build_rewards(cfg)
         self.sampler: Any = None
         self.curve: list[dict[str, float]] = []
 
@@ -60,22 +60,21 @@ class _Validation:
         import jax
         import jax.numpy as jnp
 
+        from poer_jax import system
         from poer_jax.eval.evaluator import evaluate
         from poer_jax.model.sharding import make_mesh
-        from poer_jax.train import builders
-        from poer_jax.train.multihost import ProcessRows
 
         params = jax.tree.map(jnp.copy, params)  # the warm start donates its parameters to the next step
         if self.sampler is None:
             mesh = make_mesh({"fsdp": -1}, jax.devices()[:1])
-            self.sampler, self.local = builders.build_sampler(self.cfg, mcfg, mesh, ProcessRows(mesh), params,
-                                                              self.text, len(self.prompts))
+            self.sampler, self.local = system.build_sampler(self.cfg, mcfg, mesh, system.ProcessRows(mesh), params,
+                                                            self.text, len(self.prompts))
         else:
             self.sampler.update_params(self.local(params))
         res = evaluate(self.sampler, self.text.tokenizer, list(self.prompts.ids),
                        [r.get("solution") for r in self.rows], [r.get("answer") for r in self.rows], k=self.k,
                        max_new_tokens=self.cfg.eval.max_new_tokens or self.cfg.rollout.max_completion_len,
-                       sampling=builders.sampling_params(self.cfg)[1], key=jax.random.key(7), grader=self.grader)
+                       sampling=system.sampling_params(self.cfg)[1], key=jax.random.key(7), grader=self.grader)
         acc = float(res.correct.mean())
         self.curve.append({"step": step, "validation_accuracy": acc})
         log.info("warm start step %d: validation accuracy %.3f", step, acc)
@@ -90,10 +89,10 @@ def make_warm_start(cfg: Any, out: Path, *, rows: int = 8000, validation: int = 
     """Run the warm start of ``cfg`` into ``out``; returns the record written to ``out/warm_start.json``."""
     import jax
 
+    from poer_jax import system
     from poer_jax.model.sharding import make_mesh
-    from poer_jax.train import builders, setup
-    from poer_jax.train.config import apply_overrides, validate
-    from poer_jax.train.data import load_dataset_file
+    from poer_jax.system.config import apply_overrides, validate
+    from poer_jax.system.data import load_dataset_file
     from poer_jax.train.loop import PoerTrainer
 
     out = Path(out)
@@ -101,9 +100,9 @@ def make_warm_start(cfg: Any, out: Path, *, rows: int = 8000, validation: int = 
         base = validate(apply_overrides(cfg, [f"workdir={tmp}", "warm_start.path=None"]))
         if base.warm_start.steps < 1:
             raise ValueError("warm_start.steps must be >= 1 to make a warm start")
-        base = setup.prepare_toy(base) if base.toy.enabled else base
+        base = system.prepare_toy(base) if base.toy.enabled else base
         rl_train = base.data.train_path
-        text = builders.build_text(base)
+        text = system.build_text(base)
         check = None
         if rows > 0 and base.toy.enabled:
             held_out = {r["problem"] for r in load_dataset_file(base.data.eval_path).rows} if base.data.eval_path \
@@ -112,18 +111,18 @@ def make_warm_start(cfg: Any, out: Path, *, rows: int = 8000, validation: int = 
             exclude = held_out | {r["problem"] for r in load_dataset_file(valid_path).rows}
             base.data.train_path = str(_fresh_rows(base, rows, base.seed + 1, exclude, Path(tmp) / "rows.jsonl"))
             valid_cfg = apply_overrides(base, [f"data.train_path={valid_path}", "data.questions_per_step=1"])
-            valid = builders.build_prompts(valid_cfg, text.tokenizer).train
+            valid = system.build_prompts(valid_cfg, text.tokenizer).train
             check = _Validation(base, text, valid, target)
         elif rows > 0:
             raise ValueError("--rows needs a config with a built-in task (toy.enabled); use --rows 0")
-        prompts = builders.build_prompts(base, text.tokenizer).train
-        targets = [setup.warm_start_target(r, base) for r in prompts.rows(range(len(prompts)))]
+        prompts = system.build_prompts(base, text.tokenizer).train
+        targets = [system.warm_start_target(r, base) for r in prompts.rows(range(len(prompts)))]
         staged = Path(tmp) / "out"
         t0 = time.perf_counter()
         try:
-            setup.run_warm_start(base, text.tokenizer, list(prompts.ids), targets,
-                                 make_mesh({"fsdp": -1}, jax.devices()[:1]), out_dir=staged, callback=check,
-                                 callback_every=eval_every if check is not None else 0)
+            system.run_warm_start(base, text.tokenizer, list(prompts.ids), targets,
+                                  make_mesh({"fsdp": -1}, jax.devices()[:1]), out_dir=staged, callback=check,
+                                  callback_every=eval_every if check is not None else 0)
         finally:
             if check is not None:
                 check.close()
@@ -174,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     log.setLevel(logging.INFO)
 
-    from poer_jax.train.config import ConfigError, config_from_argv
+    from poer_jax.system.config import ConfigError, config_from_argv
 
     try:
         cfg = config_from_argv(rest)

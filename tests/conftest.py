@@ -132,8 +132,8 @@ def toy_env(tmp_path_factory):
     """Toy task files, tokenizer and a tiny random Qwen2 (1 layer, hidden 32), generated once."""
 
     def make(work):
-        from poer_jax.train.config import default_config
-        from poer_jax.train.setup import prepare_toy
+        from poer_jax.system.config import default_config
+        from poer_jax.system.start import prepare_toy
 
         c = default_config()
         c.workdir = str(work)

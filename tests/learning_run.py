@@ -32,7 +32,7 @@ def held_out(trainer, k: int) -> list[list[float]]:
 
 
 def main(out: Path, extra: list[str]) -> None:
-    from poer_jax.train.config import apply_overrides, load_config_file, validate
+    from poer_jax.system.config import apply_overrides, load_config_file, validate
     from poer_jax.train.loop import PoerTrainer
 
     cfg = validate(apply_overrides(load_config_file(ROOT / "configs" / "arithmetic.py"), [

@@ -230,8 +230,8 @@ def test_train_config_keys_reach_the_sampler() -> None:
     from pathlib import Path
 
     from poer_jax.model.sharding import make_mesh
-    from poer_jax.train.builders import sampler_config
-    from poer_jax.train.config import ConfigError, config_from_argv
+    from poer_jax.system.config import ConfigError, config_from_argv
+    from poer_jax.system.sampler import sampler_config
 
     toy = str(Path(__file__).resolve().parents[1] / "configs/arithmetic.py")
     with pytest.raises(ConfigError, match="'rollout.attention_kernel' must be one of"):

@@ -192,7 +192,7 @@ def test_bad_config_names_the_key(toy_env, tmp_path, capsys, extra, expect):
 ])
 def test_bad_config_file_names_line_and_key(tmp_path, capsys, line, expect):
     f = tmp_path / "bad.py"
-    f.write_text("from poer_jax.train.config import default_config\ndef get_config():\n"
+    f.write_text("from poer_jax.system.config import default_config\ndef get_config():\n"
                  f"    c = default_config()\n    {line}\n    return c\n")  # the bad line is line 4
     rc = main([f"--config={f}", f"--config.workdir={tmp_path / 'w'}"])
     err = capsys.readouterr().err
@@ -212,7 +212,7 @@ def test_toy_run_with_a_missing_data_file_fails_before_generating_the_task(tmp_p
 
 
 def test_help_shows_the_config_files_values_and_every_keys_meaning(capsys):
-    from poer_jax.train.config import SCHEMA, keys
+    from poer_jax.system.config import SCHEMA, keys
 
     assert main([f"--config={ROOT / 'configs' / 'arithmetic.py'}", "--config.train.max_steps=7", "--help"]) == 0
     out = capsys.readouterr().out

@@ -6,7 +6,8 @@ import re
 
 import pytest
 
-from poer_jax.eval.answers import grade_completion
+from poer_jax.rewards.answers import grade_completion
+from poer_jax.rewards.functions import format_reward
 from poer_jax.tasks import TASKS, make_task_splits, task_capacity, task_completion
 from poer_jax.tasks.chain import (
     ChainTaskConfig,
@@ -18,7 +19,6 @@ from poer_jax.tasks.chain import (
     num_chain_problems,
 )
 from poer_jax.tasks.tiny_tokenizer import load_tiny_tokenizer, make_tiny_tokenizer
-from poer_jax.train.rewards import format_reward
 
 STEP = re.compile(r"(\d\d):(\d)\+(\d)\+(\d)=(\d)")
 PROBLEM = re.compile(r"Start (\d) (\d), add (\d), (\d+) steps\.")
@@ -122,8 +122,8 @@ def test_held_out_evaluation_reports_the_chain_error_kinds(monkeypatch):
     import numpy as np
 
     import poer_jax.eval.evaluator as evaluator
+    from poer_jax.system.config import default_config
     from poer_jax.tasks import error_fractions
-    from poer_jax.train.config import default_config
     from poer_jax.train.held_out import evaluate_held_out
 
     rows = [chain_row(5, 7, 1, 4), chain_row(2, 0, 0, 3)]

@@ -1,4 +1,5 @@
-"""Data loading, prompt building and the resumable sharded iterator (poer_jax.train.data)."""
+"""Data loading and prompt building (poer_jax.system.data), and the resumable sharded iterator
+(poer_jax.train.iterator)."""
 
 from __future__ import annotations
 
@@ -9,17 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from poer_jax.tasks.tiny_tokenizer import load_tiny_tokenizer, make_tiny_tokenizer
-from poer_jax.train.data import (
+from poer_jax.system.data import (
     PLAIN_TEMPLATE,
     ColumnMap,
     DataError,
-    EpochIterator,
     PromptConfig,
     build_prompt_text,
     load_dataset_file,
     tokenize_prompts,
 )
+from poer_jax.tasks.tiny_tokenizer import load_tiny_tokenizer, make_tiny_tokenizer
+from poer_jax.train.iterator import EpochIterator
 
 ROWS = [
     {"problem": "Compute 1 + 2.", "solution": "1 + 2 = 3. \\boxed{3}", "answer": "3", "level": "1"},

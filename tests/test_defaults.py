@@ -12,7 +12,7 @@ from poer_jax import poer
 from poer_jax.rl import LossConfig
 from poer_jax.rl.optim import OptimConfig
 from poer_jax.rl.update import UpdateConfig
-from poer_jax.train.config import default_config
+from poer_jax.system.config import default_config
 
 
 def _defaults(cls) -> dict:

@@ -13,7 +13,7 @@ import pytest
 
 from poer_jax.eval.evaluator import EvalResult, grade
 from poer_jax.eval.passk import pass_at_k
-from poer_jax.train.data import load_dataset_file
+from poer_jax.system.data import load_dataset_file
 from poer_jax.train.reward_pool import RewardPool
 from tests.helpers_runs import xla_flags
 

@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from poer_jax.console import format_duration
 from poer_jax.train import metrics as metrics_lib
 from poer_jax.train.metrics import MetricsWriter, read_metrics
-from poer_jax.train.progress import Progress, format_duration, format_step_line, tokens_per_second
+from poer_jax.train.progress import Progress, format_step_line, tokens_per_second
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -115,7 +116,7 @@ def test_start_up_imports_no_torch(toy_env, tmp_path):
     """A run's tokenizer and TensorBoard writer leave torch unloaded (importing it costs seconds at every start,
     and tensorboardX and transformers' AutoTokenizer would pull it in when installed); torch still imports after."""
     pytest.importorskip("tensorboardX")
-    code = (f"import sys\nfrom poer_jax.train.setup import load_tokenizer\n"
+    code = (f"import sys\nfrom poer_jax.system.text import load_tokenizer\n"
             f"from poer_jax.train.metrics import MetricsWriter\n"
             f"tok = load_tokenizer({toy_env['model']!r})\n"
             f"with MetricsWriter({str(tmp_path)!r}, tensorboard=True) as w:\n    w.write(0, {{'loss': 1.0}})\n"
@@ -237,7 +238,7 @@ class _Tty(io.StringIO):
 
 
 def test_task_progress_plain_lines_at_each_tenth(caplog):
-    from poer_jax.train.progress import TaskProgress
+    from poer_jax.console import TaskProgress
 
     with caplog.at_level("INFO", logger="poer_jax"), TaskProgress("warm start", 50, unit="steps",
                                                                    stream=io.StringIO()) as bar:
@@ -251,7 +252,8 @@ def test_task_progress_plain_lines_at_each_tenth(caplog):
 def test_log_records_are_not_glued_to_a_live_bar():
     import logging
 
-    from poer_jax.train.progress import Progress, TqdmLoggingHandler
+    from poer_jax.console import TqdmLoggingHandler
+    from poer_jax.train.progress import Progress
 
     stream = _Tty()
     logger = logging.getLogger("poer_jax.test_bar")

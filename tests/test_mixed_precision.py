@@ -19,7 +19,7 @@ from poer_jax.rl.batch import build_rollout_batch
 from poer_jax.rl.losses import LossConfig
 from poer_jax.rl.optim import OptimConfig
 from poer_jax.rl.update import Trainer, update_step
-from poer_jax.train.config import ConfigError, default_config, validate
+from poer_jax.system.config import ConfigError, default_config, validate
 
 STEPS, LR = 200, 1e-6
 

@@ -17,19 +17,15 @@ from jax.sharding import Mesh
 from poer_jax.model import init_params, preset
 from poer_jax.model.qwen import forward
 from poer_jax.plan import get_target
-from poer_jax.plan.build import (
-    check_batch_layout,
-    check_resident_memory,
-    config_for_target,
-    mesh_for,
-    model_shapes,
-    plan_config,
-)
+from poer_jax.plan.build import config_for_target, plan_config
 from poer_jax.plan.compile import target_devices
 from poer_jax.plan.report import build_report
 from poer_jax.rl.batch import ladder_length, length_ladder
-from poer_jax.train import setup
-from poer_jax.train.config import ConfigError, apply_overrides, load_config_file, validate
+from poer_jax.system import runtime
+from poer_jax.system.config import ConfigError, apply_overrides, load_config_file, validate
+from poer_jax.system.memory import check_resident_memory
+from poer_jax.system.mesh import check_batch_layout, mesh_for
+from poer_jax.system.model import model_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.preset=tiny-hd128", "model.path=None", "data.train_path=unused.jsonl", "toy.enabled=false",
@@ -73,9 +69,9 @@ def test_cpu8_plan_compiles_and_judges_both_ways() -> None:
 def test_the_update_runs_without_the_samplers_buffers() -> None:
     """A program that the run gives the sampler's memory (``released``) peaks without the sampler's weights and
     KV pool; the sampler's programs with them; the before-work check takes the larger phase."""
-    from poer_jax.plan.build import rollout_and_update_bytes
     from poer_jax.plan.compile import CompiledCost
-    from poer_jax.plan.spec import RESIDENT_KV_POOL, RESIDENT_TRAIN_STATE, ROLLOUT_BUFFERS, ProgramSpec
+    from poer_jax.program_spec import RESIDENT_KV_POOL, RESIDENT_TRAIN_STATE, ROLLOUT_BUFFERS, ProgramSpec
+    from poer_jax.system.memory import rollout_and_update_bytes
 
     mesh = Mesh(jax.devices()[:1], ("x",))
     abstract = lambda n: jax.ShapeDtypeStruct((n,), jnp.uint8, sharding=jax.NamedSharding(mesh, jax.P()))  # noqa: E731
@@ -186,11 +182,11 @@ def test_persistent_compilation_cache(tmp_path: Path, monkeypatch) -> None:
     try:
         cfg = _cfg(f"workdir={tmp_path}")
         monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "shared"))
-        assert setup.enable_compilation_cache(cfg) == tmp_path / "shared"
+        assert runtime.enable_compilation_cache(cfg) == tmp_path / "shared"
         monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
-        assert setup.enable_compilation_cache(cfg) == tmp_path / "jax_cache"
+        assert runtime.enable_compilation_cache(cfg) == tmp_path / "jax_cache"
         assert jax.config.jax_compilation_cache_dir == str(tmp_path / "jax_cache")
-        assert setup.enable_compilation_cache(_cfg("train.compilation_cache_dir=")) is None
+        assert runtime.enable_compilation_cache(_cfg("train.compilation_cache_dir=")) is None
     finally:
         from jax.experimental.compilation_cache import compilation_cache
 
@@ -199,12 +195,12 @@ def test_persistent_compilation_cache(tmp_path: Path, monkeypatch) -> None:
 
 
 def test_skip_absent_tpu_uses_the_cpu_backend(monkeypatch) -> None:
-    assert setup.skip_absent_tpu() is False  # JAX_PLATFORMS is set (conftest): nothing changes
+    assert runtime.skip_absent_tpu() is False  # JAX_PLATFORMS is set (conftest): nothing changes
     monkeypatch.delenv("JAX_PLATFORMS")
     before = jax.config.jax_platforms
     try:
         jax.config.update("jax_platforms", None)
-        switched = setup.skip_absent_tpu()
+        switched = runtime.skip_absent_tpu()
         assert switched == HAS_LIBTPU  # this host has no TPU chips and no GPU plugin
         assert jax.config.jax_platforms == ("cpu" if HAS_LIBTPU else None)
     finally:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from poer_jax.train.config import ConfigError, config_from_argv
+from poer_jax.system.config import ConfigError, config_from_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 HELPERS = Path(__file__).resolve().parent / "helpers_rewards.py"
@@ -168,7 +168,7 @@ def test_truncation_keys_are_validated():
         config_from_argv([*base, "--config.cache.truncation=dynamic", "--config.cache.truncation_mode=authors"])
     with pytest.raises(ConfigError, match="'cache.max_truncation' must be >= 2"):
         config_from_argv([*base, "--config.cache.max_truncation=1", "--config.cache.truncation_mode=authors"])
-    from poer_jax.train.builders import build_truncation
+    from poer_jax.system.cache_pool import build_truncation
 
     both = build_truncation(config_from_argv([*base, "--config.cache.truncation=both",
                                               "--config.cache.truncation_fraction=0.25"]))

@@ -10,9 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from poer_jax.eval.answers import extract_last_boxed, grade_completion, parse_gold, wrap_boxed
-from poer_jax.train.reward_pool import RewardFunctionError, RewardPool, RewardSpec
-from poer_jax.train.rewards import (
+from poer_jax.rewards.answers import extract_last_boxed, grade_completion, parse_gold, wrap_boxed
+from poer_jax.rewards.functions import (
     accuracy_reward,
     cosine_scaled_reward,
     format_reward,
@@ -20,6 +19,7 @@ from poer_jax.train.rewards import (
     make_cosine_reward,
     resolve_reward,
 )
+from poer_jax.train.reward_pool import RewardFunctionError, RewardPool, RewardSpec
 
 HELPERS = str(Path(__file__).with_name("helpers_rewards.py"))
 GOOD = "<think>\n3 + 4 = 7.\n</think>\n\\boxed{7}"
@@ -119,7 +119,7 @@ def test_cosine_trl_signature_counts_tokens_not_characters() -> None:
 
 def test_load_reward_function_errors() -> None:
     assert load_reward_function(f"{HELPERS}:length_reward")([], ["abc"], None) == [3.0]
-    assert load_reward_function("poer_jax.train.rewards:format_reward") is format_reward
+    assert load_reward_function("poer_jax.rewards.functions:format_reward") is format_reward
     with pytest.raises(ValueError, match="expected 'module:function'"):
         load_reward_function("just_a_name")
     with pytest.raises(ValueError, match="cannot import 'no_such_module_xyz'"):

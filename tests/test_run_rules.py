@@ -39,7 +39,7 @@ def _main(capsys, caplog, env, workdir, extra, **changes) -> tuple[int, str]:
 
 
 def _trainer(env, workdir, extra, **changes):
-    from poer_jax.train.config import config_from_argv
+    from poer_jax.system.config import config_from_argv
     from poer_jax.train.loop import PoerTrainer
 
     return PoerTrainer(config_from_argv(argv(env, workdir, **{**extra, **changes})))
@@ -296,7 +296,7 @@ def test_a_run_error_exits_3_and_keeps_the_checkpoints(toy_env, run, capsys, cap
 
 # ---- the rules themselves, without a run --------------------------------------------------------------------
 def test_compare_configs_classifies_by_the_schema():
-    from poer_jax.train.config import default_config
+    from poer_jax.system.config import default_config
 
     a = default_config().to_dict()
     b = json.loads(json.dumps(a))

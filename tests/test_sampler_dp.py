@@ -204,7 +204,7 @@ def test_scheduler_frees_pages_as_samples_finish_and_refills_rows():
 def test_decode_weights_bf16_replicated_over_batch_axes_one_reshard():
     """fp32 master weights in the trainer's FSDP layout -> bf16 compute-dtype weights whole on every device
     of the batch axes (split over 'tensor' only), in one jitted reshard that is reused after updates."""
-    from poer_jax.train.multihost import ProcessLocalParams
+    from poer_jax.system.multihost import ProcessLocalParams
 
     cfg = QWEN2.replace(dtype="bfloat16")
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices()[:8])
@@ -274,8 +274,8 @@ def test_kv_budget_keys_size_the_pool_per_device():
     """Pages per device from rollout.kv_cache_gb, capped at the device's share of the largest call; the
     num_pages override; a budget below one group, a fraction on a backend without memory stats and a
     non-positive budget fail naming the key."""
-    from poer_jax.train.builders import sampler_config
-    from poer_jax.train.config import ConfigError, apply_overrides, default_config, validate
+    from poer_jax.system.config import ConfigError, apply_overrides, default_config, validate
+    from poer_jax.system.sampler import sampler_config
 
     def config(**kw):
         base = {"model.preset": "tiny", "data.train_path": "x.jsonl", "data.max_prompt_len": 12,

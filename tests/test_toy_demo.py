@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from poer_jax.train.config import apply_overrides, load_config_file, validate
+from poer_jax.system.config import apply_overrides, load_config_file, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from poer_jax.eval.answers import grade_completion
+from poer_jax.rewards.answers import grade_completion
+from poer_jax.rewards.functions import format_reward
+from poer_jax.system.data import load_dataset_file
 from poer_jax.tasks.tiny_tokenizer import SPECIAL_TOKENS, load_tiny_tokenizer, make_tiny_tokenizer
 from poer_jax.tasks.toy import ToyTaskConfig, generate_toy_rows, make_toy_splits, toy_completion, write_jsonl
-from poer_jax.train.data import load_dataset_file
-from poer_jax.train.rewards import format_reward
 
 STEP = re.compile(r"(-?\d+) ([-+*]) (\d+) = (-?\d+)\.")
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from poer_jax.train.config import (
+from poer_jax.system.config import (
     SCHEMA,
     ConfigError,
     apply_overrides,
@@ -64,7 +64,7 @@ def test_default_config_is_locked_against_typos():
 
 def test_unknown_key_in_config_file(tmp_path):
     f = tmp_path / "bad.py"
-    f.write_text("from poer_jax.train.config import default_config\n"
+    f.write_text("from poer_jax.system.config import default_config\n"
                  "def get_config():\n    c = default_config()\n    c.rollout.group_sise = 4\n    return c\n")
     with pytest.raises(ConfigError, match="group_sise"):
         load_config_file(f)
@@ -121,7 +121,7 @@ def test_schema_covers_issue_sections():
 
 
 def test_every_key_has_help_text_and_unknown_keys_get_a_suggestion():
-    from poer_jax.train.config import describe, keys, suggest
+    from poer_jax.system.config import describe, keys, suggest
 
     missing = [k for k in keys() if not field(k).help.strip()]
     assert not missing, f"keys without help text: {missing}"

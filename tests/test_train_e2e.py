@@ -17,7 +17,7 @@ import time
 import numpy as np
 import pytest
 
-from poer_jax.train.config import apply_overrides, default_config, validate
+from poer_jax.system.config import apply_overrides, default_config, validate
 from tests.helpers_runs import HELPERS, ROOT, xla_flags
 from tests.helpers_runs import cli as _cli
 from tests.helpers_runs import metrics as _metrics

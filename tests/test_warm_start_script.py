@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from poer_jax.train.config import ConfigError, config_from_argv
+from poer_jax.system.config import ConfigError, config_from_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -31,20 +31,20 @@ def test_warm_start_script_writes_a_model_the_demo_can_start_from(tmp_path):
     assert json.loads((out / "warm_start.json").read_text()) == record
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
 
-    from poer_jax.train import setup
+    from poer_jax.system import start
 
-    run = setup.prepare_toy(config_from_argv([f"--config={ROOT / 'configs' / 'toy.py'}", *TINY,
+    run = start.prepare_toy(config_from_argv([f"--config={ROOT / 'configs' / 'toy.py'}", *TINY,
                                               f"--config.workdir={tmp_path / 'run'}",
                                               f"--config.warm_start.path={out}"]))
-    started = setup.use_warm_start(run)
+    started = start.use_warm_start(run)
     assert started.model.path == str(out) and started.model.tokenizer_path == str(out)
-    other = setup.prepare_toy(config_from_argv([f"--config={ROOT / 'configs' / 'toy.py'}", *TINY,
+    other = start.prepare_toy(config_from_argv([f"--config={ROOT / 'configs' / 'toy.py'}", *TINY,
                                                 "--config.toy.task=arithmetic", f"--config.workdir={tmp_path / 'o'}",
                                                 f"--config.warm_start.path={out}"]))
     with pytest.raises(ConfigError, match="tokenizer .* is not the one of the task"):
-        setup.use_warm_start(other)  # the arithmetic task has no word tokens: another vocabulary
+        start.use_warm_start(other)  # the arithmetic task has no word tokens: another vocabulary
     with pytest.raises(ConfigError, match="holds no model"):
-        setup.use_warm_start(config_from_argv([f"--config={ROOT / 'configs' / 'toy.py'}",
+        start.use_warm_start(config_from_argv([f"--config={ROOT / 'configs' / 'toy.py'}",
                                                f"--config.warm_start.path={tmp_path / 'missing'}"]))
 
 
@@ -54,7 +54,7 @@ def test_micro_batches_give_the_same_warm_start():
     import numpy as np
 
     from poer_jax.model import QwenConfig, init_params
-    from poer_jax.train.warm_start import supervised_warm_start
+    from poer_jax.rl.supervised import supervised_warm_start
 
     cfg = QwenConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
                      head_dim=8, max_position_embeddings=64)
@@ -79,7 +79,7 @@ def test_min_lr_ratio_decays_the_warm_start_steps():
     import numpy as np
 
     from poer_jax.model import QwenConfig, init_params
-    from poer_jax.train.warm_start import supervised_warm_start
+    from poer_jax.rl.supervised import supervised_warm_start
 
     cfg = QwenConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
                      head_dim=8, max_position_embeddings=64)
@@ -109,15 +109,15 @@ def test_min_lr_ratio_decays_the_warm_start_steps():
 
 
 def test_shared_start_runs_the_supervised_warm_start_once(tmp_path, caplog):
-    """``setup.prepare_shared_start`` (bench_rollout, sweep_poer) without ``warm_start.path``: it generates the task,
-    runs the supervised warm start in the shared directory, and points every run at it with task generation and
-    warm start off; a second call finds it there and trains nothing."""
-    from poer_jax.train import setup
+    """``poer_jax.system.prepare_shared_start`` (bench_rollout, sweep_poer) without ``warm_start.path``: it generates
+    the task, runs the supervised warm start in the shared directory, and points every run at it with task generation
+    and warm start off; a second call finds it there and trains nothing."""
+    from poer_jax.system import start
 
     cfg = config_from_argv([f"--config={ROOT / 'configs' / 'arithmetic.py'}", *TINY, "--config.toy.num_train=16",
                             "--config.data.questions_per_step=4"])
     base = tmp_path / "base"
-    first = setup.prepare_shared_start(cfg, base)
+    first = start.prepare_shared_start(cfg, base)
     assert first.model.path == str(base / "warm_start")
     assert (base / "warm_start" / "config.json").is_file()
     assert len(json.loads((base / "warm_start" / "warm_start_losses.json").read_text())) == 2
@@ -125,5 +125,5 @@ def test_shared_start_runs_the_supervised_warm_start_once(tmp_path, caplog):
     assert Path(first.data.train_path).parent == base / "toy"
     assert first.model.tokenizer_path == str(base / "toy" / "model")
     with caplog.at_level("INFO", logger="poer_jax"):
-        again = setup.prepare_shared_start(cfg, base)
+        again = start.prepare_shared_start(cfg, base)
     assert "warm start: reusing" in caplog.text and again.model.path == first.model.path

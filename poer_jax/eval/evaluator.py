@@ -1,22 +1,29 @@
 """avg@k and pass@k of a policy on a set of problems: k samples each, graded with math-verify.
 
 Used by the training loop (held-out accuracy every N steps) and by ``python -m poer_jax.evaluate``.
-The answer extraction and grading are the training reward's (``poer_jax.eval.answers``).
+The answer extraction and grading are the training reward's (``poer_jax.rewards.answers``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 import jax
 import numpy as np
 
 from poer_jax.eval.passk import avg_at_k, pass_at_k_from_matrix
 from poer_jax.sampler import GroupSampler, SamplingParams
-from poer_jax.train.reward_pool import RewardPool
+
+
+class Grader(Protocol):
+    """What grades completions: the run's reward pool (``poer_jax.train.reward_pool.RewardPool``) with an
+    ``accuracy`` function; ``result["accuracy"]`` is [N] with 1.0 for a right answer, NaN when ungraded."""
+
+    def compute(self, prompts: Sequence[Any], completions: Sequence[Any], *,
+                columns: Mapping[str, Sequence[Any]] | None = None) -> Any: ...
 
 
 def eval_key(seed: int) -> jax.Array:
@@ -56,7 +63,7 @@ def evaluate(
     max_new_tokens: int,
     sampling: SamplingParams,
     key: jax.Array,
-    grader: RewardPool,
+    grader: Grader,
     batch_size: int = 64,
     first_index: int = 0,
 ) -> EvalResult:
@@ -83,7 +90,7 @@ def evaluate(
     return EvalResult(correct=acc, completions=texts, lengths=lengths, seconds=time.perf_counter() - t0)
 
 
-def grade(grader: RewardPool, completions: Sequence[Sequence[str]], solutions: Sequence[str | None],
+def grade(grader: Grader, completions: Sequence[Sequence[str]], solutions: Sequence[str | None],
           answers: Sequence[str | None]) -> np.ndarray:
     """[problems, k] bool: completion j of problem i is right (math-verify, the training reward's grading).
 

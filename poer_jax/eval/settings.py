@@ -14,7 +14,7 @@ from typing import Any
 
 import ml_collections
 
-from poer_jax.train.data import OPEN_RS_SYSTEM_PROMPT
+from poer_jax.system.data import OPEN_RS_SYSTEM_PROMPT
 
 FILE = "eval_settings.json"
 

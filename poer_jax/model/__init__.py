@@ -1,4 +1,9 @@
-"""Qwen2/Qwen3 in JAX: config, pure-functional decoder, presets, HF weight I/O, mesh sharding."""
+"""Qwen2/Qwen3 in JAX: config, pure-functional decoder, presets, HF weight I/O, mesh sharding.
+
+Owns: the model (its config, parameters, forward pass, attention, the packed CPU matmul kernel), reading and
+writing HF checkpoints, the device mesh and every parameter's sharding.
+May import: the leaf modules only (nothing of poer_jax above it).
+"""
 
 from poer_jax.model.config import ModelConfigError, QwenConfig
 from poer_jax.model.module import QwenForCausalLM

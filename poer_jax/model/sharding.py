@@ -3,6 +3,7 @@
 Mesh axes: ``data`` (pure data parallel), ``fsdp`` (parameters sharded, batch sharded), ``tensor``
 (Megatron-style head / MLP sharding). A dimension whose size (or head count) does not divide its mesh
 axis is replicated along that axis instead of failing — e.g. 2 KV heads on a tensor axis of 4.
+``device_bytes`` counts what one device holds of a sharded pytree (concrete or abstract arrays).
 """
 
 from __future__ import annotations
@@ -154,3 +155,17 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 flat_param_names = _flat_names
 unflatten_param_names = _unflatten
+
+
+def device_bytes(tree: Any) -> int:
+    """Bytes one device holds of a pytree of abstract (or concrete) arrays with shardings: the largest shard."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shape = tuple(leaf.shape)
+        sharding = getattr(leaf, "sharding", None)
+        if sharding is not None:
+            shape = tuple(sharding.shard_shape(shape))
+        dtype = leaf.dtype
+        itemsize = 8 if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) else np.dtype(dtype).itemsize
+        total += int(np.prod(shape, dtype=np.int64)) * itemsize
+    return total

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from poer_jax.plan.compile import PlanError
 from poer_jax.plan.targets import get_target
-from poer_jax.train.config import ConfigError, config_from_argv
+from poer_jax.system.config import ConfigError, config_from_argv
 
 EXIT_FITS, EXIT_DOES_NOT_FIT, EXIT_ERROR = 0, 1, 2
 

@@ -17,11 +17,10 @@ import time
 from typing import Any
 
 import jax
-import numpy as np
 from jax.sharding import Mesh
 
-from poer_jax.plan.spec import ProgramSpec
 from poer_jax.plan.targets import Target
+from poer_jax.program_spec import ProgramSpec
 
 
 class PlanError(RuntimeError):
@@ -108,20 +107,6 @@ def compile_program(spec: ProgramSpec, mesh: Mesh) -> CompiledCost:
         alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
         flops=float(cost.get("flops", 0.0)), bytes_accessed=float(cost.get("bytes accessed", 0.0)),
         compile_seconds=seconds)
-
-
-def device_bytes(tree: Any) -> int:
-    """Bytes one device holds of a pytree of abstract (or concrete) arrays with shardings: the largest shard."""
-    total = 0
-    for leaf in jax.tree.leaves(tree):
-        shape = tuple(leaf.shape)
-        sharding = getattr(leaf, "sharding", None)
-        if sharding is not None:
-            shape = tuple(sharding.shard_shape(shape))
-        dtype = leaf.dtype
-        itemsize = 8 if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) else np.dtype(dtype).itemsize
-        total += int(np.prod(shape, dtype=np.int64)) * itemsize
-    return total
 
 
 def spec_arg(spec: ProgramSpec, where: int | str) -> Any:

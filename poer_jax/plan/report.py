@@ -22,9 +22,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from poer_jax.plan.compile import CompiledCost, device_bytes, spec_arg
-from poer_jax.plan.spec import ProgramSpec
+from poer_jax.model.sharding import device_bytes
+from poer_jax.plan.compile import CompiledCost, spec_arg
 from poer_jax.plan.targets import GB, Target, roofline_seconds
+from poer_jax.program_spec import ProgramSpec
 
 
 @dataclasses.dataclass(frozen=True)

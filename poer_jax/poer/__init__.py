@@ -1,5 +1,9 @@
 """POER experience replay: cache pool (Eq. 1-2), truncation (Eq. 3-4) and cache update (Eq. 9),
 and the length-aware reward (Eq. 10).
+
+Owns: the cache pool of answers and the paper's rules over it, as pure, jit-friendly functions.
+May import: ``model``, ``tasks`` and the leaf modules (``jsonl``); not ``sampler``, ``rl`` or ``rewards`` (its
+siblings), nor anything above.
 """
 
 from poer_jax.poer.cache_init import from_token_arrays, from_token_lists, load_answers_file

@@ -1,4 +1,10 @@
-"""RL math: group-relative advantages, clipped policy losses, reward shaping, dynamic sampling."""
+"""RL math: group-relative advantages, clipped policy losses, reward shaping, dynamic sampling, the update step
+(``update``: log-probs, gradients, AdamW on a mesh) and the supervised warm start's update (``supervised``).
+
+Owns: everything that turns a scored rollout into new weights, and the update's programs for the plan.
+May import: ``model``, ``tasks`` and the leaf modules (``program_spec``); not ``sampler``, ``poer`` or ``rewards``
+(its siblings), nor anything above.
+"""
 
 from poer_jax.rl.advantages import SCALE_MODES, group_advantages, group_mean_std
 from poer_jax.rl.batch import RolloutBatch, bucket_length, build_rollout_batch, shard_batch

@@ -21,7 +21,7 @@ from jax.sharding import NamedSharding
 
 from poer_jax.model.qwen import param_shapes
 from poer_jax.model.sharding import batch_sharding, param_shardings, replicated
-from poer_jax.plan.spec import RESIDENT_REF_PARAMS, RESIDENT_TRAIN_STATE, ROLLOUT_BUFFERS, ProgramSpec
+from poer_jax.program_spec import RESIDENT_REF_PARAMS, RESIDENT_TRAIN_STATE, ROLLOUT_BUFFERS, ProgramSpec
 from poer_jax.rl.batch import RolloutBatch
 from poer_jax.rl.update import Trainer, TrainState
 

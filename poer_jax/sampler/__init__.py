@@ -11,6 +11,10 @@ Inside: scheduler.py (groups -> devices, admission, page release), sharded.py (t
 shard_map), budget.py (KV pages from a memory budget), programs.py (the programs for the plan command),
 pallas_gpu.py / pallas_tpu.py (JAX's Pallas paged-attention kernels behind paged_decode_attention,
 ``SamplerConfig.attention_kernel``), compiles.py (compilation counting: the no-recompile tests, benchmarks).
+
+Owns: generation from a model's weights (KV pool, pages, decode programs, sampling), given a SamplerConfig.
+May import: ``model``, ``tasks`` and the leaf modules (``program_spec``); not ``rl``, ``poer`` or ``rewards``
+(its siblings), nor anything above.
 """
 
 from poer_jax.sampler.batch_sampler import GroupSampler, SampleOutput

@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 from poer_jax.model.config import QwenConfig, dtype_from_name
 from poer_jax.model.qwen import param_shapes
 from poer_jax.model.sharding import decode_param_shardings
-from poer_jax.plan.spec import RESIDENT_KV_POOL, RESIDENT_SAMPLER_PARAMS, ProgramSpec
+from poer_jax.program_spec import RESIDENT_KV_POOL, RESIDENT_SAMPLER_PARAMS, ProgramSpec
 from poer_jax.sampler.engine import DecodeState, InsertArrays, unroll_decode_layers, unstack_layers
 from poer_jax.sampler.packed_weights import abstract_packed, use_packed_matmuls
 from poer_jax.sampler.paged_attention import (

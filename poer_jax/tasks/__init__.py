@@ -7,6 +7,9 @@
 ``make_task_splits(name, ...)`` maps the ``toy.*`` config knobs onto a task; ``task_completion(name, row)``
 is the supervised warm-start target; ``TASKS[name].word_tokens`` are the multi-character tokens of its
 tokenizer.
+
+Owns: the built-in tasks' rows, completions and error kinds, and their tokenizer.
+May import: the leaf modules only.
 """
 
 from __future__ import annotations

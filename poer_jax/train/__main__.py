@@ -8,7 +8,14 @@ import sys
 from pathlib import Path
 from types import FrameType
 
-from poer_jax.train.config import ConfigError, apply_overrides, config_from_argv, describe, load_config_file, parse_argv
+from poer_jax.system.config import (
+    ConfigError,
+    apply_overrides,
+    config_from_argv,
+    describe,
+    load_config_file,
+    parse_argv,
+)
 
 USAGE = """usage: python -m poer_jax.train --config=configs/NAME.py [--config.KEY=VALUE ...] [--help]
 
@@ -45,7 +52,7 @@ def _help(argv: list[str]) -> int:
 
 
 def _setup_logging() -> None:
-    from poer_jax.train.progress import TqdmLoggingHandler
+    from poer_jax.console import TqdmLoggingHandler
 
     handler = TqdmLoggingHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"))
@@ -88,12 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     from poer_jax.model.config import ModelConfigError
     from poer_jax.model.safetensors_io import WeightFileError
     from poer_jax.rl.dynamic_sampling import DynamicSamplingError
+    from poer_jax.system.data import DataError
+    from poer_jax.system.multihost import initialize_from_env
+    from poer_jax.system.runtime import skip_absent_tpu
     from poer_jax.train.checkpoint import NonFiniteCheckpointError
-    from poer_jax.train.data import DataError
     from poer_jax.train.loop import PoerTrainer
-    from poer_jax.train.multihost import initialize_from_env
     from poer_jax.train.reward_pool import RewardFunctionError
-    from poer_jax.train.setup import skip_absent_tpu
 
     skip_absent_tpu()  # libtpu installed on a CPU host: do not start the TPU runtime
     previous = signal.signal(signal.SIGTERM, _on_sigterm)

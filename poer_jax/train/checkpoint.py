@@ -350,7 +350,7 @@ class Checkpointer:
             dest = self.broken_directory / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
             os.replace(Path(self.directory) / str(step), dest)
             (dest / "BROKEN.txt").write_text(reason + "\n")
-        from poer_jax.train.multihost import barrier
+        from poer_jax.system.multihost import barrier
 
         barrier("poer_jax.checkpoint_quarantine")
         self._mngr.reload()

@@ -7,7 +7,9 @@ shaping -> length-aware shaping (Eq. 10) -> group-relative advantages (Eq. 6) ->
 Every random draw of step s derives from fold_in(key(seed), s), and the data position, cache pool,
 parameters and optimizer state are checkpointed together, so a resumed run repeats an uninterrupted one.
 How a run starts in its workdir (fresh, resumed, already complete or refused) is ``run_dir``'s, the input
-checks before any heavy work ``preflight``'s, and what the run reports (samples, summary, export) ``report``'s.
+checks before any heavy work ``poer_jax.system.preflight``'s, and what the run reports (samples, summary, export)
+``report``'s. Everything a run is built from (mesh, model, tokenizer and prompts, update trainer, sampler, cache
+pool, toy task, warm start) is assembled by ``poer_jax.system``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import ml_collections
 import numpy as np
 
 from poer_jax import poer
+from poer_jax.console import TaskProgress
 from poer_jax.rl import (
     DynamicSampler,
     DynamicSamplingError,
@@ -33,13 +36,26 @@ from poer_jax.rl import (
 from poer_jax.rl.batch import LENGTH_MULTIPLE
 from poer_jax.rl.update import TrainState, create_train_state, reference_copy
 from poer_jax.sampler.pages import cdiv
-from poer_jax.train import builders, preflight, report, run_dir, setup
+from poer_jax.system.cache_pool import build_empty_pool, build_truncation
+from poer_jax.system.config import ConfigError
+from poer_jax.system.memory import check_before_work
+from poer_jax.system.mesh import build_mesh
+from poer_jax.system.model import load_model
+from poer_jax.system.multihost import barrier, is_main_process
+from poer_jax.system.preflight import check_inputs
+from poer_jax.system.runtime import enable_compilation_cache
+from poer_jax.system.sampler import build_sampler, sampling_params
+from poer_jax.system.start import prepare_toy, run_warm_start, use_warm_start, warm_start_target
+from poer_jax.system.text import build_prompts, build_text
+from poer_jax.system.update import build_update_trainer
+from poer_jax.train import report, run_dir
 from poer_jax.train.checkpoint import BrokenCheckpointError, Checkpointer, pool_from_items, pool_items
 from poer_jax.train.held_out import evaluate_held_out
+from poer_jax.train.iterator import build_iterator
 from poer_jax.train.metrics import MetricsWriter, SamplesWriter
-from poer_jax.train.multihost import barrier, is_main_process
-from poer_jax.train.progress import Progress, TaskProgress
+from poer_jax.train.progress import Progress
 from poer_jax.train.reward_pool import RewardPool, RewardResult
+from poer_jax.train.reward_setup import build_rewards
 from poer_jax.train.rollout import Rollout, responses_array, rollout, select_groups
 from poer_jax.train.step_metrics import gather_reward_result, rollout_metrics
 
@@ -47,11 +63,11 @@ log = logging.getLogger("poer_jax")
 
 
 class PoerTrainer:
-    """Builds everything from a validated config (``builders.py``, one named builder per part);
+    """Builds everything from a validated config (``poer_jax.system``: one named function per part);
     ``run()`` trains to ``train.max_steps``.
 
     Construction first decides how the run starts in its workdir (``run_dir.inspect``: fresh, resume,
-    already complete, or refused) and checks every input (``preflight``), before anything heavy is made.
+    already complete, or refused) and checks every input (``check_inputs``), before anything heavy is made.
     Whatever fails later closes what was opened (checkpointer, reward workers, writers) before raising.
     """
 
@@ -77,33 +93,33 @@ class PoerTrainer:
             raise
 
     def _build(self, cfg: ml_collections.ConfigDict) -> None:
-        preflight.check_inputs(cfg)
+        check_inputs(cfg)
         if cfg.toy.enabled:
-            cfg = setup.prepare_toy(cfg)
+            cfg = prepare_toy(cfg)
         if cfg.warm_start.path:
-            cfg = setup.use_warm_start(cfg)
-        self.mesh, self.rows = builders.build_mesh(cfg)
-        builders.check_before_work(cfg, self.mesh)  # batch layout and resident memory, before any loading
-        text = builders.build_text(cfg)
+            cfg = use_warm_start(cfg)
+        self.mesh, self.rows = build_mesh(cfg)
+        check_before_work(cfg, self.mesh)  # batch layout and resident memory, before any loading
+        text = build_text(cfg)
         self.tokenizer, self.eos_ids, self.pad_id = text.tokenizer, text.eos_ids, text.pad_id
-        data = builders.build_prompts(cfg, self.tokenizer)
+        data = build_prompts(cfg, self.tokenizer)
         self.train_data, self.prompts, self.eval_prompts = data.train_rows, data.train, data.eval
         if cfg.warm_start.steps > 0 and not cfg.warm_start.path:
-            targets = [setup.warm_start_target(r, cfg) for r in self.prompts.rows(range(len(self.prompts)))]
-            cfg = setup.run_warm_start(cfg, self.tokenizer, list(self.prompts.ids), targets, self.mesh)
-        params, self.mcfg = setup.load_model(cfg, self.mesh)  # NaN weights are refused here
+            targets = [warm_start_target(r, cfg) for r in self.prompts.rows(range(len(self.prompts)))]
+            cfg = run_warm_start(cfg, self.tokenizer, list(self.prompts.ids), targets, self.mesh)
+        params, self.mcfg = load_model(cfg, self.mesh)  # NaN weights are refused here
         # the inputs are good: only now is the run's part of the workdir touched (an old run moved aside,
         # the config recorded); toy/ and warm_start/ are caches
         run_dir.prepare(self.cfg, self.start, main_process=is_main_process())
         barrier("poer_jax.run_dir")
-        setup.enable_compilation_cache(cfg)  # workdir/jax_cache: written only once the inputs are known good
+        enable_compilation_cache(cfg)  # workdir/jax_cache: written only once the inputs are known good
         self.cfg = cfg
         self.checkpointer = Checkpointer(self.workdir / run_dir.CHECKPOINTS, keep=cfg.train.keep_checkpoints,
                                          broken_directory=self.workdir / run_dir.BROKEN)
         resuming = self.start.mode == "resume"
 
         # -- the update step (Eq. 5-7) and its state
-        self.trainer = builders.build_update_trainer(cfg, self.mcfg, self.mesh)
+        self.trainer = build_update_trainer(cfg, self.mcfg, self.mesh)
         self.optim_cfg, self.loss_cfg = self.trainer.optim_cfg, self.trainer.loss_cfg
         # the reference policy is only run forward, in the compute dtype: stored there it gives the same log-probs
         # (every weight is cast to it before use) in half the memory of float32 master weights
@@ -111,9 +127,9 @@ class PoerTrainer:
         self.state: TrainState = create_train_state(params, self.trainer)
 
         # -- rollout: the sampler on this process's devices, fed from the trained weights after each update
-        self.sampling, self.eval_sampling = builders.sampling_params(cfg)
+        self.sampling, self.eval_sampling = sampling_params(cfg)
         num_eval = len(self.eval_prompts) if self.eval_prompts is not None else 0
-        self.sampler, self.sampler_params = builders.build_sampler(
+        self.sampler, self.sampler_params = build_sampler(
             cfg, self.mcfg, self.mesh, self.rows, self.state.params, text, num_eval)
         if self.rows.multihost:
             log.info("process %d of %d: samples %d of the %d questions of a step on its %d devices",
@@ -121,11 +137,11 @@ class PoerTrainer:
                      cfg.data.questions_per_step, self.sampler_params.mesh.size)
 
         # -- rewards, data order, POER truncation (Eq. 3-4) and the cache pool
-        self.rewards, self.grader = builders.build_rewards(cfg)
-        self.iterator = builders.build_iterator(cfg, len(self.prompts))
-        self.truncation = builders.build_truncation(cfg)
-        self.pool = builders.build_empty_pool(len(self.prompts), cfg.rollout.max_completion_len, self.pad_id,
-                                              self.mesh)
+        self.rewards, self.grader = build_rewards(cfg)
+        self.iterator = build_iterator(cfg, len(self.prompts))
+        self.truncation = build_truncation(cfg)
+        self.pool = build_empty_pool(len(self.prompts), cfg.rollout.max_completion_len, self.pad_id,
+                                            self.mesh)
         self.key = jax.random.key(cfg.seed)
         self.step = 0
         self.last_eval_correct: np.ndarray | None = None  # [problems, k] of the latest evaluate()
@@ -159,7 +175,7 @@ class PoerTrainer:
         if c.init == "solutions":
             # as the warm start learnt to write them (a built-in task's R1 format: a cut then falls where the
             # policy's own answers could be cut), else the dataset's solutions
-            texts = [setup.warm_start_target(r, self.cfg) if r.get("solution") or r.get("answer") else ""
+            texts = [warm_start_target(r, self.cfg) if r.get("solution") or r.get("answer") else ""
                      for r in rows]
             ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] + [self.eos_ids[0]] for t in texts]
             self.pool = poer.from_token_lists(ids, self.pool.max_len, self.pad_id, self.eos_ids[0],
@@ -213,7 +229,7 @@ class PoerTrainer:
         assert self.checkpointer is not None
         saved = (self._newest_extra() or {}).get("pool_shape")
         if saved is not None and tuple(saved) != tuple(self.pool.tokens.shape):
-            raise setup.ConfigError(
+            raise ConfigError(
                 f"the checkpoint in workdir {self.workdir} holds a cache pool of shape {tuple(saved)} (questions, "
                 f"max length), this run needs {tuple(self.pool.tokens.shape)}: the data file changed since the "
                 "run started. Use another 'workdir', or --config.overwrite=true to start over")
@@ -221,12 +237,12 @@ class PoerTrainer:
             step, state, pool_state, extra = self.checkpointer.restore_latest_intact(
                 self.state, pool_items(self.pool), agree=self.rows.all)
         except BrokenCheckpointError as e:
-            raise setup.ConfigError(
+            raise ConfigError(
                 f"{e}\nNo checkpoint of workdir {self.workdir} can be restored into this run; its files are left "
                 "as they are. Use --config.overwrite=true to move them aside and start over") from e
         refused, _ = run_dir.compare_configs(extra.get("run_config", self.run_config), self.run_config)
         if refused:  # run_config.json said otherwise: the checkpoint's own record wins
-            raise setup.ConfigError(f"checkpoint step {step} in {self.checkpointer.directory} was made with "
+            raise ConfigError(f"checkpoint step {step} in {self.checkpointer.directory} was made with "
                                     "another config:\n" + "\n".join(f"  {r}" for r in refused))
         self.state = state
         if pool_state is not None:

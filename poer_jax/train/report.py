@@ -12,9 +12,9 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from poer_jax.train.data import TokenizedPrompts
+from poer_jax.console import format_duration
+from poer_jax.system.data import TokenizedPrompts
 from poer_jax.train.metrics import METRICS_FILE, read_metrics
-from poer_jax.train.progress import format_duration
 from poer_jax.train.rollout import Rollout
 
 

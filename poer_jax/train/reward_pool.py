@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from poer_jax.train.rewards import (
+from poer_jax.rewards.functions import (
     BUILTIN_REWARDS,
     GRADE_REWARDS,
     RewardItem,

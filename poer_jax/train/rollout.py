@@ -20,7 +20,7 @@ import numpy as np
 
 from poer_jax.poer import CachePool, TruncationConfig, prefix_tokens, truncate
 from poer_jax.sampler import GroupSampler, SampleOutput
-from poer_jax.train.multihost import ProcessRows
+from poer_jax.system.multihost import ProcessRows
 
 
 @dataclasses.dataclass

@@ -3,7 +3,7 @@
 A run leaves in its workdir ``run_config.json`` (the config it was started with, as the config file and
 command line gave it), ``checkpoints/``, ``metrics.jsonl``, ``samples.jsonl``, ``tb/``, ``export/`` and, once
 it has finished, ``summary.json``. ``toy/`` and ``warm_start/`` are caches keyed by their own settings
-(``setup.py``), not part of a run.
+(``poer_jax.system.start``), not part of a run.
 
 Starting a run (:func:`inspect`, read-only, then :func:`prepare`):
 
@@ -36,7 +36,7 @@ from typing import Any
 
 import ml_collections
 
-from poer_jax.train.config import SCHEMA, ConfigError, Field
+from poer_jax.system.config import SCHEMA, ConfigError, Field
 
 log = logging.getLogger("poer_jax")
 
@@ -241,7 +241,7 @@ def _move(workdir: Path, dest: Path, names: list[str]) -> None:
 
 def finish_interrupted_moves(workdir: Path) -> None:
     """Complete a move into ``previous/`` that a kill cut short, so no start ever sees half a run."""
-    from poer_jax.train.multihost import barrier, is_main_process
+    from poer_jax.system.multihost import barrier, is_main_process
 
     prev = workdir / PREVIOUS
     journals = sorted(prev.glob(f"*/{MOVING}")) if prev.is_dir() else []

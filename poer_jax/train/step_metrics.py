@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from poer_jax.train.multihost import ProcessRows
+from poer_jax.system.multihost import ProcessRows
 from poer_jax.train.reward_pool import RewardResult
 from poer_jax.train.rollout import Rollout
 

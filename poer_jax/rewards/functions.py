@@ -12,7 +12,7 @@ Every function is offered twice:
 Rewards (open-rs, the paper's training recipe; the POER paper adds the group length reward of its
 Eq. (10), which lives with the advantage code, not here):
 
-* accuracy: 1.0 if ``verify(gold, prediction)`` else 0.0 (``poer_jax.eval.answers``); None when the
+* accuracy: 1.0 if ``verify(gold, prediction)`` else 0.0 (``poer_jax.rewards.answers``); None when the
   gold cannot be parsed (the row cannot be graded; open-rs gives 1.0 there, inflating the mean).
 * format: 1.0 if the completion contains ``"\\n</think>\\n"`` exactly once, else 0.0. This is open-rs's
   rule for R1-distilled models, whose chat template already opens ``<think>\\n`` in the generation
@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from poer_jax.eval.answers import Grade, grade_completion
+from poer_jax.rewards.answers import Grade, grade_completion
 
 __all__ = [
     "BUILTIN_REWARDS",

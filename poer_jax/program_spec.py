@@ -4,6 +4,9 @@ Each part that owns jitted programs (the sampler, the update step) provides a fu
 ``ProgramSpec``s for a config on a mesh; the plan lowers ``fn`` with ``args`` (pytrees of
 ``jax.ShapeDtypeStruct`` carrying shardings: nothing is allocated), compiles it for the target, and reads
 the compiled program's per-device memory and cost. Nothing here runs a program.
+
+A leaf module: the sampler and the update step (core packages) describe their programs with it, and the plan
+(``poer_jax.plan``, above them) reads them, so it imports nothing of poer_jax.
 """
 
 from __future__ import annotations

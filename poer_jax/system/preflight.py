@@ -13,8 +13,8 @@ import ml_collections
 
 from poer_jax.model.config import ModelConfigError
 from poer_jax.model.safetensors_io import WeightFileError
-from poer_jax.train.config import ConfigError
-from poer_jax.train.data import ColumnMap, DataError, MathDataset, load_dataset_file
+from poer_jax.system.config import ConfigError
+from poer_jax.system.data import ColumnMap, DataError, MathDataset, load_dataset_file
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 

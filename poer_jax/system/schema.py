@@ -1,5 +1,5 @@
 """The training configuration's keys: one :class:`Field` per key (default, type, help text, allowed values,
-whether it may change on resume), as a declarative table. ``poer_jax.train.config`` builds the defaults,
+whether it may change on resume), as a declarative table. ``poer_jax.system.config`` builds the defaults,
 validation, overrides and ``--help`` from it.
 """
 

@@ -1,4 +1,5 @@
-"""Everything a run needs before its first step: tokenizer, model, the built-in toy task, the warm start.
+"""Where a run starts from: the built-in toy task (data, tokenizer, a tiny model) and the warm start (a
+supervised run on the reference solutions), each made once.
 
 The toy task and the warm start are caches in the workdir (``toy/``, ``warm_start/``), each with the
 settings it was made from in ``settings.json``: a run with other settings makes them again (the old one is
@@ -20,108 +21,16 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from poer_jax.model import QwenConfig, export_hf, init_params, load_hf, preset
-from poer_jax.model.sharding import param_shardings
-from poer_jax.train.config import ConfigError
-from poer_jax.train.multihost import barrier, host_copy, is_main_process
-from poer_jax.train.warm_start import supervised_warm_start
+from poer_jax.console import TaskProgress
+from poer_jax.model import QwenConfig, export_hf, init_params
+from poer_jax.model.sharding import make_mesh
+from poer_jax.rl.supervised import supervised_warm_start
+from poer_jax.system.config import ConfigError, apply_overrides, validate
+from poer_jax.system.model import load_model
+from poer_jax.system.multihost import barrier, host_copy, is_main_process
+from poer_jax.system.text import build_prompts, build_text, eos_and_pad, load_tokenizer
 
 log = logging.getLogger("poer_jax")
-
-
-def skip_absent_tpu() -> bool:
-    """With libtpu installed (the ``tpu`` and ``test`` extras) on a host without TPU chips and without a GPU
-    plugin, JAX would try to start the TPU runtime first (seconds, and a page of libtpu errors on stderr):
-    use the CPU backend instead. Does nothing when ``JAX_PLATFORMS`` is set. Call before JAX's first device use;
-    returns whether it switched."""
-    import importlib.util
-
-    if os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms or importlib.util.find_spec("libtpu") is None:
-        return False
-    if any(importlib.util.find_spec(f"jax_{p}_plugin") for p in ("cuda12", "cuda13", "rocm7", "rocm")):
-        return False
-    from jax._src import hardware_utils
-
-    if hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0:
-        return False
-    jax.config.update("jax_platforms", "cpu")
-    return True
-
-
-def enable_compilation_cache(cfg: ml_collections.ConfigDict) -> Path | None:
-    """Turn on JAX's persistent compilation cache in ``train.compilation_cache_dir`` (default: the
-    ``JAX_COMPILATION_CACHE_DIR`` environment variable when set, else ``workdir/jax_cache``; '' = off): a
-    restarted or resumed run loads its compiled programs instead of compiling them again (minutes each at
-    7B scale). Returns the directory."""
-    d = cfg.train.compilation_cache_dir
-    if d == "":
-        return None
-    if d is None:
-        d = os.environ.get("JAX_COMPILATION_CACHE_DIR") or Path(cfg.workdir) / "jax_cache"
-    path = Path(d)
-    path.mkdir(parents=True, exist_ok=True)
-    if jax.config.jax_compilation_cache_dir != str(path):
-        from jax.experimental.compilation_cache import compilation_cache
-
-        compilation_cache.reset_cache()  # a cache already opened in this process keeps its directory otherwise
-        jax.config.update("jax_compilation_cache_dir", str(path))
-    return path
-
-
-def load_tokenizer(path: str | Path) -> Any:
-    """A transformers tokenizer from a local directory.
-
-    A directory whose tokenizer_config.json names ``PreTrainedTokenizerFast`` is loaded with that class:
-    ``AutoTokenizer`` would swap in Qwen's own tokenizer class when config.json says qwen2.
-    """
-    p = Path(path)
-    if not p.is_dir():
-        raise ConfigError(f"tokenizer directory {p} does not exist (config key 'model.tokenizer_path')")
-    tc = p / "tokenizer_config.json"
-    try:
-        if tc.is_file() and json.loads(tc.read_text()).get("tokenizer_class") == "PreTrainedTokenizerFast":
-            from transformers import PreTrainedTokenizerFast
-
-            tok = PreTrainedTokenizerFast.from_pretrained(str(p))
-        else:  # AutoTokenizer imports transformers' model configs, and with them torch when installed (~3 s)
-            from transformers import AutoTokenizer
-
-            tok = AutoTokenizer.from_pretrained(str(p))
-    except (OSError, ValueError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{p}: cannot load a tokenizer ({e})") from e
-    if len(tok) == 0 or not tok("1 + 1")["input_ids"]:
-        raise ConfigError(f"{p}: the tokenizer is empty (no tokenizer.json / vocab files in the directory?)")
-    return tok
-
-
-def eos_and_pad(tokenizer: Any, model_dir: str | Path | None) -> tuple[tuple[int, ...], int]:
-    """EOS ids (tokenizer's plus generation_config.json's) and the pad id (pad token, else the first EOS)."""
-    eos: list[int] = []
-    if tokenizer.eos_token_id is not None:
-        eos.append(int(tokenizer.eos_token_id))
-    if model_dir is not None and (Path(model_dir) / "generation_config.json").is_file():
-        gen = json.loads((Path(model_dir) / "generation_config.json").read_text()).get("eos_token_id")
-        for e in gen if isinstance(gen, list) else [gen]:
-            if e is not None and int(e) not in eos:
-                eos.append(int(e))
-    if not eos:
-        raise ConfigError("the tokenizer has no EOS token and generation_config.json names none")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    return tuple(eos), int(pad)
-
-
-def load_model(cfg: ml_collections.ConfigDict, mesh: Mesh) -> tuple[Any, QwenConfig]:
-    """Parameters on the mesh, from ``model.path`` (HF directory) or ``model.preset`` (random weights)."""
-    dtypes = dict(param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype, remat=cfg.model.remat,
-                  attention=cfg.model.attention)
-    if cfg.model.path is not None:
-        return load_hf(cfg.model.path, mesh=mesh, **dtypes)
-    mcfg = preset(cfg.model.preset, **dtypes)
-    # created in place on the mesh: no process holds the whole model, none builds it on one device first
-    init = jax.jit(lambda k: init_params(mcfg, k), out_shardings=param_shardings(mcfg, mesh))
-    return init(jax.random.key(cfg.seed)), mcfg
-
-
 SETTINGS = "settings.json"
 
 
@@ -259,8 +168,6 @@ def run_warm_start(cfg: ml_collections.ConfigDict, tokenizer: Any, prompt_ids: l
     ``callback_every`` steps may stop it early (``supervised_warm_start``). Multi-host: every process
     trains, process 0 writes.
     """
-    from poer_jax.train.progress import TaskProgress
-
     out_dir = Path(out_dir) if out_dir is not None else warm_start_dir(cfg)
     settings = warm_start_settings(cfg)
     if not _cache_is_current(out_dir, settings, "warm start"):
@@ -307,18 +214,14 @@ def prepare_shared_start(cfg: ml_collections.ConfigDict, workdir: str | Path) ->
     Returns a config pointing at the task's files and the starting model, with task generation and warm start
     off, so every run built from it (with its own ``workdir``) starts from the same weights and data.
     """
-    from poer_jax.model.sharding import make_mesh
-    from poer_jax.train import builders
-    from poer_jax.train.config import apply_overrides, validate
-
     cfg = apply_overrides(cfg, [f"workdir={workdir}"])
     if cfg.toy.enabled:
         cfg = prepare_toy(cfg)
     if cfg.warm_start.path:
         cfg = use_warm_start(cfg)
     elif cfg.warm_start.steps > 0:
-        text = builders.build_text(cfg)
-        prompts = builders.build_prompts(cfg, text.tokenizer).train
+        text = build_text(cfg)
+        prompts = build_prompts(cfg, text.tokenizer).train
         targets = [warm_start_target(r, cfg) for r in prompts.rows(range(len(prompts)))]
         cfg = run_warm_start(cfg, text.tokenizer, list(prompts.ids), targets, make_mesh({"fsdp": -1}))
     return validate(apply_overrides(cfg, ["toy.enabled=false", "warm_start.steps=0", "warm_start.path=None"]))

@@ -33,7 +33,7 @@ from jax.sharding import Mesh, NamedSharding
 from poer_jax.model.config import QwenConfig
 from poer_jax.model.sharding import BATCH_AXES, MESH_AXES, batch_sharding, decode_param_shardings
 from poer_jax.sampler.sharded import decode_weights
-from poer_jax.train.config import ConfigError
+from poer_jax.system.config import ConfigError
 
 ENV_INT = ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import ml_collections
 
-from poer_jax.train.schema import BF16_MIN_LEARNING_RATE, SCHEMA, Field  # the key table (re-exported)
+from poer_jax.system.schema import BF16_MIN_LEARNING_RATE, SCHEMA, Field  # the key table (re-exported)
 
 
 class ConfigError(ValueError):
@@ -119,7 +119,7 @@ def _walk(schema: dict[str, Any], cfg: Any, prefix: str) -> None:
 
 def _check_reward_functions(names: Sequence[str]) -> None:
     """Built-in names exist and ``module:function`` / ``file.py:function`` paths import, before any work."""
-    from poer_jax.train.rewards import BUILTIN_REWARDS, load_reward_function
+    from poer_jax.rewards.functions import BUILTIN_REWARDS, load_reward_function
 
     for name in names:
         if not isinstance(name, str):
@@ -235,7 +235,7 @@ def load_config_file(path: str | Path) -> ml_collections.ConfigDict:
     try:
         spec.loader.exec_module(module)
         if not hasattr(module, "get_config"):
-            raise ConfigError(f"{p}: defines no get_config() (start from poer_jax.train.config.default_config())")
+            raise ConfigError(f"{p}: defines no get_config() (start from poer_jax.system.config.default_config())")
         cfg = module.get_config()
     except (AttributeError, TypeError) as e:
         # a locked ConfigDict refuses a key that does not exist, or a value of another type
