@@ -36,7 +36,7 @@ from poer_jax.sampler.pages import cdiv
 from poer_jax.train import builders, preflight, report, run_dir, setup
 from poer_jax.train.checkpoint import BrokenCheckpointError, Checkpointer, pool_from_items, pool_items
 from poer_jax.train.held_out import evaluate_held_out
-from poer_jax.train.metrics import MetricsWriter, SamplesWriter
+from poer_jax.train.metrics import METRICS_FILE, MetricsWriter, SamplesWriter, split_finite
 from poer_jax.train.multihost import barrier, is_main_process
 from poer_jax.train.progress import Progress, TaskProgress
 from poer_jax.train.reward_pool import RewardPool, RewardResult
@@ -272,6 +272,10 @@ class PoerTrainer:
         if failed:
             log.warning("step %d: reward function errors: %s of %d completions", self.step + 1, ", ".join(failed),
                         len(res.total))
+        bad = [f"{name} on {n}" for name, n in res.non_finite.items() if n]
+        if bad:
+            log.warning("step %d: NaN / inf rewards (given 0, counted in rewards/non_finite): %s of %d completions",
+                        self.step + 1, ", ".join(bad), len(res.total))
         if res.deadline_cut:
             log.warning("step %d: reward.step_timeout_s=%g s passed: %d reward call(s) not finished got reward 0",
                         self.step + 1, self.cfg.reward.step_timeout_s, res.deadline_cut)
@@ -476,8 +480,12 @@ class PoerTrainer:
         log.info("%s", shown)
 
     def _write_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        """One line of metrics.jsonl, finite values only; a non-finite one is named in a warning instead."""
         if self.metrics is not None:
-            self.metrics.write(step, metrics)
+            finite, left_out = split_finite(metrics)
+            if left_out:
+                log.warning("step %d: non-finite metrics left out of %s: %s", step, METRICS_FILE, ", ".join(left_out))
+            self.metrics.write(step, finite)
 
 
 _cache_update = jax.jit(poer.update, static_argnames=("mode",))
