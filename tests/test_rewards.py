@@ -35,6 +35,7 @@ GOOD = "<think>\n3 + 4 = 7.\n</think>\n\\boxed{7}"
         ("\\boxed{\\frac{1}{2}} then \\boxed{\\sqrt{3}}", "\\sqrt{3}"),
         ("\\boxed{\\{1, 2\\}}", "\\{1, 2\\}"),
         ("\\boxed{3} and a truncated \\boxed{\\frac{1}{", "3"),
+        ("\\boxed{\\boxed{7}1}", "\\boxed{7}1"),  # the box that ends last, not the innermost
         ("\\fbox{x^{2}}", "x^{2}"),
         ("\\boxed 5$", "5"),
         ("no box here", None),
