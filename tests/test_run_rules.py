@@ -60,8 +60,12 @@ def test_finished_run_leaves_summary_samples_and_export_settings(finished_run):
     samples = [json.loads(x) for x in (w / "samples.jsonl").read_text().splitlines()]
     assert [s["step"] for s in samples] == [2]  # train.samples_every=2 over 3 steps
     assert len(samples[0]["completions"]) == 4 and "sample at step 2" in err
-    c = samples[0]["completions"][0]
-    assert c["text"].endswith(c["continuation"]) and c["length"] >= c["prefix_length"]
+    # POER: the group's cached prefix once, then each continuation with its reward and correctness
+    prefix = samples[0]["prefix"]
+    assert prefix["text"].endswith(prefix["tail"]) and f"  cached prefix: {prefix['length']} tokens" in err
+    for c in samples[0]["completions"]:
+        assert set(c) == {"continuation", "length", "reward", "correct"} and c["correct"] in (True, False)
+        assert f"{'right' if c['correct'] else 'wrong'}] +{c['length']} tokens: " in err
     settings = json.loads((w / "export" / "eval_settings.json").read_text())
     assert settings["system_prompt"] == "Answer in \\boxed{}." and settings["k"] == 4
     assert settings["chat_template"] == "never" and settings["max_new_tokens"] == 24

@@ -65,7 +65,7 @@ class PoerTrainer:
         self.rewards: RewardPool | None = None
         self.grader: RewardPool | None = None
         self._reported_reward_errors: set[str] = set()
-        self._last_batch: tuple[Rollout, list[str], np.ndarray] | None = None
+        self._last_batch: tuple[Rollout, list[str], np.ndarray, np.ndarray | None] | None = None
         self.start = run_dir.inspect(cfg)  # a refusal raises here, before anything is written
         self.step = self.start.step or 0
         if self.start.mode == "complete":
@@ -255,7 +255,7 @@ class PoerTrainer:
         res = self.rewards.compute(prompts, texts, completion_ids=[x.tolist() for x in resp], columns=cols,
                                    completion_lengths=[len(x) for x in resp], deadline_s=deadline_s)
         self._report_reward_problems(res)
-        self._last_batch = (r, texts, res.total)
+        self._last_batch = (r, texts, res.total, res["accuracy"] if "accuracy" in res.names else None)
         finite = np.isfinite(res.total)
         raw = np.where(finite, res.total, 0.0).reshape(-1, G)  # an inf / NaN reward counts as 0, and is counted
         correct = (np.nan_to_num(res["accuracy"], nan=0.0) > 0.5).reshape(-1, G) if "accuracy" in res.names else None
@@ -474,8 +474,9 @@ class PoerTrainer:
         """One group of the last step's completions: logged (shortened) and written to samples.jsonl."""
         if self._last_batch is None or self.samples is None:
             return
-        r, texts, totals = self._last_batch
-        record, shown = report.sample_group(r, 0, texts, totals, self.prompts, self.tokenizer, self.step)
+        r, texts, totals, correct = self._last_batch
+        record, shown = report.sample_group(r, 0, texts, totals, self.prompts, self.tokenizer, self.step,
+                                            strategy=self.cfg.rollout.strategy, correct=correct)
         self.samples.write(self.step, record)
         log.info("%s", shown)
 

@@ -177,7 +177,9 @@ def truncate_jsonl(path: str, resume_step: int | None) -> int:
 
 class SamplesWriter:
     """``workdir/samples.jsonl``: one line per logged group, ``{"step": s, "prompt": ..., "completions":
-    [{"text": ..., "reward": ..., "length": ..., "prefix_length": ...}], ...}``; truncated on resume like
+    [{"text": ..., "reward": ..., "length": ..., "prefix_length": ...}], ...}`` (GRPO), or, under POER, the
+    shared cached prefix once (``"prefix": {"length", "tail", "text"}``) and per completion ``{"continuation",
+    "length", "reward", "correct"}`` (``poer_jax.train.report.sample_group``); truncated on resume like
     metrics.jsonl."""
 
     def __init__(self, workdir: str | os.PathLike[str], resume_step: int | None = None) -> None:
