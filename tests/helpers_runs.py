@@ -21,6 +21,9 @@ ARITHMETIC_WARM_START = ROOT / "tests" / "assets" / "warm_start_arithmetic"
 # LLVM at -O0 takes about a third less (their slower code costs nothing at this size). Every subprocess whose
 # numbers a test compares with another's uses these flags (the persistent compilation cache keys on them too).
 RUN_XLA_FLAGS = "--xla_backend_optimization_level=0"
+# The overrides of the session's finished run (tests/conftest.py ``finished_run``), on top of ``overrides``'s.
+FINISHED_RUN = {"eval.enabled": True, "eval.every": 3, "train.export_final": True, "train.samples_every": 2,
+                "train.keep_checkpoints": 3, "optim.learning_rate": 0.01}
 
 
 def xla_flags(devices: int | None = None) -> str:
