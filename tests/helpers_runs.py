@@ -75,3 +75,22 @@ def snapshot(directory: Path) -> dict[str, str]:
         return {}
     return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def stagger_orbax_reads(monkeypatch, step_s: float = 0.01) -> None:
+    """Make orbax's array reads finish in the order they start, ``step_s`` apart: when one of them fails, the
+    later ones are still running, as they are (by chance) on a loaded machine. Orbax then leaves them behind
+    unless its event loop is drained (poer_jax/train/orbax_loops.py); this makes that case happen every time."""
+    import asyncio
+
+    from orbax.checkpoint._src.serialization import serialization
+
+    read = serialization._read_shard
+    started = [0]
+
+    async def staggered(*args, **kwargs):
+        started[0] += 1
+        await asyncio.sleep(step_s * started[0])
+        return await read(*args, **kwargs)
+
+    monkeypatch.setattr(serialization, "_read_shard", staggered)

@@ -21,7 +21,7 @@ import pytest
 
 from poer_jax.train import run_dir
 from poer_jax.train.__main__ import main
-from tests.helpers_runs import argv, snapshot
+from tests.helpers_runs import argv, snapshot, stagger_orbax_reads
 
 
 @pytest.fixture
@@ -230,6 +230,7 @@ def test_broken_newest_checkpoint_falls_back_to_the_last_intact_one(toy_env, run
 
     unraisable: list[str] = []  # what Python would print as "Exception ignored in: ..."
     monkeypatch.setattr(sys, "unraisablehook", lambda u: unraisable.append(f"{u.object!r}: {u.exc_value!r}"))
+    stagger_orbax_reads(monkeypatch)  # reads still running when one fails, every time rather than by chance
     w, extra = run
     with Checkpointer(w / "checkpoints", keep=3) as ckpt:
         expected, _, _ = ckpt.restore(2)
