@@ -13,7 +13,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from tests.helpers_runs import RUN_XLA_FLAGS  # stdlib only: jax is not imported yet
+from tests.helpers_runs import FINISHED_RUN, RUN_XLA_FLAGS  # stdlib only: jax is not imported yet
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for the whole session, in this process and in the runs it launches
@@ -148,8 +148,6 @@ def toy_env(tmp_path_factory):
     return _once(tmp_path_factory, "toyenv", make)
 
 
-FINISHED_RUN = {"eval.enabled": True, "eval.every": 3, "train.export_final": True, "train.samples_every": 2,
-                "train.keep_checkpoints": 3, "optim.learning_rate": 0.01}
 
 
 @pytest.fixture(scope="session")

@@ -82,3 +82,15 @@ def digit_count(prompts: list[Any], completions: list[str], completion_ids: Any,
     """Number of digits in the completion: spread even among the random completions of an untrained model,
     so the advantages are not all 0 and the policy moves."""
     return [float(sum(ch.isdigit() for ch in c)) for c in completions]
+
+
+def non_finite_on_marker(prompts: list[Any], completions: list[str], completion_ids: Any, **columns: Any
+                         ) -> list[float]:
+    """NaN on "NAN", inf on "INF", -inf on "NEGINF", else the completion's length."""
+    values = {"NEGINF": float("-inf"), "NAN": float("nan"), "INF": float("inf")}
+    return [next((v for k, v in values.items() if k in c), float(len(c))) for c in completions]
+
+
+def nan_on_odd_ids(prompts: list[Any], completions: list[str], completion_ids: Any, **columns: Any) -> list[float]:
+    """NaN for completions with an odd sum of token ids, else 1."""
+    return [float("nan") if sum(ids) % 2 else 1.0 for ids in completion_ids]

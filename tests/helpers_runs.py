@@ -21,6 +21,9 @@ ARITHMETIC_WARM_START = ROOT / "tests" / "assets" / "warm_start_arithmetic"
 # LLVM at -O0 takes about a third less (their slower code costs nothing at this size). Every subprocess whose
 # numbers a test compares with another's uses these flags (the persistent compilation cache keys on them too).
 RUN_XLA_FLAGS = "--xla_backend_optimization_level=0"
+# The overrides of the session's finished run (tests/conftest.py ``finished_run``), on top of ``overrides``'s.
+FINISHED_RUN = {"eval.enabled": True, "eval.every": 3, "train.export_final": True, "train.samples_every": 2,
+                "train.keep_checkpoints": 3, "optim.learning_rate": 0.01}
 
 
 def xla_flags(devices: int | None = None) -> str:
@@ -72,3 +75,22 @@ def snapshot(directory: Path) -> dict[str, str]:
         return {}
     return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def stagger_orbax_reads(monkeypatch, step_s: float = 0.01) -> None:
+    """Make orbax's array reads finish in the order they start, ``step_s`` apart: when one of them fails, the
+    later ones are still running, as they are (by chance) on a loaded machine. Orbax then leaves them behind
+    unless its event loop is drained (poer_jax/train/orbax_loops.py); this makes that case happen every time."""
+    import asyncio
+
+    from orbax.checkpoint._src.serialization import serialization
+
+    read = serialization._read_shard
+    started = [0]
+
+    async def staggered(*args, **kwargs):
+        started[0] += 1
+        await asyncio.sleep(step_s * started[0])
+        return await read(*args, **kwargs)
+
+    monkeypatch.setattr(serialization, "_read_shard", staggered)

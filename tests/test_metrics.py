@@ -271,3 +271,71 @@ def test_log_records_are_not_glued_to_a_live_bar():
     # the message sits on a line of its own: the bar's carriage-return updates never precede it on its line
     line = next(x for x in text.replace("\r", "\n").split("\n") if "a message while" in x)
     assert line == "a message while the bar is live"
+
+
+def test_split_finite_keeps_numbers_and_names_the_rest():
+    finite, left_out = metrics_lib.split_finite({"a": 1.0, "n": 3, "loss": math.nan, "g": np.float32(np.inf),
+                                                 "z": np.array(-np.inf), "ok": np.float32(2.5)})
+    assert finite == {"a": 1.0, "n": 3, "ok": np.float32(2.5)} and left_out == ["loss", "g", "z"]
+
+
+class _CharTokenizer:
+    """decode() of a character-level tokenizer: token id = code point."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(map(chr, ids))
+
+
+def _group(prefix: str, continuations: list[str]):
+    """A rollout of one POER group (question 3) whose responses share ``prefix``, and its prompts."""
+    from types import SimpleNamespace
+
+    from poer_jax.train.rollout import Rollout
+
+    ids = lambda s: np.asarray([ord(c) for c in s], np.int32)  # noqa: E731
+    G = len(continuations)
+    r = Rollout(indices=np.asarray([3]), group_size=G, prompt_ids=[ids("Q?")], prefix_ids=[ids(prefix)],
+                continuation_ids=[ids(c) for c in continuations], sampler_logprobs=[np.zeros(len(c)) for c in
+                                                                                    continuations],
+                finish_reason=np.ones(G, np.int32), truncation_m=np.asarray([1]), truncation_L=np.asarray([4]),
+                prefilled_tokens=0, decoded_tokens=0, seconds=0.0)
+    prompts = SimpleNamespace(rows=lambda idx: [{"answer": "7"} for _ in idx], texts={3: "Problem: Q?"})
+    texts = [prefix + c for c in continuations]
+    return r, texts, prompts
+
+
+def test_poer_samples_show_the_cached_prefix_once_and_each_continuation():
+    from poer_jax.train.report import PREFIX_TAIL_TOKENS, sample_group
+
+    prefix = "First I write down a long shared line of reasoning, then 3 + 4 = "
+    r, texts, prompts = _group(prefix, ["7.\n</think>\n\\boxed{7}", "8.\n</think>\n\\boxed{8}", "7, so \\boxed{7}"])
+    totals, correct = np.asarray([1.0, 0.0, np.nan]), np.asarray([1.0, 0.0, np.nan])
+    record, shown = sample_group(r, 0, texts, totals, prompts, _CharTokenizer(), 5, strategy="poer", correct=correct)
+    lines = shown.splitlines()
+    assert lines[0] == "sample at step 5: question 3, gold '7'"
+    assert lines[1] == f"  cached prefix: {len(prefix)} tokens, ending ...{prefix[-PREFIX_TAIL_TOKENS:]!r}"
+    assert lines[2] == "  [ 1.00 right] +21 tokens: 7. \u23ce </think> \u23ce \\boxed{7}"
+    assert lines[3] == "  [ 0.00 wrong] +21 tokens: 8. \u23ce </think> \u23ce \\boxed{8}"
+    assert lines[4] == "  [  nan   -  ] +15 tokens: 7, so \\boxed{7}"
+    assert shown.count("long shared line") == 0  # the prefix is not repeated: its length and tail stand for it
+    assert record["prefix"] == {"length": len(prefix), "tail": prefix[-PREFIX_TAIL_TOKENS:], "text": prefix}
+    assert record["completions"] == [
+        {"continuation": "7.\n</think>\n\\boxed{7}", "length": 21, "reward": 1.0, "correct": True},
+        {"continuation": "8.\n</think>\n\\boxed{8}", "length": 21, "reward": 0.0, "correct": False},
+        {"continuation": "7, so \\boxed{7}", "length": 15, "reward": None, "correct": None}]
+    json.dumps(record, allow_nan=False)  # what samples.jsonl holds
+    _, empty = sample_group(*_group("", ["\\boxed{7}"])[:1], 0, ["\\boxed{7}"], np.asarray([1.0]),
+                            _group("", ["x"])[2], _CharTokenizer(), 5, strategy="poer", correct=None)
+    assert "cached prefix: 0 tokens (an empty cache row" in empty and "[ 1.00   -  ] +9 tokens" in empty
+
+
+def test_grpo_samples_show_whole_completions_as_before():
+    from poer_jax.train.report import sample_group
+
+    r, texts, prompts = _group("", ["so 3 + 4 = \\boxed{7}", "\\boxed{8}"])
+    record, shown = sample_group(r, 0, texts, np.asarray([1.0, 0.0]), prompts, _CharTokenizer(), 2)
+    assert shown.splitlines() == ["sample at step 2: question 3, gold '7'", "  [ 1.00] so 3 + 4 = \\boxed{7}",
+                                  "  [ 0.00] \\boxed{8}"]
+    assert record["completions"][0] == {"text": "so 3 + 4 = \\boxed{7}", "reward": 1.0, "length": 20,
+                                        "prefix_length": 0, "continuation": "so 3 + 4 = \\boxed{7}"}
+    assert "prefix" not in record

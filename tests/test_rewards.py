@@ -35,6 +35,7 @@ GOOD = "<think>\n3 + 4 = 7.\n</think>\n\\boxed{7}"
         ("\\boxed{\\frac{1}{2}} then \\boxed{\\sqrt{3}}", "\\sqrt{3}"),
         ("\\boxed{\\{1, 2\\}}", "\\{1, 2\\}"),
         ("\\boxed{3} and a truncated \\boxed{\\frac{1}{", "3"),
+        ("\\boxed{\\boxed{7}1}", "\\boxed{7}1"),  # the box that ends last, not the innermost
         ("\\fbox{x^{2}}", "x^{2}"),
         ("\\boxed 5$", "5"),
         ("no box here", None),
@@ -260,3 +261,34 @@ def test_failures_keep_each_functions_first_traceback() -> None:
     assert "failed on completion 1" in res.first_errors["crash_on_marker"]
     assert "ZeroDivisionError: deliberate failure" in res.first_errors["crash_on_marker"]  # the traceback
     assert "returned 'not a number'" in res.first_errors["wrong_type"]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_nan_and_inf_rewards_are_counted_alike_and_given_zero(workers: int) -> None:
+    """NaN, inf and -inf from a function: 0 for that completion, counted per function and in
+    rewards/non_finite, left out of the function's mean (over the finite values, with their count); every
+    metric finite. With on_error="raise" each of them stops the batch."""
+    specs = [RewardSpec("format"), RewardSpec(f"{HELPERS}:non_finite_on_marker", weight=2.0)]
+    completions = ["NAN", "abcd", "INF", "NEGINF", "ab"]
+    with RewardPool(specs, num_workers=workers, timeout_s=5.0, on_error="zero") as p:
+        res = p.compute(["p"] * 5, completions)
+    assert res["non_finite_on_marker"].tolist() == [0.0, 4.0, 0.0, 0.0, 2.0]
+    assert res.total.tolist() == [0.0, 8.0, 0.0, 0.0, 4.0]
+    assert res.non_finite == {"format": 0, "non_finite_on_marker": 3} and res.errors["non_finite_on_marker"] == 0
+    assert "returned nan on completion 0" in res.first_errors["non_finite_on_marker"]
+    m = res.metrics()
+    assert all(math.isfinite(v) for v in m.values()), m
+    assert m["rewards/non_finite"] == 3.0 and m["rewards/non_finite_on_marker/non_finite"] == 3.0
+    assert m["rewards/non_finite_on_marker/count"] == 2.0 and m["rewards/non_finite_on_marker/mean"] == 3.0
+    assert m["rewards/non_finite_on_marker/std"] == 1.0 and m["rewards/format/count"] == 5.0
+    assert m["reward"] == pytest.approx(12.0 / 5)
+    for marker, shown in (("NAN", "nan"), ("INF", "inf"), ("NEGINF", "-inf")):
+        with pytest.raises(RewardFunctionError, match=f"returned {shown} on completion 1"):
+            RewardPool(specs, num_workers=0, on_error="raise").compute(["p"] * 2, ["ok", marker])
+
+
+def test_a_function_with_no_finite_value_has_no_mean_but_a_count() -> None:
+    res = RewardPool([f"{HELPERS}:hang_on_marker"], num_workers=0).compute(["p"] * 2, ["NONE", "NONE"])
+    m = res.metrics()
+    assert m["rewards/hang_on_marker/count"] == 0.0 and "rewards/hang_on_marker/mean" not in m
+    assert all(math.isfinite(v) for v in m.values()), m

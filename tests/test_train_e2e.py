@@ -7,6 +7,7 @@ the sampler's compiled programs; the command line, SIGKILL and device-count chec
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -191,8 +192,10 @@ def test_eight_devices_and_two_processes_equal_one_device(toy_env, tmp_path):
 
 
 def test_hanging_reward_is_cut_off_and_nonfinite_update_is_skipped(toy_env, tmp_path, caplog, monkeypatch):
-    """A user reward that hangs is cut off at its deadline; a non-finite loss (here: NaN advantages on the
-    first step) skips the update (logged, parameters unchanged) and nothing non-finite reaches a checkpoint."""
+    """A user reward that hangs is cut off at its deadline; NaN and inf rewards are counted alike and given 0;
+    a non-finite loss (here: NaN advantages on the first step) skips the update (logged, parameters unchanged)
+    and nothing non-finite reaches a checkpoint or metrics.jsonl (the skipped step's loss is left out, named
+    in a warning)."""
     import jax
 
     import poer_jax.train.loop as loop_mod
@@ -208,20 +211,32 @@ def test_hanging_reward_is_cut_off_and_nonfinite_update_is_skipped(toy_env, tmp_
 
     monkeypatch.setattr(loop_mod, "group_advantages", nan_first)
     cfg = _config(toy_env, tmp_path / "w", **{
-        "reward.functions": f"accuracy,{HELPERS}:hang_sometimes,{HELPERS}:infinite_reward",
+        "reward.functions": f"accuracy,{HELPERS}:hang_sometimes,{HELPERS}:infinite_reward,{HELPERS}:nan_on_odd_ids",
         "reward.timeout_s": 1.0, "train.max_steps": 2})
     trainer = loop_mod.PoerTrainer(cfg)
     before = jax.device_get(trainer.state.params)
     with caplog.at_level("WARNING", logger="poer_jax"):
         first = trainer.train_step()
-    assert first["skipped"] == 1 and first["rewards/non_finite"] > 0
+        trainer._write_metrics(trainer.step, first)
+    assert first["skipped"] == 1 and not np.isfinite(first["loss"])
+    # the two functions return inf / NaN on the same completions (odd sum of token ids), unless one timed out
+    odd = first["rewards/infinite_reward/non_finite"]
+    assert odd > 0 and first["rewards/nan_on_odd_ids/non_finite"] == odd
+    assert first["rewards/non_finite"] == 2 * odd
+    assert first["rewards/nan_on_odd_ids/mean"] == 1.0 and first["rewards/infinite_reward/mean"] == 0.0
     assert "non-finite loss or gradient" in caplog.text
+    assert "NaN / inf rewards (given 0, counted in rewards/non_finite): infinite_reward on" in caplog.text
+    assert "step 1: non-finite metrics left out of metrics.jsonl: " in caplog.text
     jax.tree.map(np.testing.assert_array_equal, before, jax.device_get(trainer.state.params))
     last = trainer.run()  # the second step trains normally and checkpoints
     assert last["skipped"] == 0
     assert first["rewards/hang_sometimes/timeouts"] + last["rewards/hang_sometimes/timeouts"] >= 1
     state, _, _ = Checkpointer(tmp_path / "w" / "checkpoints", keep=2).restore()
     assert all(np.isfinite(np.asarray(x, np.float32)).all() for x in jax.tree.leaves(state["params"]))
+    rows = [json.loads(x) for x in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and "loss" not in rows[0] and "loss" in rows[1]
+    for row in rows:
+        assert all(isinstance(v, int | float) and math.isfinite(v) for v in row.values()), row
 
 
 def test_dynamic_sampling_keeps_groups_with_spread_and_fails_clearly(toy_env, tmp_path):

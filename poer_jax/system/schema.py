@@ -136,8 +136,9 @@ SCHEMA: dict[str, Any] = {
         "step_timeout_s": _f(120.0, NUM, "deadline of all reward calls of a step together; calls not done by "
                              "then get 0 and are counted as timeouts", min=0.01, resume_safe=True),
         "num_workers": _f(2, int, "reward worker processes", min=1, resume_safe=True),
-        "on_error": _f("zero", str, "a reward function that raises or returns a bad value: zero: reward 0, first "
-                       "traceback per function logged, failures counted per step; raise: stop the run",
+        "on_error": _f("zero", str, "a reward function that raises or returns a bad value (not a number, NaN, "
+                       "inf): zero: reward 0, first failure per function logged, failures counted per step "
+                       "(rewards/<fn>/errors, NaN and inf in rewards/<fn>/non_finite); raise: stop the run",
                        choices=("zero", "raise"), resume_safe=True),
         "length_aware": _f(True, bool, "length-aware reward shaping (Eq. 10)"),
         "length_variant": _f("paper", str, "Eq. 10 on every response, l_ref = group mean (paper); or on correct "

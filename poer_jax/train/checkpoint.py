@@ -22,7 +22,9 @@ finite numbers). :meth:`Checkpointer.restore_latest_intact` walks back from the 
 that passes, moves the broken ones into ``broken_checkpoints/`` next to the directory (so their step
 numbers can be saved again, and nothing is deleted) and warns naming each with the reason. Orbax and
 TensorStore report unreadable files as ``FileNotFoundError``, ``ValueError`` or a bare ``Exception``, so a
-step's restore catches ``Exception``.
+step's restore catches ``Exception``. A failed restore leaves nothing running behind it (orbax's event loop
+is drained before it closes, :mod:`poer_jax.train.orbax_loops`), so the fallback prints its warning and no
+tracebacks.
 
 Non-finite train states are refused by raising :class:`NonFiniteCheckpointError` (a ``ValueError``) that
 names the offending leaves; nothing is written. Raising rather than skipping with a warning is deliberate: a
@@ -47,6 +49,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from poer_jax.poer.cache_pool import ARRAY_FIELDS, CachePool
+from poer_jax.train.orbax_loops import draining_orbax_loops
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +271,8 @@ class Checkpointer:
         if has_integrity:
             items["integrity"] = ocp.args.JsonRestore()
         try:
-            out = self._mngr.restore(step, args=ocp.args.Composite(**items))
+            with draining_orbax_loops():  # a failed read leaves no orphaned reads to print tracebacks later
+                out = self._mngr.restore(step, args=ocp.args.Composite(**items))
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"checkpoint: cannot restore step {step} from {self.directory} into the given "
                              f"abstract_state: {e}") from e
@@ -362,7 +366,8 @@ class Checkpointer:
         if not steps or (step is not None and int(step) not in steps):
             raise FileNotFoundError(f"checkpoint: no step {step if step is not None else ''} in {self.directory}")
         step = steps[-1] if step is None else int(step)
-        out = self._mngr.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))
+        with draining_orbax_loops():
+            out = self._mngr.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))
         return dict(out["extra"])
 
     def wait(self) -> None:

@@ -52,7 +52,7 @@ from poer_jax.train import report, run_dir
 from poer_jax.train.checkpoint import BrokenCheckpointError, Checkpointer, pool_from_items, pool_items
 from poer_jax.train.held_out import evaluate_held_out
 from poer_jax.train.iterator import build_iterator
-from poer_jax.train.metrics import MetricsWriter, SamplesWriter
+from poer_jax.train.metrics import METRICS_FILE, MetricsWriter, SamplesWriter, split_finite
 from poer_jax.train.progress import Progress
 from poer_jax.train.reward_pool import RewardPool, RewardResult
 from poer_jax.train.reward_setup import build_rewards
@@ -81,7 +81,7 @@ class PoerTrainer:
         self.rewards: RewardPool | None = None
         self.grader: RewardPool | None = None
         self._reported_reward_errors: set[str] = set()
-        self._last_batch: tuple[Rollout, list[str], np.ndarray] | None = None
+        self._last_batch: tuple[Rollout, list[str], np.ndarray, np.ndarray | None] | None = None
         self.start = run_dir.inspect(cfg)  # a refusal raises here, before anything is written
         self.step = self.start.step or 0
         if self.start.mode == "complete":
@@ -271,7 +271,7 @@ class PoerTrainer:
         res = self.rewards.compute(prompts, texts, completion_ids=[x.tolist() for x in resp], columns=cols,
                                    completion_lengths=[len(x) for x in resp], deadline_s=deadline_s)
         self._report_reward_problems(res)
-        self._last_batch = (r, texts, res.total)
+        self._last_batch = (r, texts, res.total, res["accuracy"] if "accuracy" in res.names else None)
         finite = np.isfinite(res.total)
         raw = np.where(finite, res.total, 0.0).reshape(-1, G)  # an inf / NaN reward counts as 0, and is counted
         correct = (np.nan_to_num(res["accuracy"], nan=0.0) > 0.5).reshape(-1, G) if "accuracy" in res.names else None
@@ -288,6 +288,10 @@ class PoerTrainer:
         if failed:
             log.warning("step %d: reward function errors: %s of %d completions", self.step + 1, ", ".join(failed),
                         len(res.total))
+        bad = [f"{name} on {n}" for name, n in res.non_finite.items() if n]
+        if bad:
+            log.warning("step %d: NaN / inf rewards (given 0, counted in rewards/non_finite): %s of %d completions",
+                        self.step + 1, ", ".join(bad), len(res.total))
         if res.deadline_cut:
             log.warning("step %d: reward.step_timeout_s=%g s passed: %d reward call(s) not finished got reward 0",
                         self.step + 1, self.cfg.reward.step_timeout_s, res.deadline_cut)
@@ -486,14 +490,19 @@ class PoerTrainer:
         """One group of the last step's completions: logged (shortened) and written to samples.jsonl."""
         if self._last_batch is None or self.samples is None:
             return
-        r, texts, totals = self._last_batch
-        record, shown = report.sample_group(r, 0, texts, totals, self.prompts, self.tokenizer, self.step)
+        r, texts, totals, correct = self._last_batch
+        record, shown = report.sample_group(r, 0, texts, totals, self.prompts, self.tokenizer, self.step,
+                                            strategy=self.cfg.rollout.strategy, correct=correct)
         self.samples.write(self.step, record)
         log.info("%s", shown)
 
     def _write_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        """One line of metrics.jsonl, finite values only; a non-finite one is named in a warning instead."""
         if self.metrics is not None:
-            self.metrics.write(step, metrics)
+            finite, left_out = split_finite(metrics)
+            if left_out:
+                log.warning("step %d: non-finite metrics left out of %s: %s", step, METRICS_FILE, ", ".join(left_out))
+            self.metrics.write(step, finite)
 
 
 _cache_update = jax.jit(poer.update, static_argnames=("mode",))

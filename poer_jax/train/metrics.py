@@ -69,6 +69,21 @@ def encode_value(key: str, value: Any) -> int | float | str:
     return v
 
 
+def split_finite(metrics: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """``(finite, left_out)``: the metrics whose value is a finite number, and the names of the others (NaN,
+    inf). The trainer writes only the first to metrics.jsonl, so that every value there is a number a plot
+    can draw, and names the second in a warning (a skipped update's loss, for one)."""
+    finite: dict[str, Any] = {}
+    left_out: list[str] = []
+    for key, value in metrics.items():
+        v = encode_value(key, value)
+        if isinstance(v, str):
+            left_out.append(key)
+        else:
+            finite[key] = value
+    return finite, left_out
+
+
 def decode_value(value: Any) -> Any:
     """Inverse of :func:`encode_value` for the non-finite strings; other values pass through."""
     if isinstance(value, str) and value in _NONFINITE:
@@ -162,7 +177,9 @@ def truncate_jsonl(path: str, resume_step: int | None) -> int:
 
 class SamplesWriter:
     """``workdir/samples.jsonl``: one line per logged group, ``{"step": s, "prompt": ..., "completions":
-    [{"text": ..., "reward": ..., "length": ..., "prefix_length": ...}], ...}``; truncated on resume like
+    [{"text": ..., "reward": ..., "length": ..., "prefix_length": ...}], ...}`` (GRPO), or, under POER, the
+    shared cached prefix once (``"prefix": {"length", "tail", "text"}``) and per completion ``{"continuation",
+    "length", "reward", "correct"}`` (``poer_jax.train.report.sample_group``); truncated on resume like
     metrics.jsonl."""
 
     def __init__(self, workdir: str | os.PathLike[str], resume_step: int | None = None) -> None:

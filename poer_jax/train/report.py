@@ -77,30 +77,58 @@ def summary_lines(summary: dict[str, Any], workdir: Path) -> list[str]:
     return lines
 
 
+PREFIX_TAIL_TOKENS = 8  # the cached prefix is shown by its length and its last few tokens
+
+
+def _flat(text: str, width: int) -> str:
+    flat = text.replace("\n", " \u23ce ")
+    return flat if len(flat) <= width else flat[: width - 3] + "..."
+
+
 def sample_group(r: Rollout, g: int, texts: list[str], totals: np.ndarray, prompts: TokenizedPrompts,
-                 tokenizer: Any, step: int, width: int = 160) -> tuple[dict[str, Any], str]:
-    """Group ``g`` of a rollout as a samples.jsonl record and as console text (one shortened line per
-    completion, its reward first). POER responses are the cached prefix plus the new continuation."""
+                 tokenizer: Any, step: int, width: int = 160, *, strategy: str = "full",
+                 correct: np.ndarray | None = None) -> tuple[dict[str, Any], str]:
+    """Group ``g`` of a rollout as a samples.jsonl record and as console text.
+
+    GRPO (``strategy="full"``): one shortened line per completion, its reward first; each record entry holds
+    the completion's text, reward and length. POER: the G responses share the cached prefix, so it is shown
+    once, by its length and its last ``PREFIX_TAIL_TOKENS`` tokens, then one line per continuation (the part
+    that differs) with its reward and whether it was right (``correct``: per completion, NaN / None where
+    it was not graded); the record holds ``prefix`` (text, length, tail) once and per completion the
+    continuation, its length, reward and correctness."""
     G, question = r.group_size, int(r.indices[g])
     row = prompts.rows([question])[0]
-    prefix_len = int(len(r.prefix_ids[g]))
-    completions = []
-    for i in range(g * G, (g + 1) * G):
-        completions.append({
-            "text": texts[i], "reward": float(totals[i]) if np.isfinite(totals[i]) else None,
-            "length": int(r.response_lengths[i]), "prefix_length": prefix_len,
-            "continuation": tokenizer.decode(r.continuation_ids[i].tolist(), skip_special_tokens=True)})
-    record = {"question": question, "prompt": prompts.texts[question], "answer": row.get("answer"),
-              "prefix": tokenizer.decode(r.prefix_ids[g].tolist(), skip_special_tokens=True),
-              "completions": completions}
+    prefix_ids = r.prefix_ids[g]
+    prefix_len = int(len(prefix_ids))
+    reward = [float(totals[i]) if np.isfinite(totals[i]) else None for i in range(g * G, (g + 1) * G)]
+    record: dict[str, Any] = {"question": question, "prompt": prompts.texts[question], "answer": row.get("answer")}
     head = f"sample at step {step}: question {question}, gold {row.get('answer')!r}"
-    if prefix_len:
-        head += f", continuing a cached answer after its first {prefix_len} tokens"
-    lines = [head]
-    for c in completions:
-        reward = "  nan" if c["reward"] is None else f"{c['reward']:5.2f}"
-        flat = c["text"].replace("\n", " \u23ce ")
-        lines.append(f"  [{reward}] {flat if len(flat) <= width else flat[: width - 3] + '...'}")
+    if strategy != "poer":
+        record["completions"] = [
+            {"text": texts[i], "reward": reward[i - g * G], "length": int(r.response_lengths[i]),
+             "prefix_length": prefix_len,
+             "continuation": tokenizer.decode(r.continuation_ids[i].tolist(), skip_special_tokens=True)}
+            for i in range(g * G, (g + 1) * G)]
+        lines = [head]
+        for c in record["completions"]:
+            shown = "  nan" if c["reward"] is None else f"{c['reward']:5.2f}"
+            lines.append(f"  [{shown}] {_flat(c['text'], width)}")
+        return record, "\n".join(lines)
+    tail = tokenizer.decode(prefix_ids[-PREFIX_TAIL_TOKENS:].tolist(), skip_special_tokens=True)
+    record["prefix"] = {"length": prefix_len, "tail": tail,
+                        "text": tokenizer.decode(prefix_ids.tolist(), skip_special_tokens=True)}
+    record["completions"] = []
+    lines = [head, f"  cached prefix: {prefix_len} tokens" + (
+        f", ending {'...' if prefix_len > PREFIX_TAIL_TOKENS else ''}{_flat(tail, width)!r}" if prefix_len else
+        " (an empty cache row, or the whole answer truncated: the continuations are whole answers)")]
+    for i in range(g * G, (g + 1) * G):
+        right = None if correct is None or not np.isfinite(correct[i]) else bool(correct[i] > 0.5)
+        continuation = tokenizer.decode(r.continuation_ids[i].tolist(), skip_special_tokens=True)
+        record["completions"].append({"continuation": continuation, "length": int(len(r.continuation_ids[i])),
+                                      "reward": reward[i - g * G], "correct": right})
+        shown = "  nan" if reward[i - g * G] is None else f"{reward[i - g * G]:5.2f}"
+        verdict = {True: "right", False: "wrong", None: "  -  "}[right]
+        lines.append(f"  [{shown} {verdict}] +{len(r.continuation_ids[i])} tokens: {_flat(continuation, width)}")
     return record, "\n".join(lines)
 
 

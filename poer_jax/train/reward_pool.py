@@ -19,7 +19,10 @@ run in a small pool of worker processes and the parent enforces the deadline:
 A call that raises or returns something other than a number or None is an error: ``on_error="raise"``
 raises :class:`RewardFunctionError` after the batch (naming the function, the completion and the
 traceback); ``"zero"`` records ``error_reward`` (0), counts it, and keeps each function's first traceback
-in ``RewardResult.first_errors`` for the caller to log.
+in ``RewardResult.first_errors`` for the caller to log. A non-finite number (NaN or +-inf alike) is a bad
+value under the same policy: ``"raise"`` stops, ``"zero"`` gives that completion ``error_reward`` for the
+function and counts it in ``RewardResult.non_finite`` (its first occurrence goes to ``first_errors``), so
+the sum, the per-function means and everything derived from them stay finite.
 
 Start-up is cheap: the default ``forkserver`` context preloads math-verify and this package once in the
 fork server, so starting or replacing a worker is a fork (milliseconds), and it is safe to use from a
@@ -79,7 +82,9 @@ class RewardSpec:
 class RewardResult:
     """Rewards of one batch: ``per_function[i, j]`` for completion i and function ``names[j]`` (NaN =
     not applicable, when ``none_policy="nan"``), and ``total[i] = nansum_j(weights[j] *
-    per_function[i, j])``; per-function counts of timeouts, errors and None values."""
+    per_function[i, j])``; per-function counts of timeouts, errors, non-finite returns and None values.
+    ``non_finite_mask[i, j]`` marks the entries where the function returned NaN / inf and ``per_function``
+    holds ``error_reward`` in its place."""
 
     names: list[str]
     weights: np.ndarray
@@ -90,6 +95,8 @@ class RewardResult:
     nones: dict[str, int]
     first_errors: dict[str, str] = field(default_factory=dict)  # function -> its first failure, with traceback
     deadline_cut: int = 0  # calls given timeout_reward because the batch's deadline passed
+    non_finite: dict[str, int] = field(default_factory=dict)  # function -> NaN / inf values it returned
+    non_finite_mask: np.ndarray | None = None  # [N, F] bool, None: no non-finite value
 
     def __getitem__(self, name: str) -> np.ndarray:
         if name not in self.names:
@@ -97,16 +104,28 @@ class RewardResult:
         return self.per_function[:, self.names.index(name)]
 
     def metrics(self) -> dict[str, float]:
-        """TRL-style metrics: ``rewards/<fn>/{mean,std}``, ``reward``, plus timeout / error counts."""
+        """TRL-style metrics, every value finite: ``rewards/<fn>/{mean,std}`` over the finite values of the
+        function (a None and a NaN / inf it returned are left out; a timeout or an error counts at the value
+        it was given) with ``rewards/<fn>/count``, how many that is (mean and std are absent when it is 0);
+        ``rewards/<fn>/{timeouts,errors,non_finite}``, ``rewards/non_finite`` (all functions), ``reward``."""
         out: dict[str, float] = {}
         for j, name in enumerate(self.names):
             col = self.per_function[:, j]
-            valid = col[~np.isnan(col)]
-            out[f"rewards/{name}/mean"] = float(valid.mean()) if valid.size else float("nan")
-            out[f"rewards/{name}/std"] = float(valid.std()) if valid.size else float("nan")
+            keep = np.isfinite(col)
+            if self.non_finite_mask is not None:
+                keep &= ~self.non_finite_mask[:, j]
+            valid = col[keep]
+            out[f"rewards/{name}/count"] = float(valid.size)
+            if valid.size:
+                out[f"rewards/{name}/mean"] = float(valid.mean())
+                out[f"rewards/{name}/std"] = float(valid.std())
             out[f"rewards/{name}/timeouts"] = float(self.timeouts[name])
             out[f"rewards/{name}/errors"] = float(self.errors[name])
-        out["reward"] = float(self.total.mean()) if self.total.size else float("nan")
+            out[f"rewards/{name}/non_finite"] = float(self.non_finite.get(name, 0))
+        total = self.total[np.isfinite(self.total)]
+        if total.size:
+            out["reward"] = float(total.mean())
+        out["rewards/non_finite"] = float(sum(self.non_finite.values()))
         out["rewards/deadline_cut"] = float(self.deadline_cut)
         return out
 
@@ -305,7 +324,7 @@ class RewardPool:
             )
         f = len(self.specs)
         values = np.full((n, f), np.nan)
-        status = np.zeros((n, f), dtype=np.int8)  # 0 pending, 1 ok, 2 none, 3 timeout, 4 error
+        status = np.zeros((n, f), dtype=np.int8)  # 0 pending, 1 ok, 2 none, 3 timeout, 4 error, 5 non-finite
         errors: list[tuple[str, str]] = []
         cut = 0
         if self.num_workers == 0:
@@ -328,13 +347,15 @@ class RewardPool:
             values[status == 2] = 0.0
         total = np.nansum(values * self.weights[None, :], axis=1)
         count = {
-            k: {name: int((status[:, j] == k).sum()) for j, name in enumerate(self.names)} for k in (2, 3, 4)
+            k: {name: int((status[:, j] == k).sum()) for j, name in enumerate(self.names)} for k in (2, 3, 4, 5)
         }
         first: dict[str, str] = {}
         for name, message in errors:
             first.setdefault(name, message)
+        mask = status == 5
         return RewardResult(
-            list(self.names), self.weights.copy(), values, total, count[3], count[4], count[2], first, cut
+            list(self.names), self.weights.copy(), values, total, count[3], count[4], count[2], first, cut,
+            non_finite=count[5], non_finite_mask=mask if mask.any() else None,
         )
 
     def _record(
@@ -346,11 +367,17 @@ class RewardPool:
                 status[i, j] = 2
                 return
             try:
-                values[i, j] = float(value)
-                status[i, j] = 1
-                return
+                number = float(value)
             except (TypeError, ValueError):
                 value = f"returned {value!r:.100}, expected a float or None"
+            else:
+                if np.isfinite(number):
+                    values[i, j], status[i, j] = number, 1
+                    return
+                values[i, j], status[i, j] = self.error_reward, 5
+                errors.append((self.names[j], f"reward function {self.specs[j].name!r} returned {number} on "
+                               f"completion {i} (NaN and inf are failures, like an exception)"))
+                return
         if kind == "timeout":
             values[i, j], status[i, j] = self.timeout_reward, 3
             return

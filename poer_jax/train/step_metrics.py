@@ -29,9 +29,13 @@ def gather_reward_result(res: RewardResult, rows: ProcessRows) -> RewardResult:
         return {n: int(c) for n, c in zip(res.names, total, strict=True)}
 
     cut = int(rows.gather(np.asarray([res.deadline_cut], np.int64)).sum())
+    mask = res.non_finite_mask if res.non_finite_mask is not None else np.zeros(res.per_function.shape, bool)
+    mask = rows.gather(mask)
     return RewardResult(names=res.names, weights=res.weights, per_function=rows.gather(res.per_function),
                         total=rows.gather(res.total), timeouts=summed(res.timeouts), errors=summed(res.errors),
-                        nones=summed(res.nones), first_errors=res.first_errors, deadline_cut=cut)
+                        nones=summed(res.nones), first_errors=res.first_errors, deadline_cut=cut,
+                        non_finite=summed({n: res.non_finite.get(n, 0) for n in res.names}),
+                        non_finite_mask=mask if mask.any() else None)
 
 
 def rollout_metrics(r: Rollout, raw: np.ndarray, shaped: np.ndarray, rewards: RewardResult, info: dict[str, Any],
@@ -45,8 +49,7 @@ def rollout_metrics(r: Rollout, raw: np.ndarray, shaped: np.ndarray, rewards: Re
     finish = rows.gather(r.finish_reason)
     counts = rows.gather(np.asarray([[info[k] for k in COUNTS]], np.int64)).sum(axis=0)
     times = rows.gather(np.asarray([[info[k] for k in TIMES]], np.float64)).max(axis=0)
-    m: dict[str, Any] = rewards.metrics()
-    m["rewards/non_finite"] = float((~np.isfinite(rewards.total)).sum())
+    m: dict[str, Any] = rewards.metrics()  # rewards/non_finite: NaN and inf values the functions returned
     m.update({
         "reward": float(raw.mean()),
         "reward_std": float(raw.std(axis=1, ddof=1).mean()) if G > 1 else 0.0,
