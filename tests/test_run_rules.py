@@ -69,7 +69,14 @@ def test_finished_run_leaves_summary_samples_and_export_settings(finished_run):
     settings = json.loads((w / "export" / "eval_settings.json").read_text())
     assert settings["system_prompt"] == "Answer in \\boxed{}." and settings["k"] == 4
     assert settings["chat_template"] == "never" and settings["max_new_tokens"] == 24
-    assert json.loads((w / "run_config.json").read_text())["rollout"]["group_size"] == 4
+    recorded = json.loads((w / "run_config.json").read_text())
+    assert recorded["rollout"]["group_size"] == 4
+    # what was loaded, and which key decided it, printed at the start and recorded (never compared on resume)
+    model = recorded["model"]["path"]
+    assert recorded["loaded"] == {"model": f"{model} (model.path)", "tokenizer": f"{model} (model.path)",
+                                  "train data": f"{recorded['data']['train_path']} (data.train_path)",
+                                  "held-out data": f"{recorded['data']['eval_path']} (data.eval_path)"}
+    assert f"model: {model} (model.path)" in err
 
 
 # ---- starting again in the same workdir --------------------------------------------------------------------

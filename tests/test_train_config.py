@@ -108,6 +108,44 @@ def test_cross_field_rules():
         validate(apply_overrides(q, ["model.preset=tiny"]))
 
 
+def test_keys_that_would_replace_one_another_are_refused_naming_both():
+    """issue 28: the demo config's warm start would replace a model.path given on the command line (and the toy
+    task a model, preset or tokenizer): refused, naming both keys and the way out."""
+    toy = load_config_file(ROOT / "configs/toy.py")  # toy.enabled, warm_start.path: the committed warm start
+    with pytest.raises(ConfigError, match=r"'warm_start.path' and 'model.path'.*--config.warm_start.path=None"):
+        validate(apply_overrides(toy, ["model.path=/some/model", "toy.enabled=false", "data.train_path=d.jsonl"]))
+    with pytest.raises(ConfigError, match=r"'toy.enabled' and 'model.path'.*--config.toy.enabled=false"):
+        validate(apply_overrides(toy, ["model.path=/some/model", "warm_start.path=None"]))
+    for key in ("model.preset=tiny", "model.tokenizer_path=/some/tokenizer"):
+        name = key.split("=")[0]
+        with pytest.raises(ConfigError, match=f"'toy.enabled' and '{name}'"):
+            validate(apply_overrides(toy, [key, "warm_start.path=None"]))
+        with pytest.raises(ConfigError, match=f"'warm_start.path' and '{name}'"):
+            validate(apply_overrides(toy, [key, "toy.enabled=false", "data.train_path=d.jsonl"]))
+    # each alone is fine; warm_start.steps beside warm_start.path is a rule (the directory wins), announced
+    validate(apply_overrides(toy, ["model.path=/some/model", "toy.enabled=false", "warm_start.path=None",
+                                   "data.train_path=d.jsonl"]))
+    assert validate(toy).warm_start.steps > 0
+
+
+def test_run_sources_name_what_is_loaded_and_which_key_decided():
+    from poer_jax.system.start import run_sources
+
+    toy = validate(load_config_file(ROOT / "configs/toy.py"))
+    resolved = apply_overrides(toy, ["model.path=/w/ws", "model.tokenizer_path=/w/ws", "data.train_path=/w/t.jsonl",
+                                     "data.eval_path=/w/e.jsonl"])
+    got = run_sources(toy, resolved)
+    assert got["model"].startswith("/w/ws (warm_start.path; warm_start.steps=2000 is only what scripts/warm_start")
+    assert got["tokenizer"] == "/w/ws (warm_start.path)"
+    assert got["train data"] == "/w/t.jsonl (toy.enabled: the generated task)"
+    mine = apply_overrides(toy, ["warm_start.path=None", "warm_start.steps=0", "data.eval_path=/mine.jsonl"])
+    got = run_sources(mine, apply_overrides(mine, ["model.path=/w/toy/model", "data.train_path=/w/t.jsonl"]))
+    assert got["model"] == "/w/toy/model (toy.enabled: the task's random model)"
+    assert got["held-out data"] == "/mine.jsonl (data.eval_path)"
+    ws = apply_overrides(mine, ["warm_start.steps=5"])
+    assert "warm_start.steps=5 supervised steps from the toy task's random model" in run_sources(ws, ws)["model"]
+
+
 def test_missing_or_wrong_config_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         config_from_argv([f"--config={tmp_path / 'nope.py'}"])

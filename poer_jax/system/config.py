@@ -137,9 +137,36 @@ def _check_reward_functions(names: Sequence[str]) -> None:
             raise ConfigError(f"config key 'reward.functions': {e}") from e
 
 
+def _check_model_sources(cfg: ml_collections.ConfigDict) -> None:
+    """No key silently replaces another: where the model, its tokenizer or the data would come from two keys,
+    fail naming both. The rules a run follows (and prints at its start, ``system.start.run_sources``):
+
+    - ``toy.enabled`` builds the task's own tokenizer and a random model (``workdir/toy``): with it, the model keys
+      (``model.path``, ``model.preset``, ``model.tokenizer_path``) are refused; the data keys, when given, are
+      read instead of the generated problems;
+    - ``warm_start.path`` is the starting model, weights and tokenizer: with it, the model keys are refused (a
+      toy task's tokenizer is checked against the warm start's); ``warm_start.steps`` is then only what
+      ``scripts/warm_start.py`` trains when it remakes that directory.
+    """
+    given = [k for k in ("model.path", "model.preset", "model.tokenizer_path")
+             if cfg.model[k.split(".", 1)[1]] is not None]
+    if cfg.toy.enabled and given:
+        raise ConfigError(
+            f"config keys 'toy.enabled' and {given[0]!r}: toy.enabled=true builds the task's own tokenizer and model "
+            f"in workdir/toy, which would replace {given[0]}={cfg.model[given[0].split('.', 1)[1]]!r}; to train "
+            f"that model on your data set --config.toy.enabled=false (with data.train_path), else drop {given[0]}")
+    if cfg.warm_start.path and given:
+        raise ConfigError(
+            f"config keys 'warm_start.path' and {given[0]!r}: the warm start ({cfg.warm_start.path}) is the model "
+            f"and tokenizer the run starts from, and would replace {given[0]}="
+            f"{cfg.model[given[0].split('.', 1)[1]]!r}; set one of them (--config.warm_start.path=None to start "
+            f"from {given[0]})")
+
+
 def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Check keys, types, choices, ranges and cross-field rules; raise ConfigError naming the key."""
     _walk(SCHEMA, cfg, "")
+    _check_model_sources(cfg)
     if (cfg.model.path is None) == (cfg.model.preset is None) and not cfg.toy.enabled:
         raise ConfigError("config keys 'model.path' and 'model.preset': set exactly one")
     if cfg.data.train_path is None and not cfg.toy.enabled:

@@ -225,3 +225,35 @@ def prepare_shared_start(cfg: ml_collections.ConfigDict, workdir: str | Path) ->
         targets = [warm_start_target(r, cfg) for r in prompts.rows(range(len(prompts)))]
         cfg = run_warm_start(cfg, text.tokenizer, list(prompts.ids), targets, make_mesh({"fsdp": -1}))
     return validate(apply_overrides(cfg, ["toy.enabled=false", "warm_start.steps=0", "warm_start.path=None"]))
+
+
+def run_sources(given: ml_collections.ConfigDict, resolved: ml_collections.ConfigDict) -> dict[str, str]:
+    """What a run loads and which key decided it: ``given`` is the config as the user gave it, ``resolved`` the
+    one after the toy task and the warm start filled in their paths. The run prints this at its start and records
+    it in ``run_config.json`` (under ``"loaded"``), by the rules of ``system.config._check_model_sources``."""
+    m = resolved.model
+    if given.warm_start.path:
+        why = "warm_start.path" + (f"; warm_start.steps={given.warm_start.steps} is only what scripts/warm_start.py "
+                                   "trains when it remakes it" if given.warm_start.steps else "")
+    elif given.warm_start.steps > 0:
+        start = "the toy task's random model" if given.toy.enabled else (given.model.path or given.model.preset)
+        why = f"warm_start.steps={given.warm_start.steps} supervised steps from {start}, cached in workdir/warm_start"
+    elif given.toy.enabled:
+        why = "toy.enabled: the task's random model"
+    else:
+        why = "model.path" if given.model.path else "model.preset (random weights)"
+    tok_why = ("model.tokenizer_path" if given.model.tokenizer_path else
+               "warm_start.path" if given.warm_start.path else "toy.enabled: the task's tokenizer" if given.toy.enabled
+               else "model.path")
+
+    def data(key: str) -> str:
+        value = resolved.data[key]
+        if value is None:
+            return "none"
+        origin = f"data.{key}" if given.data[key] else "toy.enabled: the generated task"
+        return f"{value} ({origin})"
+
+    return {"model": f"{m.path or f'preset {m.preset}'} ({why})",
+            "tokenizer": f"{m.tokenizer_path or m.path} ({tok_why})",
+            "train data": data("train_path"),
+            "held-out data": data("eval_path")}

@@ -45,7 +45,7 @@ from poer_jax.system.multihost import barrier, is_main_process
 from poer_jax.system.preflight import check_inputs
 from poer_jax.system.runtime import enable_compilation_cache
 from poer_jax.system.sampler import build_sampler, sampling_params
-from poer_jax.system.start import prepare_toy, run_warm_start, use_warm_start, warm_start_target
+from poer_jax.system.start import prepare_toy, run_sources, run_warm_start, use_warm_start, warm_start_target
 from poer_jax.system.text import build_prompts, build_text
 from poer_jax.system.update import build_update_trainer
 from poer_jax.train import report, run_dir
@@ -110,7 +110,10 @@ class PoerTrainer:
         params, self.mcfg = load_model(cfg, self.mesh)  # NaN weights are refused here
         # the inputs are good: only now is the run's part of the workdir touched (an old run moved aside,
         # the config recorded); toy/ and warm_start/ are caches
-        run_dir.prepare(self.cfg, self.start, main_process=is_main_process())
+        sources = run_sources(self.cfg, cfg)
+        for what, source in sources.items():
+            log.info("%s: %s", what, source)
+        run_dir.prepare(self.cfg, self.start, main_process=is_main_process(), loaded=sources)
         barrier("poer_jax.run_dir")
         enable_compilation_cache(cfg)  # workdir/jax_cache: written only once the inputs are known good
         self.cfg = cfg

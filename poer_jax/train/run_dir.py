@@ -198,9 +198,11 @@ def inspect(cfg: ml_collections.ConfigDict) -> RunStart:
     return RunStart("resume" if step is not None else "fresh", step, tuple(allowed))
 
 
-def prepare(cfg: ml_collections.ConfigDict, start: RunStart, *, main_process: bool = True) -> Path | None:
+def prepare(cfg: ml_collections.ConfigDict, start: RunStart, *, main_process: bool = True,
+            loaded: dict[str, str] | None = None) -> Path | None:
     """Act on :func:`inspect`'s decision: move an overwritten run aside (returns where to), log the
-    resume-safe changes, record the config in ``run_config.json``. Only ``main_process`` writes."""
+    resume-safe changes, record the config in ``run_config.json``, with what the run loads under ``"loaded"``
+    (``system.start.run_sources``; not a config key, never compared). Only ``main_process`` writes."""
     workdir = Path(cfg.workdir)
     moved = None
     if main_process:
@@ -209,7 +211,7 @@ def prepare(cfg: ml_collections.ConfigDict, start: RunStart, *, main_process: bo
             moved = move_run_aside(workdir)
             log.warning("overwrite: the run that was in %s is now in %s", workdir, moved)
         if start.mode != "complete":
-            write_json(workdir / RUN_CONFIG, cfg.to_dict())
+            write_json(workdir / RUN_CONFIG, {**cfg.to_dict(), **({"loaded": loaded} if loaded else {})})
     for change in start.changes:
         log.warning("resume: %s (resume-safe)", change)
     if any(c.startswith("train.max_steps:") for c in start.changes):
