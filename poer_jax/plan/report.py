@@ -74,7 +74,7 @@ class PlanReport:
                     f"{p.name} does not fit on {self.target.name}{why}: peak {p.peak_bytes / GB:.1f} GB per device "
                     f"> {self.usable_bytes / GB:.1f} GB usable (resident set {self.resident_bytes / GB:.1f} GB: "
                     + ", ".join(f"{k} {v / GB:.1f}" for k, v in self.resident.items())
-                    + f"); change {', '.join(dict.fromkeys((*p.sizing_keys, 'model.param_dtype', 'mesh.*')))}")
+                    + f"); change {', '.join(dict.fromkeys((*p.sizing_keys, 'model.param_dtype', 'lora.rank', 'mesh.*')))}")
         return out
 
     def to_json(self) -> dict[str, Any]:
