@@ -5,6 +5,7 @@ learns with LoRA (paired test over held-out problems, as its full-weight test in
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -67,8 +68,14 @@ def test_lora_run_resumes_exactly_and_exports_merged_weights_and_peft_adapters(t
     assert json.loads((a / "export" / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] \
         == toy_env["model"]
     merged, _ = load_hf(a / "export")
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
-                 jax.device_get(merged), jax.device_get(merge(base, adapters, lora)))
+    close = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6)
+    jax.tree.map(close, jax.device_get(merged), jax.device_get(merge(base, adapters, lora)))
+    # python -m poer_jax.evaluate --model WORKDIR: the checkpoint's adapters merged into the run's base
+    from poer_jax.evaluate import _model_from_checkpoint
+    from poer_jax.model import make_mesh
+
+    weights, _, _, _ = _model_from_checkpoint(a, make_mesh({"fsdp": 1}, jax.devices()[:1]))
+    jax.tree.map(close, jax.device_get(weights), jax.device_get(merged))
 
 
 def test_the_plan_and_a_lora_run_hold_the_same_buffers(toy_env, tmp_path) -> None:
