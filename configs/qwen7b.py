@@ -5,7 +5,8 @@ G 6, temperature 0.7, max length 4096, L 300 (set cache.truncation_fraction=0.5 
 float32 master weights and Adam moments with bfloat16 matmuls, remat, splash / cuDNN attention; training over
 fsdp 4 x tensor 2, rollout in 4 data-parallel groups of 2 devices. Fits 8 chips of >= 32 GiB (``scripts/plan.py``,
 docs/benchmarks.md: TPU v5p-8, largest peak the decode step, 60.1 of 96.9 GB usable per chip; v6e-8, the update
-step, 32.0 of 32.6 GB); not one chip (v5e-1: the train state alone is 91 GB).
+step, 32.0 of 32.6 GB); not one chip (v5e-1: the train state alone is 91 GB), not 16 GiB chips (v5e-8: exit 1).
+The same settings with LoRA adapters fit a v5e-8: configs/qwen7b_lora.py (docs/lora.md).
 
     python -m poer_jax.train --config=configs/qwen7b.py --config.model.path=/models/DeepSeek-R1-Distill-Qwen-7B \
         --config.data.train_path=/data/open-rs/train.parquet

@@ -28,6 +28,7 @@ def _model_from_checkpoint(path: Path, mesh: Any) -> tuple[Any, Any, str, dict[s
 
     from poer_jax.eval.settings import eval_settings
     from poer_jax.model import QwenConfig, init_params, load_hf, preset
+    from poer_jax.model.lora import LoraConfig
     from poer_jax.rl import LossConfig
     from poer_jax.rl.optim import OptimConfig
     from poer_jax.rl.update import Trainer, create_train_state
@@ -39,16 +40,20 @@ def _model_from_checkpoint(path: Path, mesh: Any) -> tuple[Any, Any, str, dict[s
             raise ValueError(f"{path}: no HF config.json and no checkpoint found")
         extra = ckpt.restore_extra()
         cfg = ml_collections.ConfigDict(extra["config"])
+        lc = cfg.get("lora")  # a LoRA run's checkpoints hold its adapters: merged into the base here
+        lora = LoraConfig(rank=lc.rank, alpha=lc.alpha, targets=tuple(lc.targets), dropout=lc.dropout,
+                          seed=cfg.seed) if lc is not None and lc.get("rank") else None
+        stored = cfg.model.dtype if lora is not None else cfg.model.param_dtype  # a LoRA base: the compute dtype
         if cfg.model.path:
-            params, mcfg = load_hf(cfg.model.path, mesh=mesh, param_dtype=cfg.model.param_dtype,
-                                   dtype=cfg.model.dtype)
+            params, mcfg = load_hf(cfg.model.path, mesh=mesh, param_dtype=stored, dtype=cfg.model.dtype)
         else:
-            mcfg = preset(cfg.model.preset, param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype)
+            mcfg = preset(cfg.model.preset, param_dtype=stored, dtype=cfg.model.dtype)
             params = init_params(mcfg, __import__("jax").random.key(0))
         assert isinstance(mcfg, QwenConfig)
-        trainer = Trainer(mcfg, LossConfig(), OptimConfig(learning_rate=1e-6, total_steps=1), mesh=mesh)
+        mcfg = mcfg.replace(param_dtype=cfg.model.param_dtype)
+        trainer = Trainer(mcfg, LossConfig(), OptimConfig(learning_rate=1e-6, total_steps=1), mesh=mesh, lora=lora)
         _, state, _, _ = ckpt.restore_latest_intact(create_train_state(params, trainer), move_broken=False)
-    return state.params, mcfg, cfg.model.tokenizer_path or cfg.model.path, eval_settings(cfg)
+    return trainer.policy_weights(state), mcfg, cfg.model.tokenizer_path or cfg.model.path, eval_settings(cfg)
 
 
 # flag -> (settings key, built-in default when the model has no settings)

@@ -44,8 +44,9 @@ class ProgramSpec:
 
 
 # Names of the resident buffers, shared by every part's program specs.
-RESIDENT_TRAIN_STATE = "train/state"  # fp32 master weights + Adam moments (+ step)
+RESIDENT_TRAIN_STATE = "train/state"  # fp32 master weights (LoRA: the adapters) + Adam moments (+ step)
 RESIDENT_REF_PARAMS = "train/ref_params"  # the KL reference policy (loss.beta > 0)
+RESIDENT_BASE_PARAMS = "train/base_params"  # LoRA's frozen base weights (compute dtype; also the KL reference)
 RESIDENT_SAMPLER_PARAMS = "sampler/params"  # the sampler's own copy of the weights, when it has one
 RESIDENT_KV_POOL = "sampler/kv_pool"  # the paged KV pool (and the sampler's per-slot state)
 ROLLOUT_BUFFERS = (RESIDENT_SAMPLER_PARAMS, RESIDENT_KV_POOL)  # live during the rollout only (GroupSampler.release)

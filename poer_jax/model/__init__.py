@@ -1,7 +1,8 @@
 """Qwen2/Qwen3 in JAX: config, pure-functional decoder, presets, HF weight I/O, mesh sharding.
 
-Owns: the model (its config, parameters, forward pass, attention, the packed CPU matmul kernel), reading and
-writing HF checkpoints, the device mesh and every parameter's sharding.
+Owns: the model (its config, parameters, forward pass, attention, the packed CPU matmul kernel), LoRA adapters on
+its products (``lora``, ``adapters``), reading and writing HF checkpoints and PEFT adapters (``peft_io``), the
+device mesh and every parameter's sharding.
 May import: the leaf modules only (nothing of poer_jax above it).
 """
 

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from poer_jax.model.attention import attention, causal_mask, dense_attention  # noqa: F401  (re-exported: sampler, tests)
 from poer_jax.model.config import QwenConfig
+from poer_jax.model.lora import LoraWeight, lora_delta
 from poer_jax.model.packed_matmul import PackedWeight, packed_matmul
 
 Params = dict[str, Any]
@@ -115,7 +116,10 @@ def _linear(x: jax.Array, w: jax.Array, b: jax.Array | None, dtype: Any) -> jax.
     One 2-D matmul over the flattened leading axes: the same products as an einsum (forward bit-identical),
     but XLA:CPU runs the backward of a 2-D dot as two plain GEMMs instead of batched dots with transposes
     (about 1.5x faster model backward on CPU, see README). A ``PackedWeight`` (the CPU sampler's weights,
-    ``sampler/packed_weights.py``) runs the packed FFI kernel instead."""
+    ``sampler/packed_weights.py``) runs the packed FFI kernel instead. A ``LoraWeight`` (``lora.py``) adds its
+    adapters' product to the frozen weight's, which runs exactly as a plain weight's."""
+    if isinstance(w, LoraWeight):
+        return _linear(x, w.base, b, dtype) + lora_delta(x, w, dtype)
     if isinstance(w, PackedWeight):  # float32 accumulation, rounded to the compute dtype as XLA's dot is
         y = packed_matmul(x.astype(dtype), w).astype(dtype)
         return y if b is None else y + b.astype(dtype)

@@ -27,6 +27,8 @@ from poer_jax.plan.compile import CompiledCost, spec_arg
 from poer_jax.plan.targets import GB, Target, roofline_seconds
 from poer_jax.program_spec import ProgramSpec
 
+ALWAYS_SIZING = ("model.param_dtype", "lora.rank", "mesh.*")  # keys that size every program's resident set
+
 
 @dataclasses.dataclass(frozen=True)
 class ProgramReport:
@@ -74,7 +76,7 @@ class PlanReport:
                     f"{p.name} does not fit on {self.target.name}{why}: peak {p.peak_bytes / GB:.1f} GB per device "
                     f"> {self.usable_bytes / GB:.1f} GB usable (resident set {self.resident_bytes / GB:.1f} GB: "
                     + ", ".join(f"{k} {v / GB:.1f}" for k, v in self.resident.items())
-                    + f"); change {', '.join(dict.fromkeys((*p.sizing_keys, 'model.param_dtype', 'mesh.*')))}")
+                    + f"); change {', '.join(dict.fromkeys((*p.sizing_keys, *ALWAYS_SIZING)))}")
         return out
 
     def to_json(self) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """RL math: group-relative advantages, clipped policy losses, reward shaping, dynamic sampling, the update step
-(``update``: log-probs, gradients, AdamW on a mesh) and the supervised warm start's update (``supervised``).
+(``update``: log-probs, gradients, AdamW on a mesh; ``lora``: the adapters-only update on a frozen base) and the
+supervised warm start's update (``supervised``).
 
 Owns: everything that turns a scored rollout into new weights, and the update's programs for the plan.
 May import: ``model``, ``tasks`` and the leaf modules (``program_spec``); not ``sampler``, ``poer`` or ``rewards``

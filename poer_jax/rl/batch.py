@@ -24,13 +24,14 @@ as None and the trainer computes all old log-probs itself (``PolicyTrainer.compu
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from poer_jax.model.sharding import batch_sharding
+from poer_jax.model.sharding import BATCH_AXES, batch_sharding
 
 
 class RolloutBatch(NamedTuple):
@@ -194,3 +195,34 @@ def shard_batch(batch: RolloutBatch, mesh: Mesh | None) -> RolloutBatch:
     if batch.num_rows % n:
         raise ValueError(f"batch.py: {batch.num_rows} rows do not divide over data x fsdp = {n} devices")
     return jax.tree.map(lambda x: jax.device_put(x, batch_sharding(mesh, np.ndim(x))), batch)
+
+
+# ---- micro-batches: a batch's rows split into n parts -------------------------------------------------
+def split_rows(x: jax.Array, n: int) -> jax.Array:
+    """[B, ...] -> [n, B/n, ...]; part j holds rows b with b mod n = j, so a batch sharded in contiguous row
+    blocks keeps every part spread over all devices."""
+    return x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
+
+
+def merge_rows(x: jax.Array) -> jax.Array:
+    """Inverse of ``split_rows``."""
+    return x.swapaxes(0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def constrain_parts(tree: Any, mesh: Mesh | None) -> Any:
+    """Shard the row axis (axis 1) of [n, rows, ...] arrays over the batch axes when it divides evenly."""
+    if mesh is None:
+        return tree
+    n_dev = mesh.shape["data"] * mesh.shape["fsdp"]
+
+    def one(x: jax.Array) -> jax.Array:
+        if x.shape[1] % n_dev:
+            return x
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, BATCH_AXES)))
+
+    return jax.tree.map(one, tree)
+
+
+def split_rows_tree(batch: RolloutBatch, n: int) -> RolloutBatch:
+    """``split_rows`` on every array of ``batch``."""
+    return jax.tree.map(lambda x: split_rows(x, n), batch)

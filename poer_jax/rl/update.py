@@ -18,6 +18,11 @@ the sampler's when the batch carries them, otherwise computed by the trainer bef
 old = stop_gradient(logp), ratio 1). Reference log-probs (the KL term, beta > 0) are computed once per
 rollout from ``ref_params``; with beta = 0 no reference model is needed.
 
+LoRA (``Trainer(..., lora=LoraConfig)``, ``model/lora.py``): the train state holds the adapters and their Adam
+moments only; the base weights are frozen in the compute dtype (``Trainer.base_params``), passed to every
+program as an argument that is never donated nor copied, and the gradient is taken with respect to the adapters
+alone. The KL reference is the same base weights with the adapters off: no reference copy.
+
 Metric ``logp_diff/sampler_vs_trainer`` = mean over trained tokens of |old_logp - logp_trainer|, reported
 for the first iteration only: at the first mini-batch it is the sampler-vs-trainer numerical mismatch
 (0 when the trainer computed old_logp); later mini-batches of that iteration also see their own updates.
@@ -37,10 +42,20 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from poer_jax.model.config import QwenConfig
-from poer_jax.model.qwen import Params, param_shapes
-from poer_jax.model.sharding import BATCH_AXES, param_shardings, replicated
-from poer_jax.rl.batch import RolloutBatch, shard_batch
+from poer_jax.model.lora import LoraConfig
+from poer_jax.model.qwen import Params
+from poer_jax.model.sharding import BATCH_AXES, replicated
+from poer_jax.rl.batch import RolloutBatch, constrain_parts, merge_rows, shard_batch, split_rows, split_rows_tree
 from poer_jax.rl.logprobs import token_logprobs
+from poer_jax.rl.lora import (
+    abstract_trainable,
+    dropout_key,
+    freeze_base,
+    merged_policy,
+    new_adapters,
+    policy_params,
+    trainable_shardings,
+)
 from poer_jax.rl.losses import LossConfig, LossTerms, accumulate, compute_loss, finalize
 from poer_jax.rl.optim import OptimConfig, make_optimizer
 
@@ -48,7 +63,8 @@ SAMPLER_DIFF = "logp_diff/sampler_vs_trainer"
 
 
 class TrainState(NamedTuple):
-    """params, optimizer state, and ``step`` = number of applied (not skipped) updates (int32 scalar)."""
+    """params (the trained weights: the model's, or the LoRA adapters), optimizer state, and ``step`` = number of
+    applied (not skipped) updates (int32 scalar)."""
 
     params: Params
     opt_state: optax.OptState
@@ -142,31 +158,6 @@ def create_train_state(params: Params, optim: OptimConfig | Trainer, *, copy: bo
 # ---- loss and gradients -------------------------------------------------------------------------------
 
 
-def _split_rows(x: jax.Array, n: int) -> jax.Array:
-    """[B, ...] -> [n, B/n, ...]; part j holds rows b with b mod n = j, so a batch sharded in contiguous row
-    blocks keeps every part spread over all devices."""
-    return x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
-
-
-def _merge_rows(x: jax.Array) -> jax.Array:
-    """Inverse of ``_split_rows``."""
-    return x.swapaxes(0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
-
-
-def _constrain_parts(tree: Any, mesh: Mesh | None) -> Any:
-    """Shard the row axis (axis 1) of [n, rows, ...] arrays over the batch axes when it divides evenly."""
-    if mesh is None:
-        return tree
-    n_dev = mesh.shape["data"] * mesh.shape["fsdp"]
-
-    def one(x: jax.Array) -> jax.Array:
-        if x.shape[1] % n_dev:
-            return x
-        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, BATCH_AXES)))
-
-    return jax.tree.map(one, tree)
-
-
 def micro_batch_terms(params: Params, mb: RolloutBatch, model_cfg: QwenConfig, loss_cfg: LossConfig,
                       update_cfg: UpdateConfig) -> LossTerms:
     """Loss terms of one micro-batch (forward, chunked log-probs, ``compute_loss``) plus the
@@ -206,32 +197,38 @@ def _identity_terms(shapes: LossTerms) -> LossTerms:
 
 def loss_and_grads(
     params: Params, batch: RolloutBatch, model_cfg: QwenConfig, loss_cfg: LossConfig, update_cfg: UpdateConfig,
-    mesh: Mesh | None = None,
+    mesh: Mesh | None = None, *, frozen: Params | None = None, lora: LoraConfig | None = None,
+    key: jax.Array | None = None,
 ) -> tuple[jax.Array, Params, dict[str, jax.Array]]:
     """(loss, float32 gradient, metrics) of a mini-batch, accumulated exactly over k micro-batches
-    (``lax.scan``; see the module docstring). The gradient is 0 when no token is trained."""
+    (``lax.scan``; see the module docstring). The gradient is 0 when no token is trained. With LoRA the gradient
+    is with respect to the adapters ``params`` only (``frozen``: the base weights, a constant of the
+    differentiation); ``key`` seeds the adapters' dropout, folded with the micro-batch index."""
     k = update_cfg.micro_batches
     B = batch.tokens.shape[0]
     if B % k:
         raise ValueError(f"update.py: {B} rows do not split into micro_batches={k} equal micro-batches")
-    micro = _constrain_parts(jax.tree.map(lambda x: _split_rows(x, k), batch), mesh)
+    micro = constrain_parts(jax.tree.map(lambda x: split_rows(x, k), batch), mesh)
 
-    def micro_loss(p: Params, mb: RolloutBatch) -> tuple[jax.Array, LossTerms]:
-        terms = micro_batch_terms(p, mb, model_cfg, loss_cfg, update_cfg)
+    def micro_loss(p: Params, mb: RolloutBatch, j: jax.Array) -> tuple[jax.Array, LossTerms]:
+        mb_key = None if key is None else jax.random.fold_in(key, j)
+        terms = micro_batch_terms(policy_params(p, frozen, lora, mb_key), mb, model_cfg, loss_cfg, update_cfg)
         return terms.loss_sum, terms
 
     grad_fn = jax.grad(micro_loss, has_aux=True)
-    _, term_shapes = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro))
+    _, term_shapes = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro), jnp.int32(0))
     g0 = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
     if mesh is not None:
-        g0 = jax.lax.with_sharding_constraint(g0, param_shardings(model_cfg, mesh))
+        g0 = jax.lax.with_sharding_constraint(g0, trainable_shardings(model_cfg, mesh, lora))
 
-    def body(carry: tuple[Params, LossTerms], mb: RolloutBatch) -> tuple[tuple[Params, LossTerms], None]:
+    def body(carry: tuple[Params, LossTerms], xs: tuple[RolloutBatch, jax.Array]
+             ) -> tuple[tuple[Params, LossTerms], None]:
         g_acc, t_acc = carry
-        g, t = grad_fn(params, mb)
+        g, t = grad_fn(params, *xs)
         return (jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g), accumulate(t_acc, t)), None
 
-    (g_sum, terms), _ = jax.lax.scan(body, (g0, _identity_terms(term_shapes)), micro)
+    init = (g0, _identity_terms(term_shapes))
+    (g_sum, terms), _ = jax.lax.scan(body, init, (micro, jnp.arange(k, dtype=jnp.int32)))
     loss, metrics = finalize(terms)
     denom = terms.loss_denom
     grads = jax.tree.map(lambda g: jnp.where(denom != 0, g / jnp.where(denom != 0, denom, 1), 0.0), g_sum)
@@ -243,16 +240,21 @@ def loss_and_grads(
 
 
 def update_step(
-    state: TrainState, batch: RolloutBatch, *, tx: optax.GradientTransformation, schedule: optax.Schedule,
-    model_cfg: QwenConfig, loss_cfg: LossConfig, update_cfg: UpdateConfig, mesh: Mesh | None = None,
+    state: TrainState, batch: RolloutBatch, frozen: Params | None = None, *, tx: optax.GradientTransformation,
+    schedule: optax.Schedule, model_cfg: QwenConfig, loss_cfg: LossConfig, update_cfg: UpdateConfig,
+    mesh: Mesh | None = None, lora: LoraConfig | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer update on a mini-batch (pure; ``Trainer`` jits it with donated state).
+    """One optimizer update on a mini-batch (pure; ``Trainer`` jits it with donated state; ``frozen``, LoRA's
+    base weights, is not donated).
 
     Metrics: loss, grad_norm (before clipping), lr (of this update), skipped (1.0 when the loss or the
     gradient was not finite and nothing changed), num_tokens, the loss metrics (clip_ratio/*, ratio/*,
     kl, entropy) and ``logp_diff/sampler_vs_trainer`` (+ ``_max``) when the batch carries old log-probs.
+    LoRA dropout masks draw from fold_in(key(lora.seed) -> 1, step, micro-batch): a resumed run draws the same.
     """
-    loss, grads, metrics = loss_and_grads(state.params, batch, model_cfg, loss_cfg, update_cfg, mesh)
+    key = dropout_key(lora, state.step)
+    loss, grads, metrics = loss_and_grads(state.params, batch, model_cfg, loss_cfg, update_cfg, mesh, frozen=frozen,
+                                          lora=lora, key=key)
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt = tx.update(grads, state.opt_state, state.params)
@@ -272,25 +274,27 @@ def update_step(
     return new_state, {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
 
 
-def compute_logps_impl(params: Params, batch: RolloutBatch, model_cfg: QwenConfig, update_cfg: UpdateConfig,
-                       mesh: Mesh | None = None) -> jax.Array:
+def compute_logps_impl(params: Params, batch: RolloutBatch, frozen: Params | None = None, *, model_cfg: QwenConfig,
+                       update_cfg: UpdateConfig, mesh: Mesh | None = None, lora: LoraConfig | None = None) -> jax.Array:
     """float32 [B, T] log-probs of the batch's tokens (0 where ``loss_mask`` is False), no gradient, run over
-    the same k micro-batches as the update so that peak memory matches it."""
+    the same k micro-batches as the update so that peak memory matches it. ``params``: the model's weights, or
+    with LoRA the adapters on the ``frozen`` base (``policy_params``; no dropout)."""
+    model = policy_params(params, frozen, lora)
     k = update_cfg.micro_batches
     B = batch.tokens.shape[0]
     if B % k:
         raise ValueError(f"update.py: {B} rows do not split into micro_batches={k} equal micro-batches")
-    parts = _constrain_parts(
-        jax.tree.map(lambda x: _split_rows(x, k), (batch.tokens, batch.attention_mask, batch.loss_mask)), mesh
+    parts = constrain_parts(
+        jax.tree.map(lambda x: split_rows(x, k), (batch.tokens, batch.attention_mask, batch.loss_mask)), mesh
     )
 
     def one(part: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
         tokens, attention, loss_mask = part
-        logp, _ = token_logprobs(params, model_cfg, tokens, attention, temperature=update_cfg.temperature,
+        logp, _ = token_logprobs(model, model_cfg, tokens, attention, temperature=update_cfg.temperature,
                                  chunk_size=update_cfg.chunk_size)
         return jnp.where(loss_mask.astype(bool), logp, 0.0)
 
-    return jax.lax.stop_gradient(_merge_rows(jax.lax.map(one, parts)))
+    return jax.lax.stop_gradient(merge_rows(jax.lax.map(one, parts)))
 
 
 # ---- the trainer ---------------------------------------------------------------------------------------
@@ -299,16 +303,19 @@ def compute_logps_impl(params: Params, batch: RolloutBatch, model_cfg: QwenConfi
 class Trainer:
     """Holds the configs and the compiled functions of the policy update (optionally on a mesh).
 
-    ``Trainer(model_cfg, loss_cfg, optim_cfg, update_cfg=None, mesh=None, **fields)``: ``fields`` override
-    ``UpdateConfig`` fields (micro_batches, temperature, chunk_size, compute_entropy).
+    ``Trainer(model_cfg, loss_cfg, optim_cfg, update_cfg=None, mesh=None, lora=None, **fields)``: ``fields``
+    override ``UpdateConfig`` fields (micro_batches, temperature, chunk_size, compute_entropy).
     With a mesh, parameters follow ``poer_jax.model.sharding.param_shardings``, Adam moments follow their
     parameters, batches are sharded over ("data", "fsdp") and metrics are replicated.
     ``update_step`` / ``run_updates`` / ``train_on_rollout`` donate the state they are given: use only the
     returned state afterwards.
+    With ``lora`` the state holds the adapters (sharded by ``model.adapters.adapter_shardings``) and the trainer
+    holds the frozen base weights (``base_params``, compute dtype, set by ``create_train_state``).
     """
 
     def __init__(self, model_cfg: QwenConfig, loss_cfg: LossConfig, optim_cfg: OptimConfig,
-                 update_cfg: UpdateConfig | None = None, *, mesh: Mesh | None = None, **fields: Any) -> None:
+                 update_cfg: UpdateConfig | None = None, *, mesh: Mesh | None = None, lora: LoraConfig | None = None,
+                 **fields: Any) -> None:
         for name, value, kind in (("loss_cfg", loss_cfg, LossConfig), ("optim_cfg", optim_cfg, OptimConfig)):
             if not isinstance(value, kind):
                 raise TypeError(f"update.py: Trainer {name} must be a {kind.__name__}, got {type(value).__name__}")
@@ -319,25 +326,26 @@ class Trainer:
                             f"UpdateConfig fields are {sorted(known)}")
         self.model_cfg, self.loss_cfg, self.optim_cfg = model_cfg, loss_cfg, optim_cfg
         self.update_cfg = dataclasses.replace(update_cfg, **fields)
-        self.mesh = mesh
+        self.mesh, self.lora = mesh, lora
+        self.base_params: Params | None = None  # LoRA's frozen base weights (create_train_state)
         self.tx, self.schedule = make_optimizer(optim_cfg)
         step = functools.partial(update_step, tx=self.tx, schedule=self.schedule, model_cfg=model_cfg,
-                                 loss_cfg=loss_cfg, update_cfg=self.update_cfg, mesh=mesh)
-        logps = functools.partial(compute_logps_impl, model_cfg=model_cfg, update_cfg=self.update_cfg, mesh=mesh)
+                                 loss_cfg=loss_cfg, update_cfg=self.update_cfg, mesh=mesh, lora=lora)
+        logps = functools.partial(compute_logps_impl, model_cfg=model_cfg, update_cfg=self.update_cfg, mesh=mesh,
+                                  lora=lora)
         if mesh is None:
             self.state_shardings = None
             self._step = jax.jit(step, donate_argnums=0)
             self._logps = jax.jit(logps)
-            self._split = jax.jit(_split_rows_tree, static_argnums=1)
+            self._split = jax.jit(split_rows_tree, static_argnums=1)
         else:
-            p_sh = param_shardings(model_cfg, mesh)
-            p_shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, model_cfg.jnp_param_dtype),
-                                    param_shapes(model_cfg), is_leaf=lambda x: isinstance(x, tuple))
+            p_sh = trainable_shardings(model_cfg, mesh, lora)
+            p_shapes = self.abstract_trainable(model_cfg.jnp_param_dtype)
             self.state_shardings = TrainState(p_sh, opt_state_shardings(self.tx, p_shapes, p_sh, mesh),
                                               replicated(mesh))
             self._step = jax.jit(step, donate_argnums=0, out_shardings=(self.state_shardings, replicated(mesh)))
             self._logps = jax.jit(logps, out_shardings=NamedSharding(mesh, P(BATCH_AXES)))
-            self._split = jax.jit(_split_rows_tree, static_argnums=1,
+            self._split = jax.jit(split_rows_tree, static_argnums=1,
                                   out_shardings=NamedSharding(mesh, P(None, BATCH_AXES)))
 
     def mesh_context(self) -> contextlib.AbstractContextManager[Any]:
@@ -345,10 +353,34 @@ class Trainer:
         mesh set, so mesh-aware kernels (splash attention's ``shard_map``) split over its devices."""
         return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
+    def abstract_trainable(self, dtype: Any) -> Any:
+        """The trained weights (the model's, or the adapters) as ``jax.ShapeDtypeStruct`` of ``dtype``, without
+        shardings."""
+        return abstract_trainable(self.model_cfg, self.lora, dtype)
+
     def create_train_state(self, params: Params, *, copy: bool = True) -> TrainState:
         """Place ``params`` (on the mesh, if any) and initialise the optimizer state next to them; ``copy``
-        as in the module-level ``create_train_state``."""
-        return _init_state(self.tx, params, self.state_shardings, copy)
+        as in the module-level ``create_train_state``. With LoRA, ``params`` become the frozen base
+        (``base_params``: in the compute dtype, on the mesh; no copy when they are so already) and the state holds
+        fresh adapters (A Kaiming-uniform from ``lora.seed``, B zero) and their optimizer state."""
+        if self.lora is None:
+            return _init_state(self.tx, params, self.state_shardings, copy)
+        self.base_params = freeze_base(params, self.model_cfg, self.mesh)
+        out_sh = None if self.state_shardings is None else self.state_shardings.params
+        adapters = new_adapters(self.model_cfg, self.lora, out_sh)
+        return _init_state(self.tx, adapters, self.state_shardings, copy=False)
+
+    def _frozen(self) -> Params | None:
+        if self.lora is not None and self.base_params is None:
+            raise ValueError("update.py: a LoRA Trainer needs create_train_state(base weights) first")
+        return self.base_params
+
+    def policy_weights(self, state: TrainState) -> Params:
+        """The policy as plain weights: ``state.params``, or with LoRA the base with the adapters merged
+        (W + (alpha / r) A B, ``model.adapters.merge``; compute dtype), e.g. to evaluate or export it."""
+        if self.lora is None:
+            return state.params
+        return merged_policy(self._frozen(), state.params, self.lora)
 
     def shard_batch(self, batch: RolloutBatch) -> RolloutBatch:
         return shard_batch(batch, self.mesh)
@@ -356,12 +388,13 @@ class Trainer:
     def update_step(self, state: TrainState, batch: RolloutBatch) -> tuple[TrainState, dict[str, jax.Array]]:
         """One jitted update on ``batch`` (a mini-batch); ``state`` is donated."""
         with self.mesh_context():
-            return self._step(state, self.shard_batch(batch))
+            return self._step(state, self.shard_batch(batch), self._frozen())
 
-    def compute_logps(self, params: Params, batch: RolloutBatch) -> jax.Array:
-        """Jitted, chunked, gradient-free [B, T] log-probs (0 off ``loss_mask``): old or reference log-probs."""
+    def compute_logps(self, params: Params, batch: RolloutBatch, frozen: Params | None = None) -> jax.Array:
+        """Jitted, chunked, gradient-free [B, T] log-probs (0 off ``loss_mask``): old or reference log-probs.
+        ``params``: plain weights, or with LoRA the adapters on the ``frozen`` base weights."""
         with self.mesh_context():
-            return self._logps(params, self.shard_batch(batch))
+            return self._logps(params, self.shard_batch(batch), frozen)
 
     def run_updates(
         self, state: TrainState, batch: RolloutBatch, *, num_iterations: int = 1, num_minibatches: int = 1,
@@ -371,8 +404,9 @@ class Trainer:
         (mini-batch j = rows b with b mod num_minibatches = j), one update per mini-batch.
 
         Returns the final state and one metrics dict (device scalars, not synced) per update, in order.
-        ``ref_params`` is needed when the loss has beta > 0 and the batch has no ref_logp.
-        ``recompute_old_logp`` replaces the sampler's old log-probs by the trainer's.
+        ``ref_params`` is needed when the loss has beta > 0 and the batch has no ref_logp; with LoRA it defaults
+        to the base weights (the adapters off). ``recompute_old_logp`` replaces the sampler's old log-probs by the
+        trainer's.
         """
         if num_iterations < 1 or num_minibatches < 1:
             raise ValueError(f"update.py: num_iterations ({num_iterations}) and num_minibatches "
@@ -388,12 +422,15 @@ class Trainer:
                 raise ValueError(f"update.py: mini-batches of {rows // num_minibatches} rows do not "
                                  f"divide over data x fsdp = {n_dev} devices")
         batch = self.shard_batch(batch)
+        frozen = self._frozen()
+        if ref_params is None and self.lora is not None and self.loss_cfg.beta > 0:
+            ref_params = frozen  # the reference policy for free: the same base weights with the adapters off
         if batch.ref_logp is None and (self.loss_cfg.beta > 0 or ref_params is not None):
             if ref_params is None:
                 raise ValueError(f"update.py: loss beta={self.loss_cfg.beta} > 0 needs ref_params or batch.ref_logp")
             batch = batch._replace(ref_logp=self.compute_logps(ref_params, batch))
         if recompute_old_logp or (batch.old_logp is None and (num_iterations > 1 or num_minibatches > 1)):
-            batch = batch._replace(old_logp=self.compute_logps(state.params, batch))
+            batch = batch._replace(old_logp=self.compute_logps(state.params, batch, frozen))
         minibatches = (
             [batch] if num_minibatches == 1
             else [jax.tree.map(lambda x, j=j: x[j], self._split(batch, num_minibatches))
@@ -403,7 +440,7 @@ class Trainer:
         for it in range(num_iterations):
             for mb in minibatches:
                 with self.mesh_context():
-                    state, metrics = self._step(state, mb)
+                    state, metrics = self._step(state, mb, frozen)
                 if it > 0:
                     metrics = {k: v for k, v in metrics.items() if not k.startswith(SAMPLER_DIFF)}
                 history.append(metrics)
@@ -440,10 +477,6 @@ def aggregate_metrics(history: list[dict[str, jax.Array]]) -> dict[str, jax.Arra
             out[key] = jnp.mean(values)
     out["num_updates"] = jnp.asarray(len(history), jnp.float32)
     return out
-
-
-def _split_rows_tree(batch: RolloutBatch, n: int) -> RolloutBatch:
-    return jax.tree.map(lambda x: _split_rows(x, n), batch)
 
 
 @functools.partial(jax.jit, static_argnums=1)

@@ -44,7 +44,7 @@ _MODULES = {
              "count_jsonl_rows", "load_dataset_file", "tokenize_prompts"],
     "preflight": ["check_inputs", "load_data"],
     "text": ["Prompts", "TextSide", "build_prompts", "build_text", "eos_and_pad", "load_tokenizer"],
-    "update": ["build_loss_config", "build_optim_config", "build_update_trainer"],
+    "update": ["build_lora_config", "build_loss_config", "build_optim_config", "build_update_trainer"],
     "sampler": ["EVAL_BATCH", "abstract_decode_params", "build_sampler", "eval_problems", "kv_free_bytes",
                 "sampler_config", "sampler_config_for", "sampling_params"],
     "memory": ["check_before_work", "check_resident_memory", "resident_estimate", "rollout_and_update_bytes",

@@ -163,6 +163,23 @@ def _check_model_sources(cfg: ml_collections.ConfigDict) -> None:
             f"from {given[0]})")
 
 
+def _check_lora(lora: ml_collections.ConfigDict) -> None:
+    """The LoRA keys, checked whatever the rank (a config that turns LoRA on later is already sound)."""
+    from poer_jax.model.lora import LORA_TARGETS
+
+    targets = list(lora.targets)
+    unknown = [t for t in targets if t not in LORA_TARGETS]
+    if unknown or not targets:
+        raise ConfigError(f"config key 'lora.targets' must name products among {', '.join(LORA_TARGETS)}, got "
+                          f"{targets}" + (f" ({', '.join(map(repr, unknown))} unknown)" if unknown else ""))
+    if len(set(targets)) != len(targets):
+        raise ConfigError(f"config key 'lora.targets' names a product twice: {targets}")
+    if lora.rank > 0 and not lora.alpha > 0:
+        raise ConfigError(f"config key 'lora.alpha' must be > 0 with lora.rank={lora.rank}, got {lora.alpha!r}")
+    if lora.dropout >= 1:
+        raise ConfigError(f"config key 'lora.dropout' must be < 1 (1 drops every input), got {lora.dropout!r}")
+
+
 def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Check keys, types, choices, ranges and cross-field rules; raise ConfigError naming the key."""
     _walk(SCHEMA, cfg, "")
@@ -210,6 +227,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ConfigError(f"config key 'rollout.kv_layout' is {layout!r}: the {kernel} kernel "
                           f"('rollout.attention_kernel') reads only the {reads} pool layout; use 'auto'")
     _check_reward_functions(cfg.reward.functions)
+    _check_lora(cfg.lora)
     q = cfg.data.questions_per_step
     if (q * cfg.rollout.group_size) % (cfg.optim.num_minibatches * cfg.optim.micro_batches):
         raise ConfigError(

@@ -27,16 +27,21 @@ GB = 1e9  # as in the plan's reports (poer_jax.plan.targets.GB)
 def resident_estimate(cfg: ml_collections.ConfigDict, mcfg: QwenConfig, mesh: Mesh,
                       memory_bytes: float | None = None) -> dict[str, int]:
     """Per-device bytes of what a run keeps on every device, without compiling: train state (weights + Adam
-    moments), reference weights (beta > 0), the update's float32 gradient, the sampler's decode-layout copy
+    moments; with LoRA the adapters and theirs, plus the frozen base weights in the compute dtype), reference
+    weights (beta > 0, not with LoRA), the update's float32 gradient, the sampler's decode-layout copy
     of the weights (compute dtype, whole on every device of the batch axes, split over ``tensor``) and the KV
     pool (from the budget keys; ``rollout.kv_cache_fraction`` takes its share of what the rollout's other
     buffers leave of ``memory_bytes``). The last two are live during the rollout only, the gradient during
     the update only (``rollout_and_update_bytes``)."""
     trainer = build_update_trainer(cfg, mcfg, mesh)
     out = {"train state": device_bytes(abstract_train_state(trainer))}
-    if cfg.loss.beta > 0:
+    if trainer.lora is not None:  # frozen base in the compute dtype, also the KL reference: no reference copy
+        out["base weights"] = device_bytes(abstract_params(trainer, mcfg.jnp_dtype))
+    elif cfg.loss.beta > 0:
         out["reference weights"] = device_bytes(abstract_params(trainer, mcfg.jnp_dtype))
-    out["gradient"] = device_bytes(abstract_params(trainer, jax.numpy.float32))
+    state = abstract_train_state(trainer)  # the gradient: float32, shaped and sharded as the trained weights
+    out["gradient"] = device_bytes(jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, jax.numpy.float32, sharding=x.sharding), state.params))
     out["sampler weights"] = device_bytes(abstract_decode_params(mcfg, mesh))
     free = None if memory_bytes is None else max(memory_bytes - sum(out.values()) + out["gradient"], 0.0)
     scfg = sampler_config_for(cfg, mcfg, mesh, free)
@@ -66,7 +71,8 @@ def check_resident_memory(cfg: ml_collections.ConfigDict, mcfg: QwenConfig, mesh
             f"the run does not fit: per device it keeps up to {total / GB:.1f} GB ({detail}; the sampler's weights "
             "and KV pool during the rollout, the gradient during the update) before any activation, "
             f"the device has {memory_bytes / GB:.1f} GB. Change mesh.* (shard over more devices), "
-            "rollout.kv_cache_gb / rollout.kv_cache_fraction / rollout.num_pages, loss.beta or model.param_dtype; "
+            "rollout.kv_cache_gb / rollout.kv_cache_fraction / rollout.num_pages, loss.beta, model.param_dtype or "
+            "lora.rank (LoRA: frozen base weights, no reference copy); "
             "scripts/plan.py --target=... gives the full plan")
 
 

@@ -35,13 +35,18 @@ def model_shapes(cfg: ml_collections.ConfigDict) -> tuple[QwenConfig, str]:
                       f"({', '.join(preset_names())}); pass --config.model.preset=NAME --config.model.path=None")
 
 
-def load_model(cfg: ml_collections.ConfigDict, mesh: Mesh) -> tuple[Any, QwenConfig]:
-    """Parameters on the mesh, from ``model.path`` (HF directory) or ``model.preset`` (random weights)."""
-    dtypes = dict(param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype, remat=cfg.model.remat,
-                  attention=cfg.model.attention)
+def load_model(cfg: ml_collections.ConfigDict, mesh: Mesh, *, frozen: bool = False) -> tuple[Any, QwenConfig]:
+    """Parameters on the mesh, from ``model.path`` (HF directory) or ``model.preset`` (random weights).
+
+    ``frozen``: the weights a LoRA update keeps frozen, read straight into the compute dtype ``model.dtype`` (no
+    float32 copy on the way); the returned config keeps ``model.param_dtype``, the adapters' and their moments'."""
+    dtypes = dict(param_dtype=cfg.model.dtype if frozen else cfg.model.param_dtype, dtype=cfg.model.dtype,
+                  remat=cfg.model.remat, attention=cfg.model.attention)
     if cfg.model.path is not None:
-        return load_hf(cfg.model.path, mesh=mesh, **dtypes)
-    mcfg = preset(cfg.model.preset, **dtypes)
-    # created in place on the mesh: no process holds the whole model, none builds it on one device first
-    init = jax.jit(lambda k: init_params(mcfg, k), out_shardings=param_shardings(mcfg, mesh))
-    return init(jax.random.key(cfg.seed)), mcfg
+        params, mcfg = load_hf(cfg.model.path, mesh=mesh, **dtypes)
+    else:
+        mcfg = preset(cfg.model.preset, **dtypes)
+        # created in place on the mesh: no process holds the whole model, none builds it on one device first
+        init = jax.jit(lambda k: init_params(mcfg, k), out_shardings=param_shardings(mcfg, mesh))
+        params = init(jax.random.key(cfg.seed))
+    return params, mcfg.replace(param_dtype=cfg.model.param_dtype)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import os
-from functools import partial
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -175,11 +175,19 @@ class ProcessLocalParams:
     tensor t) with row p the devices of process p (one jitted collective, every process in lockstep): it
     leaves on each process a complete copy laid out like the local mesh, whose shards are re-wrapped as
     process-local arrays without a copy.
+
+    ``frozen`` and ``combine``: the trained weights are not the model's (LoRA's adapters); the model's are
+    ``combine(frozen, trained)`` (the base with the adapters merged), computed in the same jitted program as the
+    reshard and cast, so the sampler gets merged weights in one program per update.
     """
 
-    def __init__(self, mesh: Mesh, cfg: QwenConfig):
-        self.cfg = cfg
-        cast = partial(decode_weights, cfg=cfg)
+    def __init__(self, mesh: Mesh, cfg: QwenConfig, frozen: Any = None,
+                 combine: Callable[[Any, Any], Any] | None = None):
+        self.cfg, self.frozen = cfg, frozen
+
+        def cast(frozen: Any, params: Any) -> Any:
+            return decode_weights(params if combine is None else combine(frozen, params), cfg)
+
         if jax.process_count() == 1:
             self.mesh, self.bridge = mesh, None
             self._reshard = jax.jit(cast, out_shardings=decode_param_shardings(cfg, mesh))
@@ -200,7 +208,7 @@ class ProcessLocalParams:
 
     def __call__(self, params: Any) -> Any:
         """Decode-layout weights on ``self.mesh`` (a collective on several processes: call it on all)."""
-        laid_out = self._reshard(params)
+        laid_out = self._reshard(self.frozen, params)
         if self.bridge is None:
             return laid_out
 

@@ -5,13 +5,16 @@ Errors name the config key that caused them."""
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import jax
 import ml_collections
 from jax.sharding import Mesh
 
+from poer_jax.model.adapters import merge
 from poer_jax.model.config import QwenConfig
+from poer_jax.model.lora import LoraConfig
 from poer_jax.model.qwen import Params, param_shapes
 from poer_jax.model.sharding import decode_param_shardings, device_bytes
 from poer_jax.sampler import GroupSampler, SamplerConfig, SamplerError, SamplingParams
@@ -142,11 +145,14 @@ def kv_free_bytes(cfg: ml_collections.ConfigDict, mcfg: QwenConfig, sampler_mesh
 
 
 def build_sampler(cfg: ml_collections.ConfigDict, mcfg: QwenConfig, mesh: Mesh, rows: ProcessRows,
-                  params: Params, text: TextSide, num_eval_problems: int
-                  ) -> tuple[GroupSampler, ProcessLocalParams]:
+                  params: Params, text: TextSide, num_eval_problems: int, *, base: Params | None = None,
+                  lora: LoraConfig | None = None) -> tuple[GroupSampler, ProcessLocalParams]:
     """The group sampler on this process's devices (data-parallel over their batch axes), and the reshard
-    that feeds it the trained weights (decode layout, compute dtype)."""
-    local = ProcessLocalParams(mesh, mcfg)  # multi-host: each process samples its own questions
+    that feeds it the trained weights (decode layout, compute dtype). With ``lora`` the trained weights
+    ``params`` are adapters on the frozen ``base``: the sampler decodes with them merged (W + (alpha / r) A B,
+    merged in the reshard's program), at the speed of plain weights."""
+    combine = None if lora is None else partial(merge, lora=lora)
+    local = ProcessLocalParams(mesh, mcfg, frozen=base, combine=combine)  # multi-host: each samples its questions
     scfg = sampler_config(cfg, mcfg, local.mesh, eos_ids=text.eos_ids, pad_id=text.pad_id,
                           process_count=rows.count, num_eval_problems=num_eval_problems,
                           free_bytes=kv_free_bytes(cfg, mcfg, local.mesh))

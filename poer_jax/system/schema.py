@@ -167,6 +167,16 @@ SCHEMA: dict[str, Any] = {
         "logprob_chunk": _f(256, int, "sequence chunk for log-probs (never a [B, T, V] array)", min=1,
                             resume_safe=True),
     },
+    "lora": {
+        "rank": _f(0, int, "LoRA rank r: train low-rank adapters on frozen base weights (held in model.dtype; "
+                   "no reference copy for the KL term: the base with the adapters off); 0 = full-weight update",
+                   min=0),
+        "alpha": _f(16.0, NUM, "LoRA alpha: the adapters' product is scaled by alpha / rank", min=0.0),
+        "targets": _f(("q", "k", "v", "o", "gate", "up", "down"), (tuple, list), "the products that get "
+                      "adapters: any of q, k, v, o (attention), gate, up, down (MLP)"),
+        "dropout": _f(0.0, NUM, "dropout on the adapters' input in the update's forward (not when sampling or in "
+                      "the log-prob passes)", min=0.0, max=1.0),
+    },
     "optim": {
         "learning_rate": _f(1e-6, NUM, "peak learning rate (AdamW)", min=0.0),
         "warmup_steps": _f(0, int, "linear warmup in updates", min=0),

@@ -41,7 +41,7 @@ from poer_jax.system.config import ConfigError
 from poer_jax.system.memory import check_before_work
 from poer_jax.system.mesh import build_mesh
 from poer_jax.system.model import load_model
-from poer_jax.system.multihost import barrier, is_main_process
+from poer_jax.system.multihost import barrier, host_copy, is_main_process
 from poer_jax.system.preflight import check_inputs
 from poer_jax.system.runtime import enable_compilation_cache
 from poer_jax.system.sampler import build_sampler, sampling_params
@@ -107,7 +107,7 @@ class PoerTrainer:
         if cfg.warm_start.steps > 0 and not cfg.warm_start.path:
             targets = [warm_start_target(r, cfg) for r in self.prompts.rows(range(len(self.prompts)))]
             cfg = run_warm_start(cfg, self.tokenizer, list(self.prompts.ids), targets, self.mesh)
-        params, self.mcfg = load_model(cfg, self.mesh)  # NaN weights are refused here
+        params, self.mcfg = load_model(cfg, self.mesh, frozen=cfg.lora.rank > 0)  # NaN weights are refused here
         # the inputs are good: only now is the run's part of the workdir touched (an old run moved aside,
         # the config recorded); toy/ and warm_start/ are caches
         sources = run_sources(self.cfg, cfg)
@@ -125,15 +125,18 @@ class PoerTrainer:
         self.trainer = build_update_trainer(cfg, self.mcfg, self.mesh)
         self.optim_cfg, self.loss_cfg = self.trainer.optim_cfg, self.trainer.loss_cfg
         # the reference policy is only run forward, in the compute dtype: stored there it gives the same log-probs
-        # (every weight is cast to it before use) in half the memory of float32 master weights
-        self.ref_params = reference_copy(params, self.mcfg.jnp_dtype) if cfg.loss.beta > 0 else None
+        # (every weight is cast to it before use) in half the memory of float32 master weights. LoRA: none, the
+        # trainer's frozen base is the reference (the adapters off), and the state holds the adapters only
+        lora = self.trainer.lora
+        self.ref_params = reference_copy(params, self.mcfg.jnp_dtype) if cfg.loss.beta > 0 and not lora else None
         self.state: TrainState = create_train_state(params, self.trainer)
 
         # -- rollout: the sampler on this process's devices, fed from the trained weights after each update
         self.sampling, self.eval_sampling = sampling_params(cfg)
         num_eval = len(self.eval_prompts) if self.eval_prompts is not None else 0
         self.sampler, self.sampler_params = build_sampler(
-            cfg, self.mcfg, self.mesh, self.rows, self.state.params, text, num_eval)
+            cfg, self.mcfg, self.mesh, self.rows, self.state.params, text, num_eval, base=self.trainer.base_params,
+            lora=lora)
         if self.rows.multihost:
             log.info("process %d of %d: samples %d of the %d questions of a step on its %d devices",
                      self.rows.index, self.rows.count, cdiv(cfg.data.questions_per_step, self.rows.count),
@@ -475,11 +478,13 @@ class PoerTrainer:
         return last
 
     def _export(self) -> Path | None:
+        lora = self.trainer.lora  # its adapters, in PEFT's layout too: gathered by every process (a collective)
+        adapters = host_copy(self.state.params) if lora is not None else None
         if not is_main_process():
             return None
         # the sampler holds a whole copy on this process's devices: no collective needed
         return report.export_run(self.workdir / run_dir.EXPORT, jax.device_get(self.sampler.params), self.mcfg,
-                                 self.cfg)
+                                 self.cfg, adapters=adapters, lora=lora)
 
     def _finish(self, export: Path | None, seconds: float, steps_here: int) -> None:
         """The end-of-run summary: logged, and written to ``summary.json`` (which marks the run finished)."""

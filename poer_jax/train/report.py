@@ -17,18 +17,27 @@ from poer_jax.system.data import TokenizedPrompts
 from poer_jax.train.metrics import METRICS_FILE, read_metrics
 from poer_jax.train.rollout import Rollout
 
+ADAPTER_DIR = "adapter"  # export/adapter/: a LoRA run's adapters in PEFT's layout (not beside config.json, where
+# transformers would take the directory for an adapter and load its base instead of the merged weights)
 
-def export_run(final: Path, params: Any, mcfg: Any, cfg: ml_collections.ConfigDict) -> Path:
+
+def export_run(final: Path, params: Any, mcfg: Any, cfg: ml_collections.ConfigDict, *, adapters: Any = None,
+               lora: Any = None) -> Path:
     """``final`` as an HF directory plus ``eval_settings.json`` (the run's prompt and evaluation settings);
-    written next to it and renamed into place, so a kill leaves the old export or none, never half of one."""
+    written next to it and renamed into place, so a kill leaves the old export or none, never half of one.
+    A LoRA run (``adapters`` on the host, ``lora`` their LoraConfig) exports the merged weights as ``params`` and
+    its adapters in PEFT's layout in ``final/adapter`` (``model.peft_io``; base: ``model.path``)."""
     from poer_jax.eval.settings import write_eval_settings
     from poer_jax.model import export_hf
+    from poer_jax.model.peft_io import export_peft
 
     tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
     for leftover in (tmp, old):
         shutil.rmtree(leftover, ignore_errors=True)
     export_hf(params, mcfg, tmp, tokenizer_dir=cfg.model.tokenizer_path or cfg.model.path)
     write_eval_settings(tmp, cfg)
+    if adapters is not None:
+        export_peft(adapters, lora, tmp / ADAPTER_DIR, base_model=cfg.model.path)
     if final.exists():
         final.rename(old)
     tmp.rename(final)
