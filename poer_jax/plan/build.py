@@ -24,6 +24,7 @@ from poer_jax.model.sharding import make_mesh
 from poer_jax.plan.compile import compile_program, target_devices
 from poer_jax.plan.report import PlanReport, build_report
 from poer_jax.plan.spec import RESIDENT_CACHE_POOL, ProgramSpec
+from poer_jax.plan.step_cost import price_steps
 from poer_jax.plan.targets import GB, Target
 from poer_jax.rl.batch import LENGTH_MULTIPLE, length_ladder
 from poer_jax.train.config import ConfigError, apply_overrides
@@ -221,24 +222,15 @@ def program_specs(cfg: ml_collections.ConfigDict, mcfg: QwenConfig, mesh: Mesh, 
     return specs, extra, notes
 
 
-def config_for_target(cfg: ml_collections.ConfigDict, target: Target) -> ml_collections.ConfigDict:
-    """The config as it runs on ``target``: a GPU target is compiled on host CPU devices, where
-    ``rollout.matmul_kernel=auto`` would pick the packed CPU kernel; on the GPU it is XLA's dot."""
-    if target.platform == "gpu" and cfg.rollout.matmul_kernel == "auto":
-        return apply_overrides(cfg, ["rollout.matmul_kernel=xla"])
-    return cfg
-
-
 def plan_config(cfg: ml_collections.ConfigDict, target: Target, *, num_questions: int | None = None,
                 memory_fraction: float = 0.95, programs: list[str] | None = None,
                 log: Any = None) -> PlanReport:
     """Compile the config's programs for ``target`` and judge the fit (``report.py``)."""
-    cfg = config_for_target(cfg, target)
     mcfg, shape_note = model_shapes(cfg)
-    if target.platform == "gpu" and mcfg.attention == "auto":
-        mcfg = mcfg.replace(attention="chunked")  # compiled on CPU: cuDNN's O(T) stand-in, not CPU's dense
-    mesh = mesh_for(cfg, target_devices(target))
+    devices = target_devices(target)
+    mesh = mesh_for(cfg, devices)
     check_batch_layout(cfg, mesh)
+    gpu = _gpu_notes(target, mcfg, devices)
     n_q = num_questions or _count_questions(cfg) or OPEN_RS_QUESTIONS
     specs, extra, notes = program_specs(cfg, mcfg, mesh, n_q, target.chip.memory_bytes * memory_fraction)
     if programs:
@@ -246,13 +238,9 @@ def plan_config(cfg: ml_collections.ConfigDict, target: Target, *, num_questions
         if unknown:
             raise ConfigError(f"unknown program(s) {sorted(unknown)}; known: {[s.name for s in specs]}")
     notes = [shape_note, f"mesh {dict(mesh.shape)}, attention {mcfg.attention}", *notes,
-             "TFLOP / GB accessed / roofline are XLA's cost analysis, which counts a loop body once: they are per "
-             "iteration of the outer loops (one layer of the layer scan, one micro-batch, one decode step), not "
-             "per call"]
-    if target.platform == "gpu":
-        notes.append(f"{target.chip.name}: estimate from programs compiled for {target.num_devices} host CPU "
-                     "device(s) on the same mesh (XLA:CPU buffer assignment; the CPU stand-in of cuDNN attention is "
-                     "the chunked path)")
+             "TFLOP / GB accessed / roofline are per call and per device: loop bodies times their trip counts, "
+             "custom-call kernels by formula (plan/costs.py); a loop whose exit depends on data is counted once "
+             "(the decode segment: one decode step)", *gpu]
     costs = []
     for spec in specs:
         if programs and spec.name not in programs:
@@ -263,9 +251,33 @@ def plan_config(cfg: ml_collections.ConfigDict, target: Target, *, num_questions
         if log:
             log(f"  done in {costs[-1].compile_seconds:.0f}s: temp {costs[-1].temp_bytes / GB:.2f} GB")
     kept = [s for s in specs if not programs or s.name in programs]
+    steps = price_steps(cfg, mcfg, mesh.size, kept, costs, target.chip)
+    if steps:
+        notes.append("step: the config's longest step (plan/step_cost.py), priced per device at each program's "
+                     "roofline; a decode step attends its whole page table in both figures")
     # every program's resident arguments count, compiled or not
     return build_report(target, kept, costs, extra_resident=_resident_of_skipped(specs, kept, extra),
-                        memory_fraction=memory_fraction, notes=notes)
+                        memory_fraction=memory_fraction, notes=notes, device_kind=devices[0].device_kind,
+                        compiler=compiler_name(target), steps=steps)
+
+
+def compiler_name(target: Target) -> str:
+    """What compiled the plan's programs."""
+    from poer_jax.plan.gpu import COMPILER
+
+    return {"gpu": COMPILER, "tpu": "XLA:TPU (libtpu), compiled"}.get(target.platform, "XLA:CPU, compiled")
+
+
+def _gpu_notes(target: Target, mcfg: QwenConfig, devices: list[Any]) -> list[str]:
+    if target.platform != "gpu":
+        return []
+    from poer_jax.plan.compile import PlanError
+    from poer_jax.plan.gpu import GpuPlanError, gpu_notes
+
+    try:
+        return gpu_notes(target, mcfg, devices)
+    except GpuPlanError as e:
+        raise PlanError(str(e)) from None
 
 
 def _resident_of_skipped(specs: list[ProgramSpec], kept: list[ProgramSpec], extra: dict[str, Any]) -> dict[str, Any]:

@@ -79,6 +79,7 @@ def trainer_program_specs(trainer: Trainer, *, rows: int, seq_len: int, num_mini
         note=f"{rows} rows x T={seq_len} in {k} micro-batches of {rows // k}",
         resident={lp_resident: 0},
         released=ROLLOUT_BUFFERS,
+        dims={"rows": rows, "seq_len": seq_len},
     )
     update = ProgramSpec(
         name="train/update", fn=trainer._step,
@@ -87,5 +88,6 @@ def trainer_program_specs(trainer: Trainer, *, rows: int, seq_len: int, num_mini
         note=f"{mb_rows} rows x T={seq_len} in {k} micro-batches of {mb_rows // k}",
         resident={RESIDENT_TRAIN_STATE: 0},
         released=ROLLOUT_BUFFERS,
+        dims={"rows": mb_rows, "seq_len": seq_len},
     )
     return [logprobs, update]

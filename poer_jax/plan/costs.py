@@ -1,0 +1,501 @@
+"""FLOPs and bytes per call of a compiled program: XLA's cost analysis with loop bodies times their trip counts and
+custom-call kernels priced by formula.
+
+XLA's cost analysis (``compiled.cost_analysis()``, or ``hlo_module_cost_analysis`` over the optimized module)
+counts a while loop's body once, and a custom call (cuDNN, cuBLAS, Pallas / Triton / Mosaic kernels, FFI) as
+nothing. A lax.scan over 28 layers inside a loop over micro-batches is then one layer of one micro-batch. Here
+the optimized HLO module is split into its computations; each loop body (and condition) is costed by XLA on its
+own (a module with that computation as entry), and
+
+    per_call(C) = xla(C) + sum over loops w in C: trip_w per_call(body_w) + (trip_w + 1) per_call(cond_w)
+                                                  - xla(body_w) - xla(cond_w)
+                  + sum over custom calls k reached from C without entering a loop: formula(k)
+
+Trip counts: XLA's ``known_trip_count`` annotation (GPU, CPU), else the loop condition ``i < N`` with ``i``
+starting at a constant (lax.scan / fori_loop on TPU, whose compiler does not annotate). A loop whose exit depends
+on data (the decode segment: until every sample has finished; the decode attention's chunk loop where it stops at
+the longest sequence) is counted once: ``loops`` lists it with its cost per iteration (for the decode segment,
+one decode step).
+
+Custom calls by formula (worst case: every page of a page table attended; causal masks half the scores):
+  cuDNN fused attention   fwd 4 B H Tq Tk d x 1/2 (causal), backward 2.5 x that (five matmuls for two)
+  cuBLAS GEMM             2 x output elements x contracted size
+  splash attention (TPU)  fwd 4 (q elements) T x 1/2; fused backward (dq, dk, dv) 2.5 x fwd
+  paged attention         4 x (query elements) x (pages in the tables) x page: our Triton kernel
+                          (``sampler/pallas_gpu.py``) and the ragged kernel (``sampler/pallas_tpu.py``); bytes:
+                          the K and V of those pages, not the whole pool the call takes as an operand
+  packed CPU matmul       2 M K N (``model/packed_matmul.py``)
+Bytes of the others: operands + results. Unknown custom calls count nothing and are listed in ``unpriced``.
+
+Bytes of gathers and scatters inside fusions: XLA counts a fused gather's operand whole, and a fused in-place
+scatter as reading and writing its whole operand; a decode step's page gathers and KV writes would then move the
+whole pool per chunk and per layer (thousands of GB per step for the 7B). They are counted here as XLA counts them
+unfused: a gather reads what it outputs, a scatter reads its indices and updates and writes its updates
+(``fusion_bytes_correction``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from typing import Any
+
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
+                "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "s4": 0.5, "u4": 0.5}
+_ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
+_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s")
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_REF = re.compile(r"%([\w.\-]+)")
+_FRAME = re.compile(r" stack_frame_id=\d+")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_TARGET = re.compile(r'custom_call_target="([^"]*)"')
+_KERNEL_NAME = re.compile(r'\bname = "([^"]*)"')
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopCost:
+    """One while loop: where it is (its op_name), its trip count (None: data-dependent, counted once) and how
+    it was found, and the cost of one iteration (body, nested loops multiplied)."""
+
+    op_name: str
+    trip: int | None
+    source: str  # "known_trip_count" | "condition" | "data-dependent"
+    flops_per_iteration: float
+    bytes_per_iteration: float
+
+
+@dataclasses.dataclass(frozen=True)
+class CallCost:
+    """Per-call FLOPs and bytes accessed of one program on one device (module docstring)."""
+
+    flops: float
+    bytes_accessed: float
+    xla_flops: float  # XLA's own figure for the module (every loop body once, custom calls as nothing)
+    xla_bytes_accessed: float
+    loops: tuple[LoopCost, ...] = ()
+    kernels: tuple[tuple[str, int], ...] = ()  # priced custom calls: (kind, calls per call of the program)
+    unpriced: tuple[str, ...] = ()
+
+    @property
+    def data_dependent_loops(self) -> tuple[LoopCost, ...]:
+        return tuple(lp for lp in self.loops if lp.trip is None)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"flops": self.flops, "bytes_accessed": self.bytes_accessed,
+                "xla_flops_loop_bodies_once": self.xla_flops,
+                "xla_bytes_accessed_loop_bodies_once": self.xla_bytes_accessed,
+                "loops": [dataclasses.asdict(lp) for lp in self.loops], "kernels": dict(self.kernels),
+                "unpriced_custom_calls": list(self.unpriced)}
+
+
+# ---- HLO text -------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class _Instr:
+    name: str
+    shape: str
+    opcode: str
+    operands: list[str]
+    attrs: str
+    root: bool
+    args: str = ""  # the text between the opcode's parentheses (a constant's literal)
+
+
+@dataclasses.dataclass
+class _Comp:
+    name: str
+    lines: list[str]
+    instrs: dict[str, _Instr]
+    root: _Instr | None
+    entry: bool
+
+
+def _closing(s: str, start: int) -> int:
+    """Index of the bracket closing s[start] ('(' or '{'), skipping quoted strings."""
+    open_c = s[start]
+    close_c = {"(": ")", "{": "}", "[": "]"}[open_c]
+    depth, i, quoted = 0, start, False
+    while i < len(s):
+        c = s[i]
+        if quoted:
+            if c == "\\":
+                i += 1
+            elif c == '"':
+                quoted = False
+        elif c == '"':
+            quoted = True
+        elif c == open_c:
+            depth += 1
+        elif c == close_c:
+            depth -= 1
+            if depth == 0:
+                return i
+        i += 1
+    return len(s) - 1
+
+
+def _parse_instr(line: str) -> _Instr | None:
+    text = line.strip()
+    root = text.startswith("ROOT ")
+    if root:
+        text = text[5:]
+    if not text.startswith("%") or " = " not in text:
+        return None
+    name, rest = text[1:].split(" = ", 1)
+    if rest.startswith("("):
+        end = _closing(rest, 0)
+        shape, rest = rest[: end + 1], rest[end + 1 :].lstrip()
+    else:
+        shape, _, rest = rest.partition(" ")
+    paren = rest.find("(")
+    if paren < 0:
+        return None
+    opcode = rest[:paren]
+    end = _closing(rest, paren)
+    operands = _REF.findall(rest[paren + 1 : end])
+    return _Instr(name, shape, opcode, operands, rest[end + 1 :], root, rest[paren + 1 : end])
+
+
+def parse_module(text: str) -> dict[str, _Comp]:
+    """Computations of an HLO module's text by name, each with its instructions (an instruction may span lines:
+    a backend config can hold newlines; a computation ends at a line that is only '}')."""
+    comps: dict[str, _Comp] = {}
+    cur: _Comp | None = None
+    stmt: list[str] = []
+
+    def flush() -> None:
+        if cur is not None and stmt:
+            ins = _parse_instr("\n".join(stmt))
+            if ins is not None:
+                cur.instrs[ins.name] = ins
+                if ins.root:
+                    cur.root = ins
+        stmt.clear()
+
+    for line in text.splitlines():
+        if cur is None:
+            if line and not line.startswith((" ", "HloModule", "//")) and line.rstrip().endswith("{"):
+                m = _HEADER.match(line)
+                if m:
+                    cur = _Comp(m.group(2), [line], {}, None, bool(m.group(1)))
+            continue
+        cur.lines.append(line)
+        if line.rstrip() == "}":
+            flush()
+            comps[cur.name] = cur
+            cur = None
+        elif line.startswith(("  %", "  ROOT %")):
+            flush()
+            stmt.append(line)
+        else:
+            stmt.append(line)
+    return comps
+
+
+def arrays(shape: str) -> list[tuple[str, tuple[int, ...]]]:
+    """(dtype, dims) of every array in a shape string (tuples flattened)."""
+    return [(dt, tuple(int(d) for d in dims.split(",") if d)) for dt, dims in _ARRAY.findall(shape)]
+
+
+def nbytes(shape: str) -> float:
+    return sum(_DTYPE_BYTES.get(dt, 0) * math.prod(dims) for dt, dims in arrays(shape))
+
+
+def _called(comp: _Comp, comps: dict[str, _Comp]) -> list[str]:
+    return [r for ins in comp.instrs.values() for r in _REF.findall(ins.attrs) if r in comps]
+
+
+def _reachable(name: str, comps: dict[str, _Comp], enter_loops: bool = True) -> list[str]:
+    """Computations reached from ``name`` (itself first); without entering while loops when ``enter_loops`` is
+    False (their bodies and conditions are costed apart)."""
+    seen, todo = [name], [name]
+    while todo:
+        comp = comps[todo.pop()]
+        for ins in comp.instrs.values():
+            if ins.opcode == "while" and not enter_loops:
+                continue
+            for r in _REF.findall(ins.attrs):
+                if r in comps and r not in seen:
+                    seen.append(r)
+                    todo.append(r)
+    return seen
+
+
+# ---- loops ----------------------------------------------------------------------------------------------
+def _loop_parts(ins: _Instr) -> tuple[str, str]:
+    cond = re.search(r"condition=%([\w.\-]+)", ins.attrs)
+    body = re.search(r"body=%([\w.\-]+)", ins.attrs)
+    if not cond or not body:
+        raise ValueError(f"while {ins.name}: no condition / body in {ins.attrs[:200]}")
+    return cond.group(1), body.group(1)
+
+
+def _constant(comp: _Comp, name: str) -> int | None:
+    ins = comp.instrs.get(name)
+    while ins is not None and ins.opcode in ("bitcast", "copy", "reshape", "convert") and ins.operands:
+        ins = comp.instrs.get(ins.operands[0])
+    if ins is None or ins.opcode != "constant" or not re.fullmatch(r"-?\d+", ins.args.strip()):
+        return None
+    return int(ins.args.strip())
+
+
+def _tuple_index(ins: _Instr) -> int | None:
+    m = re.search(r"index=(\d+)", ins.attrs)
+    return int(m.group(1)) if m else None
+
+
+def trip_count(loop: _Instr, parent: _Comp, comps: dict[str, _Comp]) -> tuple[int | None, str]:
+    """(trip count, how it was found) of a while instruction of ``parent`` (module docstring)."""
+    m = _TRIP.search(loop.attrs)
+    if m:
+        return int(m.group(1)), "known_trip_count"
+    cond_name, _ = _loop_parts(loop)
+    cond = comps[cond_name]
+    root = cond.root
+    compare, operands = root, list(root.operands) if root is not None else []
+    if root is not None and root.opcode == "fusion":  # XLA:CPU wraps the compare: read it inside
+        m = re.search(r"calls=%([\w.\-]+)", root.attrs)
+        fused = comps.get(m.group(1)) if m else None
+        compare = fused.root if fused is not None else None
+        if compare is not None and compare.opcode == "compare":
+            params = [fused.instrs.get(o) for o in compare.operands]
+            if not all(p is not None and p.opcode == "parameter" for p in params):
+                return None, "data-dependent"
+            operands = [root.operands[int(p.args)] for p in params]
+    if compare is None or compare.opcode != "compare" or len(operands) != 2:
+        return None, "data-dependent"
+    direction = re.search(r"direction=(\w+)", compare.attrs)
+    a, b = (cond.instrs.get(o) for o in operands)
+    if direction is None or a is None or b is None:
+        return None, "data-dependent"
+    d = direction.group(1)
+    if d in ("GT", "GE"):  # N > i: swap
+        a, b = b, a
+        d = {"GT": "LT", "GE": "LE"}[d]
+    if d not in ("LT", "LE") or a.opcode != "get-tuple-element":
+        return None, "data-dependent"
+    limit = _constant(cond, b.name)
+    k = _tuple_index(a)
+    if limit is None or k is None:
+        return None, "data-dependent"
+    init = parent.instrs.get(loop.operands[0]) if loop.operands else None
+    if init is None or init.opcode != "tuple" or k >= len(init.operands):
+        return None, "data-dependent"
+    start = _constant(parent, init.operands[k])
+    if start is None:
+        return None, "data-dependent"
+    return max(limit - start + (1 if d == "LE" else 0), 0), "condition"
+
+
+# ---- custom calls ---------------------------------------------------------------------------------------
+def _operand_shapes(ins: _Instr, comp: _Comp) -> list[str]:
+    m = re.search(r"operand_layout_constraints=\{", ins.attrs)
+    if m:
+        start = m.end() - 1
+        body = ins.attrs[start + 1 : _closing(ins.attrs, start)]
+        return [f"{dt}[{dims}]" for dt, dims in _ARRAY.findall(body)]
+    return [comp.instrs[o].shape if o in comp.instrs else "" for o in ins.operands]
+
+
+def _kernel_name(ins: _Instr) -> str:
+    m = _KERNEL_NAME.search(ins.attrs)
+    if m:
+        return m.group(1)
+    op = _OP_NAME.search(ins.attrs)
+    parts = op.group(1).split("/") if op else []
+    if parts and parts[-1] == "pallas_call" and len(parts) > 1:
+        return re.sub(r"^vmap\((.*)\)$", r"\1", parts[-2])
+    return re.sub(r"\.\d+$", "", ins.name)
+
+
+def _prod(shape: str) -> int:
+    a = arrays(shape)
+    return math.prod(a[0][1]) if a else 0
+
+
+def _dims(shape: str) -> tuple[int, ...]:
+    a = arrays(shape)
+    return a[0][1] if a else ()
+
+
+def price_custom_call(ins: _Instr, comp: _Comp) -> tuple[str, float, float] | None:
+    """(kind, FLOPs, bytes) of a custom call by formula (module docstring), or None when unknown."""
+    target_m = _TARGET.search(ins.attrs)
+    target = target_m.group(1) if target_m else ""
+    ops = _operand_shapes(ins, comp)
+    io_bytes = sum(nbytes(s) for s in ops) + nbytes(ins.shape)
+    results = arrays(ins.shape)
+    if target.startswith("__cudnn$fmha"):
+        cfg = json.loads(ins.attrs[ins.attrs.index("backend_config=") + len("backend_config="):].split(
+            ", metadata=")[0]) if "backend_config={" in ins.attrs else {}
+        fmha = cfg.get("cudnn_fmha_backend_config", {})
+        b, h, tq, tk = (int(x) for x in fmha.get("intermediate_tensor_shape", {}).get("dimensions", [0, 0, 0, 0]))
+        d = _dims(ops[0])[-1] if ops else 0
+        causal = 0.5 if "CAUSAL" in fmha.get("mask_type", "") else 1.0
+        flops = 4.0 * b * h * tq * tk * d * causal * (2.5 if "Backward" in target else 1.0)
+        return ("cudnn attention" + (" backward" if "Backward" in target else ""), flops, io_bytes)
+    if target in ("__cublas$gemm", "__cublas$lt$matmul"):
+        m = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', ins.attrs)
+        lhs = _dims(ops[0]) if ops else ()
+        k = math.prod(lhs[int(i.strip('" '))] for i in m.group(1).split(",") if i.strip()) if m and lhs else 0
+        out = results[0][1] if results else ()
+        return ("cublas gemm", 2.0 * math.prod(out) * k, io_bytes)
+    if target.startswith("poer_packed_matmul"):
+        k = _dims(ops[0])[-1] if ops else 0
+        return ("packed cpu matmul", 2.0 * _prod(ins.shape) * k, io_bytes)
+    name = _kernel_name(ins)
+    if target == "__gpu$xla.gpu.triton" and name == "poer_paged_attention":
+        # operands: q [..., rows, hd] (pre-scaled), k / v pool [1, pages, page, hd], -, tables [..., pages]
+        q, pool, table = _dims(ops[0]), _dims(ops[1]), _dims(ops[3])
+        ctx_pages, page, hd = math.prod(table), pool[-2], q[-1]  # pages over every (row, KV head) instance
+        kv = 2.0 * ctx_pages * page * hd * _DTYPE_BYTES.get(arrays(ops[1])[0][0], 2)
+        flops = 4.0 * q[-2] * hd * page * ctx_pages  # each instance's query rows (q[-2]) against its pages
+        return ("paged attention (triton)", flops, io_bytes - nbytes(ops[1]) - nbytes(ops[2]) + kv)
+    if target == "tpu_custom_call" and name == "poer_ragged_paged_attention":
+        # operands: kv_lens, pages [R, P], cu_q_lens, distribution, num_seqs, q [R, Hq, hd], kv [N, page, 2 Hkv, hd]
+        pages, q, kv = _dims(ops[1]), _dims(ops[5]), _dims(ops[6])
+        ctx = math.prod(pages) // max(pages[0], 1) * kv[1]
+        flops = 4.0 * math.prod(q) * ctx
+        kv_bytes = math.prod(pages) * kv[1] * kv[2] * kv[3] * _DTYPE_BYTES.get(arrays(ops[6])[0][0], 2)
+        return ("paged attention (ragged, mosaic)", flops, io_bytes - nbytes(ops[6]) + kv_bytes)
+    if target == "tpu_custom_call" and name.startswith("splash_mha"):
+        # the largest result has the queries' shape [..., H, T, d] (fwd: o; fused backward: dq)
+        out = max((dims for _, dims in results), key=math.prod, default=())
+        t = out[-2] if len(out) >= 2 else 0
+        fwd = 4.0 * math.prod(out) * t * 0.5
+        if "_fwd" in name:
+            return ("splash attention", fwd, io_bytes)
+        if "_dkv" in name and len(results) >= 3:
+            return ("splash attention backward", 2.5 * fwd, io_bytes)
+        if "_dq" in name:
+            return ("splash attention backward (dq)", 1.5 * fwd, io_bytes)
+    return None
+
+
+def _through_views(fused: _Comp, users: dict[str, list[_Instr]], name: str) -> list[tuple[_Instr, str]]:
+    """The users of ``name`` in a fused computation, looking through bitcasts and reshapes: (user, operand name)."""
+    out = []
+    for u in users.get(name, []):
+        if u.opcode in ("bitcast", "reshape"):
+            out += _through_views(fused, users, u.name)
+        else:
+            out.append((u, name))
+    return out
+
+
+def fusion_bytes_correction(ins: _Instr, comps: dict[str, _Comp]) -> float:
+    """What to add to XLA's bytes accessed for a fusion: XLA counts a fused parameter that only feeds gathers as
+    read whole, and a fused in-place scatter as reading and writing its whole operand (a KV pool per decode step);
+    unfused, it counts a gather's output and 3 x a scatter's updates, as here."""
+    m = re.search(r"calls=%([\w.\-]+)", ins.attrs)
+    fused = comps.get(m.group(1)) if m else None
+    if fused is None:
+        return 0.0
+    users: dict[str, list[_Instr]] = {}
+    for i in fused.instrs.values():
+        for o in i.operands:
+            users.setdefault(o, []).append(i)
+    root = fused.root
+    outputs = [fused.instrs[o] for o in root.operands if o in fused.instrs] if root and root.opcode == "tuple" \
+        else [root] if root else []
+    delta = 0.0
+    for param in (i for i in fused.instrs.values() if i.opcode == "parameter"):
+        uses = _through_views(fused, users, param.name)
+        if not uses:
+            continue
+        size = nbytes(param.shape)
+        if all(u.opcode == "gather" and u.operands[0] == via for u, via in uses):
+            delta -= size - sum(nbytes(u.shape) for u, _ in uses)
+        elif all(u.opcode == "scatter" and u.operands[0] == via and len(u.operands) == 3 for u, via in uses):
+            for u, _ in uses:
+                updates = nbytes(fused.instrs[u.operands[2]].shape) if u.operands[2] in fused.instrs else 0.0
+                delta -= size - updates  # the operand is updated in place: read as much as is written
+                if any(o is u or (o.opcode == "bitcast" and o.operands and o.operands[0] == u.name) for o in outputs):
+                    delta -= nbytes(u.shape) - updates  # the output: only the updated rows are written
+    return delta
+
+
+_FREE_CUSTOM_CALLS = ("AllocateBuffer", "AssumeGatherIndicesInBound", "GatherScatterIndicesBitpacked", "Sharding",
+                      "SPMDFullToShardShape", "SPMDShardToFullShape", "MoveToHost", "MoveToDevice")
+
+
+# ---- the walk -------------------------------------------------------------------------------------------
+def _module_text(comps: dict[str, _Comp], names: list[str], entry: str) -> str:
+    order = [n for n in comps if n in names]
+    out = ["HloModule sub", ""]
+    for n in order:
+        lines = list(comps[n].lines)
+        head = re.sub(r"^ENTRY\s+", "", lines[0])
+        lines[0] = ("ENTRY " + head) if n == entry else head
+        out += lines + [""]
+    return "\n".join(out)
+
+
+def _xla_cost(text: str) -> tuple[float, float]:
+    import jax
+    from jax._src.lib import xla_client
+    from jaxlib import _hlo
+
+    client = jax.local_devices(backend="cpu")[0].client
+    module = _hlo.hlo_module_from_text(_FRAME.sub("", text))  # no stack-frame table: drop its ids
+    cost = xla_client._xla.hlo_module_cost_analysis(client, module)
+    return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+
+
+def call_cost(hlo_text: str) -> CallCost:
+    """Per-call cost of an optimized HLO module's text (``compiled.as_text()``); see the module docstring."""
+    comps = parse_module(hlo_text)
+    entry = next((c.name for c in comps.values() if c.entry), None)
+    if entry is None:
+        raise ValueError("call_cost: no ENTRY computation in the module text")
+    once: dict[str, tuple[float, float]] = {entry: _xla_cost(hlo_text)}
+    memo: dict[str, tuple[float, float]] = {}
+    loops: list[LoopCost] = []
+    kernels: dict[str, int] = {}
+    unpriced: list[str] = []
+
+    def xla_once(name: str) -> tuple[float, float]:
+        if name not in once:
+            once[name] = _xla_cost(_module_text(comps, _reachable(name, comps), name))
+        return once[name]
+
+    def per_call(name: str, mult: float) -> tuple[float, float]:
+        if name in memo:
+            return memo[name]
+        flops, nbytes_ = xla_once(name)
+        for cname in _reachable(name, comps, enter_loops=False):
+            comp = comps[cname]
+            for ins in comp.instrs.values():
+                if ins.opcode == "fusion":
+                    nbytes_ += fusion_bytes_correction(ins, comps)
+                elif ins.opcode == "custom-call":
+                    priced = price_custom_call(ins, comp)
+                    if priced is None:
+                        target = _TARGET.search(ins.attrs)
+                        t = target.group(1) if target else "?"
+                        if t not in _FREE_CUSTOM_CALLS and t not in unpriced:
+                            unpriced.append(f"{t} ({_kernel_name(ins)})")
+                        continue
+                    kind, f, b = priced
+                    kernels[kind] = kernels.get(kind, 0) + int(mult)
+                    flops += f + 1.0  # XLA counts a custom call as -1
+                    nbytes_ += b + 1.0
+                elif ins.opcode == "while":
+                    cond, body = _loop_parts(ins)
+                    trip, source = trip_count(ins, comp, comps)
+                    n = 1 if trip is None else trip
+                    bf, bb = per_call(body, mult * n)
+                    cf, cb = per_call(cond, mult * (n + 1))
+                    of_b, ob_b = xla_once(body)
+                    of_c, ob_c = xla_once(cond)
+                    flops += n * bf + (n + 1) * cf - of_b - of_c
+                    nbytes_ += n * bb + (n + 1) * cb - ob_b - ob_c
+                    op = _OP_NAME.search(ins.attrs)
+                    loops.append(LoopCost(op.group(1) if op else ins.name, trip, source, bf + cf, bb + cb))
+        memo[name] = (flops, nbytes_)
+        return memo[name]
+
+    flops, nbytes_ = per_call(entry, 1.0)
+    return CallCost(flops=flops, bytes_accessed=nbytes_, xla_flops=once[entry][0], xla_bytes_accessed=once[entry][1],
+                    loops=tuple(loops), kernels=tuple(sorted(kernels.items())), unpriced=tuple(unpriced))
