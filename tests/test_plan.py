@@ -188,3 +188,18 @@ def test_persistent_compilation_cache(tmp_path: Path, monkeypatch) -> None:
 
         compilation_cache.reset_cache()
         jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_a_mesh_larger_than_the_target_is_planned_over_its_devices() -> None:
+    """The 7B config's fsdp 4 x tensor 2 on one device: planned with the state over that device, with a note, so
+    the verdict names the programs that do not fit (and mesh.*), not only the mesh."""
+    from poer_jax.plan.build import mesh_on_fewer_devices
+
+    cfg = load_config_file(ROOT / "configs/qwen7b.py")
+    same, note = mesh_on_fewer_devices(cfg, 8)
+    assert same is cfg and note == []
+    one, note = mesh_on_fewer_devices(cfg, 1)
+    assert (one.mesh.data, one.mesh.fsdp, one.mesh.tensor) == (1, 1, 1)
+    assert "needs 8 devices, the target has 1" in note[0]
+    auto = _cfg()  # mesh.fsdp=-1 takes whatever there is
+    assert mesh_on_fewer_devices(auto, 1) == (auto, [])

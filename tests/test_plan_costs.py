@@ -108,3 +108,33 @@ def test_custom_calls_are_priced_by_formula() -> None:
     # 4 (row, head) instances x 16 pages of 16 tokens, 16 query rows of 128 each: 2 matmuls
     assert kind == "paged attention (triton)" and flops == 4 * 16 * 128 * 16 * (4 * 16)
     assert nbytes < 2 * 272 * 16 * 128 * 2  # the pages of the tables, not both whole pools
+
+
+def test_compiled_step_prices_agree_with_the_projection(monkeypatch) -> None:
+    """A GRPO and a POER step priced from the four compiled programs and the step's call counts against
+    ``plan/projection.py``'s analytic figure for the same tokens, on a small model whose update is compute-bound and
+    whose decode reads mostly weights on the host-CPU chip (the regime the projection's formulas describe)."""
+    from poer_jax.model import presets
+    from poer_jax.plan import get_target
+    from poer_jax.plan.build import plan_config
+    from poer_jax.train.config import apply_overrides, load_config_file, validate
+
+    monkeypatch.setitem(presets._PRESETS, "test-small", dict(
+        vocab_size=2048, hidden_size=512, intermediate_size=1536, num_layers=4, num_heads=4, num_kv_heads=2,
+        head_dim=128, rope_theta=1e4, tie_word_embeddings=False))
+    cfg = validate(apply_overrides(load_config_file(ROOT / "configs/arithmetic.py"), [
+        "model.preset=test-small", "model.path=None", "data.train_path=unused.jsonl", "toy.enabled=false",
+        "mesh.fsdp=-1", "data.questions_per_step=8", "rollout.group_size=4", "data.max_prompt_len=64",
+        "rollout.max_completion_len=192", "model.dtype=float32", "optim.micro_batches=2", "loss.beta=0.04",
+        "cache.max_truncation=32"]))
+    report = plan_config(cfg, get_target("cpu-8"), num_questions=64)
+    steps = {r["strategy"]: r for r in report.steps}
+    assert set(steps) == {"GRPO", "POER"}
+    grpo, poer = steps["GRPO"], steps["POER"]
+    # 32 samples on 8 devices of 4 slots: one round; GRPO decodes 192 tokens a sample, POER m = L / 2 = 16
+    assert grpo["calls"]["decode_steps"] == 192 and poer["calls"]["decode_steps"] == 16
+    assert grpo["calls"]["logprobs"] == grpo["calls"]["update"] == 1.0  # the KL term's reference pass, one update
+    for r in (grpo, poer):
+        assert abs(r["ratio"] - 1) < 0.15, (r["strategy"], r["compiled_s"], r["analytic_s"])
+    assert poer["compiled_s"]["rollout"] < 0.5 * grpo["compiled_s"]["rollout"]
+    assert any(line.startswith("step: GRPO step:") for line in report.table().splitlines())

@@ -9,6 +9,7 @@ decode (``poer_jax.sampler.programs.sampler_program_specs``), the log-prob pass 
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -228,9 +229,10 @@ def plan_config(cfg: ml_collections.ConfigDict, target: Target, *, num_questions
     """Compile the config's programs for ``target`` and judge the fit (``report.py``)."""
     mcfg, shape_note = model_shapes(cfg)
     devices = target_devices(target)
+    cfg, mesh_note = mesh_on_fewer_devices(cfg, len(devices))
     mesh = mesh_for(cfg, devices)
     check_batch_layout(cfg, mesh)
-    gpu = _gpu_notes(target, mcfg, devices)
+    gpu = [*mesh_note, *_gpu_notes(target, mcfg, devices)]
     n_q = num_questions or _count_questions(cfg) or OPEN_RS_QUESTIONS
     specs, extra, notes = program_specs(cfg, mcfg, mesh, n_q, target.chip.memory_bytes * memory_fraction)
     if programs:
@@ -259,6 +261,22 @@ def plan_config(cfg: ml_collections.ConfigDict, target: Target, *, num_questions
     return build_report(target, kept, costs, extra_resident=_resident_of_skipped(specs, kept, extra),
                         memory_fraction=memory_fraction, notes=notes, device_kind=devices[0].device_kind,
                         compiler=compiler_name(target), steps=steps)
+
+
+def mesh_on_fewer_devices(cfg: ml_collections.ConfigDict, available: int) -> tuple[ml_collections.ConfigDict,
+                                                                                  list[str]]:
+    """A config whose fixed mesh needs more devices than the target has is planned with its state sharded over
+    the devices there are (fsdp), so the verdict names what does not fit (exit 1) rather than only the mesh; the
+    note says so. Otherwise the config as it is."""
+    m = cfg.mesh
+    sizes = [s for s in (m.data, m.fsdp, m.tensor) if s != -1]
+    need = m.num_devices or math.prod(sizes)
+    if -1 in (m.data, m.fsdp, m.tensor) or need <= available:
+        return cfg, []
+    note = (f"config section 'mesh' (data {m.data} x fsdp {m.fsdp} x tensor {m.tensor}) needs {need} devices, the "
+            f"target has {available}: planned with mesh.fsdp={available} (data 1, tensor 1) instead")
+    return apply_overrides(cfg, ["mesh.data=1", f"mesh.fsdp={available}", "mesh.tensor=1", "mesh.num_devices=0"]), \
+        [note]
 
 
 def compiler_name(target: Target) -> str:

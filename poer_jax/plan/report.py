@@ -99,14 +99,14 @@ class PlanReport:
                  "resident set per device: " + ", ".join(f"{k} {v / GB:.2f} GB" for k, v in self.resident.items())
                  + f" = {self.resident_bytes / GB:.2f} GB"]
         head = (f"{'program':<16}{'args GB':>9}{'out GB':>8}{'alias GB':>9}{'temp GB':>9}{'peak GB':>9}"
-                f"{'of mem':>8}{'TFLOP':>9}{'GB acc':>8}{'roofline':>10}{'shapes':>8}{'compile':>9}  fits")
+                f"{'of mem':>8}{'TFLOP':>11}{'GB acc':>10}{'roofline':>11}{'shapes':>8}{'compile':>9}  fits")
         lines += [head, "-" * len(head)]
         for p in self.programs:
             c = p.cost
             lines.append(
                 f"{p.name:<16}{c.argument_bytes / GB:>9.2f}{c.output_bytes / GB:>8.2f}{c.alias_bytes / GB:>9.2f}"
                 f"{c.temp_bytes / GB:>9.2f}{p.peak_bytes / GB:>9.2f}{p.peak_bytes / t.chip.memory_bytes:>8.0%}"
-                f"{c.flops / 1e12:>9.2f}{c.bytes_accessed / GB:>8.1f}{p.roofline_s * 1e3:>8.1f}ms"
+                f"{c.flops / 1e12:>11.2f}{c.bytes_accessed / GB:>10.1f}{p.roofline_s * 1e3:>9.1f}ms"
                 f"{p.num_shapes:>8}{c.compile_seconds:>8.0f}s  {'yes' if p.fits else 'NO'}")
         lines += [f"  {p.name}: {p.note}" + _counting(p.cost) for p in self.programs]
         lines += [f"step: {line}" for line in step_lines(self.steps)]
