@@ -56,6 +56,18 @@ def test_nested_loops_multiply_and_a_data_dependent_loop_counts_once() -> None:
     assert cost.flops == pytest.approx(3 * 28 * dot + dot, rel=0.03)
 
 
+def test_a_capped_data_dependent_loop_counts_its_cap() -> None:
+    """fori_loop(0, minimum(n, 5)): n is data, the cap is the worst case (the decode attention's chunk loop)."""
+    def capped(w, x, n):
+        return jax.lax.fori_loop(0, jnp.minimum(n, 5), lambda i, h: jnp.tanh(h @ w[i]), x)
+
+    n = jax.ShapeDtypeStruct((), jnp.int32)
+    cost = call_cost(_compiled(capped, W, X, n).as_text())
+    (loop,) = cost.loops
+    assert (loop.trip, loop.source) == (5, "bound")
+    assert cost.flops == pytest.approx(5 * 2 * 8 * 256 * 256, rel=0.05)
+
+
 def test_trip_count_from_the_loop_condition() -> None:
     """TPU modules carry no trip-count annotation: the condition i < N with i starting at a constant gives it."""
     text = _compiled(_layers, W, X).as_text()
@@ -108,6 +120,14 @@ def test_custom_calls_are_priced_by_formula() -> None:
     # 4 (row, head) instances x 16 pages of 16 tokens, 16 query rows of 128 each: 2 matmuls
     assert kind == "paged attention (triton)" and flops == 4 * 16 * 128 * 16 * (4 * 16)
     assert nbytes < 2 * 272 * 16 * 128 * 2  # the pages of the tables, not both whole pools
+    # splash's fused backward: its largest result is per-block partial dq (9 blocks), the queries are an operand
+    dkv = costs._parse_instr(
+        '%splash_mha_dkv_segmented_no_residuals.12 = (f32[4,512,128]{2,1,0}, bf16[4,9,12,4608,128]{4,3,2,1,0}, '
+        'bf16[4,2,4608,128]{3,2,1,0}, bf16[4,2,4608,128]{3,2,1,0}) custom-call(%m, %n, %q, %k, %v), '
+        'custom_call_target="tpu_custom_call", operand_layout_constraints={s8[1,9,9]{2,1,0}, s8[1,9,9]{2,1,0}, '
+        'bf16[4,12,4608,128]{3,2,1,0}, bf16[4,2,4608,128]{3,2,1,0}, bf16[4,2,4608,128]{3,2,1,0}}')
+    kind, flops, _ = costs.price_custom_call(dkv, comp)
+    assert kind == "splash attention backward" and flops == 2.5 * 4 * (4 * 12 * 4608 * 128) * 4608 / 2
 
 
 def test_compiled_step_prices_agree_with_the_projection(monkeypatch) -> None:

@@ -12,10 +12,11 @@ own (a module with that computation as entry), and
                   + sum over custom calls k reached from C without entering a loop: formula(k)
 
 Trip counts: XLA's ``known_trip_count`` annotation (GPU, CPU), else the loop condition ``i < N`` with ``i``
-starting at a constant (lax.scan / fori_loop on TPU, whose compiler does not annotate). A loop whose exit depends
-on data (the decode segment: until every sample has finished; the decode attention's chunk loop where it stops at
-the longest sequence) is counted once: ``loops`` lists it with its cost per iteration (for the decode segment,
-one decode step).
+starting at a constant (lax.scan / fori_loop on TPU, whose compiler does not annotate), or ``i < n`` with ``n``
+capped, ``minimum(..., N)``: the cap, the worst case (the decode attention's chunk loop, which stops at the longest
+sequence but reads at most the table). A loop whose exit depends on data otherwise (the decode segment: until every
+sample has finished) is counted once: ``loops`` lists it with its cost per iteration (for the decode segment, one
+decode step).
 
 Custom calls by formula (worst case: every page of a page table attended; causal masks half the scores):
   cuDNN fused attention   fwd 4 B H Tq Tk d x 1/2 (causal), backward 2.5 x that (five matmuls for two)
@@ -61,7 +62,7 @@ class LoopCost:
 
     op_name: str
     trip: int | None
-    source: str  # "known_trip_count" | "condition" | "data-dependent"
+    source: str  # "known_trip_count" | "condition" | "bound" (a capped count, at its cap) | "data-dependent"
     flops_per_iteration: float
     bytes_per_iteration: float
 
@@ -240,6 +241,41 @@ def _constant(comp: _Comp, name: str) -> int | None:
     return int(ins.args.strip())
 
 
+def _upper_bound(comp: _Comp, name: str, comps: dict[str, _Comp], outer: list[tuple[_Comp, _Instr]],
+                 depth: int = 0) -> int | None:
+    """An upper bound of a scalar integer value, when its definition caps it: a constant, minimum(..., capped),
+    select / maximum of capped values, through views and into (and out of) fusions; None otherwise."""
+    ins = comp.instrs.get(name)
+    if ins is None or depth > 32:
+        return None
+    if ins.opcode in ("bitcast", "copy", "reshape", "convert", "broadcast") and ins.operands:
+        return _upper_bound(comp, ins.operands[0], comps, outer, depth + 1)
+    if ins.opcode == "constant":
+        return _constant(comp, name)
+    bounds = [_upper_bound(comp, o, comps, outer, depth + 1) for o in ins.operands] if ins.opcode in (
+        "minimum", "maximum", "select", "clamp") else []
+    if ins.opcode == "minimum":
+        known = [b for b in bounds if b is not None]
+        return min(known) if known else None
+    if ins.opcode in ("maximum", "select"):
+        branches = bounds if ins.opcode == "maximum" else bounds[1:]
+        return None if any(b is None for b in branches) else max(branches)
+    if ins.opcode == "clamp" and len(bounds) == 3:
+        return bounds[2]
+    if ins.opcode == "fusion":
+        m = re.search(r"calls=%([\w.\-]+)", ins.attrs)
+        fused = comps.get(m.group(1)) if m else None
+        if fused is None or fused.root is None:
+            return None
+        return _upper_bound(fused, fused.root.name, comps, [*outer, (comp, ins)], depth + 1)
+    if ins.opcode == "parameter" and outer and ins.args.strip().isdigit():
+        parent, call = outer[-1]
+        i = int(ins.args.strip())
+        return _upper_bound(parent, call.operands[i], comps, outer[:-1], depth + 1) if i < len(call.operands) \
+            else None
+    return None
+
+
 def _tuple_index(ins: _Instr) -> int | None:
     m = re.search(r"index=(\d+)", ins.attrs)
     return int(m.group(1)) if m else None
@@ -277,7 +313,7 @@ def trip_count(loop: _Instr, parent: _Comp, comps: dict[str, _Comp]) -> tuple[in
         return None, "data-dependent"
     limit = _constant(cond, b.name)
     k = _tuple_index(a)
-    if limit is None or k is None:
+    if k is None or (limit is None and b.opcode != "get-tuple-element"):
         return None, "data-dependent"
     init = parent.instrs.get(loop.operands[0]) if loop.operands else None
     if init is None or init.opcode != "tuple" or k >= len(init.operands):
@@ -285,7 +321,16 @@ def trip_count(loop: _Instr, parent: _Comp, comps: dict[str, _Comp]) -> tuple[in
     start = _constant(parent, init.operands[k])
     if start is None:
         return None, "data-dependent"
-    return max(limit - start + (1 if d == "LE" else 0), 0), "condition"
+    extra = 1 if d == "LE" else 0
+    if limit is not None:
+        return max(limit - start + extra, 0), "condition"
+    # i < n with n a loop-carried value: bounded when n = minimum(..., constant) (a data-dependent count with a cap,
+    # as the decode attention's chunk loop: stop at the longest sequence, at most the table's chunks): the cap
+    j = _tuple_index(b) if b.opcode == "get-tuple-element" else None
+    cap = _upper_bound(parent, init.operands[j], comps, []) if j is not None and j < len(init.operands) else None
+    if cap is None:
+        return None, "data-dependent"
+    return max(cap - start + extra, 0), "bound"
 
 
 # ---- custom calls ---------------------------------------------------------------------------------------
@@ -360,10 +405,12 @@ def price_custom_call(ins: _Instr, comp: _Comp) -> tuple[str, float, float] | No
         kv_bytes = math.prod(pages) * kv[1] * kv[2] * kv[3] * _DTYPE_BYTES.get(arrays(ops[6])[0][0], 2)
         return ("paged attention (ragged, mosaic)", flops, io_bytes - nbytes(ops[6]) + kv_bytes)
     if target == "tpu_custom_call" and name.startswith("splash_mha"):
-        # the largest result has the queries' shape [..., H, T, d] (fwd: o; fused backward: dq)
-        out = max((dims for _, dims in results), key=math.prod, default=())
-        t = out[-2] if len(out) >= 2 else 0
-        fwd = 4.0 * math.prod(out) * t * 0.5
+        # operands: the masks' block tables (int8), then q [..., H, T, d], k, v, ... (a backward kernel's results
+        # hold per-block partial dq: not the queries' shape)
+        q = next((dims for dt, dims in (arrays(o)[0] for o in ops if arrays(o))
+                  if dt in ("bf16", "f16", "f32") and len(dims) >= 3), ())
+        t = q[-2] if len(q) >= 2 else 0
+        fwd = 4.0 * math.prod(q) * t * 0.5
         if "_fwd" in name:
             return ("splash attention", fwd, io_bytes)
         if "_dkv" in name and len(results) >= 3:
