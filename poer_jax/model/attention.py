@@ -15,7 +15,7 @@ Implementations (``QwenConfig.attention``, config key ``model.attention``):
   chunked  the same arithmetic one block of queries at a time under ``jax.checkpoint``: the scores of one
            [block, T] slice live at once, in the forward and the backward pass (O(block * T) memory, about
            2x dense FLOPs for the masked upper half). Pure XLA, runs everywhere: the memory-efficient
-           path where no fused kernel is available, and the CPU stand-in the plan compiles for GPU targets.
+           path where no fused kernel is available (the plan of a GPU target without cuDNN uses it).
   cudnn    ``jax.nn.dot_product_attention(implementation='cudnn')``: cuDNN's fused flash attention on
            NVIDIA GPUs (O(T) memory). cuDNN's padding mask is a length per row (real tokens first), so rows
            are rotated to put their real tokens first and rotated back after; real tokens must be one

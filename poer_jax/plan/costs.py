@@ -268,6 +268,22 @@ def _upper_bound(comp: _Comp, name: str, comps: dict[str, _Comp], outer: list[tu
         if fused is None or fused.root is None:
             return None
         return _upper_bound(fused, fused.root.name, comps, [*outer, (comp, ins)], depth + 1)
+    if ins.opcode == "get-tuple-element" and ins.operands and not outer:
+        src = comp.instrs.get(ins.operands[0])
+        k = _tuple_index(ins)
+        if src is not None and src.opcode == "parameter" and k is not None:
+            # a loop-invariant element of a while body's state: its value where the loop starts
+            callers = [(c, i) for c in comps.values() for i in c.instrs.values()
+                       if i.opcode == "while" and re.search(rf"body=%{re.escape(comp.name)}\b", i.attrs)]
+            root = comp.root
+            invariant = root is not None and root.opcode == "tuple" and k < len(root.operands) and \
+                comp.instrs.get(root.operands[k]) is ins
+            if len(callers) == 1 and invariant:
+                parent, loop = callers[0]
+                init = parent.instrs.get(loop.operands[0]) if loop.operands else None
+                if init is not None and init.opcode == "tuple" and k < len(init.operands):
+                    return _upper_bound(parent, init.operands[k], comps, [], depth + 1)
+        return None
     if ins.opcode == "parameter" and outer and ins.args.strip().isdigit():
         parent, call = outer[-1]
         i = int(ins.args.strip())
@@ -439,6 +455,8 @@ def fusion_bytes_correction(ins: _Instr, comps: dict[str, _Comp]) -> float:
     fused = comps.get(m.group(1)) if m else None
     if fused is None:
         return 0.0
+    if "kind=kCustom" in ins.attrs and any(i.opcode in ("gather", "scatter") for i in fused.instrs.values()):
+        return 0.0  # XLA costs a custom fusion around a gather / scatter as that gather / scatter already (TPU)
     users: dict[str, list[_Instr]] = {}
     for i in fused.instrs.values():
         for o in i.operands:
