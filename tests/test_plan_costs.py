@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from poer_jax.plan import costs
+from poer_jax.plan import costs, hlo
 from poer_jax.plan.costs import call_cost
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +79,7 @@ def test_a_capped_data_dependent_loop_counts_its_cap() -> None:
 def test_trip_count_from_the_loop_condition() -> None:
     """TPU modules carry no trip-count annotation: the condition i < N with i starting at a constant gives it."""
     text = _compiled(_layers, W, X).as_text()
-    stripped = costs._TRIP.sub('"no_trip_count":{"n":"0"', text)
+    stripped = hlo.TRIP.sub('"no_trip_count":{"n":"0"', text)
     cost = call_cost(stripped)
     assert [(lp.trip, lp.source) for lp in cost.loops] == [(28, "condition")]
     assert cost.flops == pytest.approx(call_cost(text).flops)
@@ -114,8 +114,8 @@ def test_custom_calls_are_priced_by_formula() -> None:
     cost = call_cost(compiled.as_text())
     assert dict(cost.kernels) == {"packed cpu matmul": 1}
     assert cost.flops == pytest.approx(2 * 8 * 256 * 96, rel=0.05)
-    comp = costs._Comp("c", [], {}, None, False)
-    fmha = costs._parse_instr(
+    comp = hlo.Comp("c", [], {}, None, False)
+    fmha = hlo.parse_instr(
         '%a = (bf16[2,2,256,128]{3,1,2,0}, f32[2,2,256]{2,1,0}, u8[0]{0}) custom-call(%q, %k, %v, %l, %l), '
         'custom_call_target="__cudnn$fmhaSoftmax", operand_layout_constraints={bf16[2,256,2,128]{3,2,1,0}, '
         'bf16[2,256,1,128]{3,2,1,0}, bf16[2,256,1,128]{3,2,1,0}, s32[2]{0}, s32[2]{0}}, backend_config={'
@@ -123,7 +123,7 @@ def test_custom_calls_are_priced_by_formula() -> None:
         '"mask_type": "PADDING_CAUSAL"}}')
     kind, flops, _ = costs.price_custom_call(fmha, comp)
     assert kind == "cudnn attention" and flops == 4 * 2 * 2 * 256 * 256 * 128 / 2
-    paged = costs._parse_instr(
+    paged = hlo.parse_instr(
         '%p = (f32[4,16,1,16,128]{4,3,2,1,0}, f32[4,16,1,16]{3,2,1,0}, f32[4,16,1,16]{3,2,1,0}) custom-call(%q, '
         '%k, %v, %t, %n), custom_call_target="__gpu$xla.gpu.triton", operand_layout_constraints={'
         'bf16[4,1,16,128]{3,2,1,0}, bf16[1,272,16,128]{3,2,1,0}, bf16[1,272,16,128]{3,2,1,0}, s32[4,16,1]{2,1,0}, '
@@ -133,7 +133,7 @@ def test_custom_calls_are_priced_by_formula() -> None:
     assert kind == "paged attention (triton)" and flops == 4 * 16 * 128 * 16 * (4 * 16)
     assert nbytes < 2 * 272 * 16 * 128 * 2  # the pages of the tables, not both whole pools
     # splash's fused backward: its largest result is per-block partial dq (9 blocks), the queries are an operand
-    dkv = costs._parse_instr(
+    dkv = hlo.parse_instr(
         '%splash_mha_dkv_segmented_no_residuals.12 = (f32[4,512,128]{2,1,0}, bf16[4,9,12,4608,128]{4,3,2,1,0}, '
         'bf16[4,2,4608,128]{3,2,1,0}, bf16[4,2,4608,128]{3,2,1,0}) custom-call(%m, %n, %q, %k, %v), '
         'custom_call_target="tpu_custom_call", operand_layout_constraints={s8[1,9,9]{2,1,0}, s8[1,9,9]{2,1,0}, '

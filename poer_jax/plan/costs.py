@@ -11,12 +11,9 @@ own (a module with that computation as entry), and
                                                   - xla(body_w) - xla(cond_w)
                   + sum over custom calls k reached from C without entering a loop: formula(k)
 
-Trip counts: XLA's ``known_trip_count`` annotation (GPU, CPU), else the loop condition ``i < N`` with ``i``
-starting at a constant (lax.scan / fori_loop on TPU, whose compiler does not annotate), or ``i < n`` with ``n``
-capped, ``minimum(..., N)``: the cap, the worst case (the decode attention's chunk loop, which stops at the longest
-sequence but reads at most the table). A loop whose exit depends on data otherwise (the decode segment: until every
-sample has finished) is counted once: ``loops`` lists it with its cost per iteration (for the decode segment, one
-decode step).
+Trip counts come from ``plan/hlo.py`` (XLA's annotation, the loop condition, or a count's cap). A loop whose exit
+depends on data (the decode segment: until every sample has finished) is counted once: ``loops`` lists it with its
+cost per iteration (for the decode segment, one decode step).
 
 Custom calls by formula (worst case: every page of a page table attended; causal masks half the scores):
   cuDNN fused attention   fwd 4 B H Tq Tk d x 1/2 (causal), backward 2.5 x that (five matmuls for two)
@@ -43,14 +40,22 @@ import math
 import re
 from typing import Any
 
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
-                "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "s4": 0.5, "u4": 0.5}
-_ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
-_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s")
-_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
-_REF = re.compile(r"%([\w.\-]+)")
-_FRAME = re.compile(r" stack_frame_id=\d+")
-_OP_NAME = re.compile(r'op_name="([^"]*)"')
+from poer_jax.plan.hlo import (
+    ARRAY,
+    DTYPE_BYTES,
+    FRAME,
+    OP_NAME,
+    Comp,
+    Instr,
+    arrays,
+    closing,
+    loop_parts,
+    nbytes,
+    parse_module,
+    reachable,
+    trip_count,
+)
+
 _TARGET = re.compile(r'custom_call_target="([^"]*)"')
 _KERNEL_NAME = re.compile(r'\bname = "([^"]*)"')
 
@@ -91,279 +96,21 @@ class CallCost:
                 "unpriced_custom_calls": list(self.unpriced)}
 
 
-# ---- HLO text -------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class _Instr:
-    name: str
-    shape: str
-    opcode: str
-    operands: list[str]
-    attrs: str
-    root: bool
-    args: str = ""  # the text between the opcode's parentheses (a constant's literal)
-
-
-@dataclasses.dataclass
-class _Comp:
-    name: str
-    lines: list[str]
-    instrs: dict[str, _Instr]
-    root: _Instr | None
-    entry: bool
-
-
-def _closing(s: str, start: int) -> int:
-    """Index of the bracket closing s[start] ('(' or '{'), skipping quoted strings."""
-    open_c = s[start]
-    close_c = {"(": ")", "{": "}", "[": "]"}[open_c]
-    depth, i, quoted = 0, start, False
-    while i < len(s):
-        c = s[i]
-        if quoted:
-            if c == "\\":
-                i += 1
-            elif c == '"':
-                quoted = False
-        elif c == '"':
-            quoted = True
-        elif c == open_c:
-            depth += 1
-        elif c == close_c:
-            depth -= 1
-            if depth == 0:
-                return i
-        i += 1
-    return len(s) - 1
-
-
-def _parse_instr(line: str) -> _Instr | None:
-    text = line.strip()
-    root = text.startswith("ROOT ")
-    if root:
-        text = text[5:]
-    if not text.startswith("%") or " = " not in text:
-        return None
-    name, rest = text[1:].split(" = ", 1)
-    if rest.startswith("("):
-        end = _closing(rest, 0)
-        shape, rest = rest[: end + 1], rest[end + 1 :].lstrip()
-    else:
-        shape, _, rest = rest.partition(" ")
-    paren = rest.find("(")
-    if paren < 0:
-        return None
-    opcode = rest[:paren]
-    end = _closing(rest, paren)
-    operands = _REF.findall(rest[paren + 1 : end])
-    return _Instr(name, shape, opcode, operands, rest[end + 1 :], root, rest[paren + 1 : end])
-
-
-def parse_module(text: str) -> dict[str, _Comp]:
-    """Computations of an HLO module's text by name, each with its instructions (an instruction may span lines:
-    a backend config can hold newlines; a computation ends at a line that is only '}')."""
-    comps: dict[str, _Comp] = {}
-    cur: _Comp | None = None
-    stmt: list[str] = []
-
-    def flush() -> None:
-        if cur is not None and stmt:
-            ins = _parse_instr("\n".join(stmt))
-            if ins is not None:
-                cur.instrs[ins.name] = ins
-                if ins.root:
-                    cur.root = ins
-        stmt.clear()
-
-    for line in text.splitlines():
-        if cur is None:
-            if line and not line.startswith((" ", "HloModule", "//")) and line.rstrip().endswith("{"):
-                m = _HEADER.match(line)
-                if m:
-                    cur = _Comp(m.group(2), [line], {}, None, bool(m.group(1)))
-            continue
-        cur.lines.append(line)
-        if line.rstrip() == "}":
-            flush()
-            comps[cur.name] = cur
-            cur = None
-        elif line.startswith(("  %", "  ROOT %")):
-            flush()
-            stmt.append(line)
-        else:
-            stmt.append(line)
-    return comps
-
-
-def arrays(shape: str) -> list[tuple[str, tuple[int, ...]]]:
-    """(dtype, dims) of every array in a shape string (tuples flattened)."""
-    return [(dt, tuple(int(d) for d in dims.split(",") if d)) for dt, dims in _ARRAY.findall(shape)]
-
-
-def nbytes(shape: str) -> float:
-    return sum(_DTYPE_BYTES.get(dt, 0) * math.prod(dims) for dt, dims in arrays(shape))
-
-
-def _called(comp: _Comp, comps: dict[str, _Comp]) -> list[str]:
-    return [r for ins in comp.instrs.values() for r in _REF.findall(ins.attrs) if r in comps]
-
-
-def _reachable(name: str, comps: dict[str, _Comp], enter_loops: bool = True) -> list[str]:
-    """Computations reached from ``name`` (itself first); without entering while loops when ``enter_loops`` is
-    False (their bodies and conditions are costed apart)."""
-    seen, todo = [name], [name]
-    while todo:
-        comp = comps[todo.pop()]
-        for ins in comp.instrs.values():
-            if ins.opcode == "while" and not enter_loops:
-                continue
-            for r in _REF.findall(ins.attrs):
-                if r in comps and r not in seen:
-                    seen.append(r)
-                    todo.append(r)
-    return seen
-
-
-# ---- loops ----------------------------------------------------------------------------------------------
-def _loop_parts(ins: _Instr) -> tuple[str, str]:
-    cond = re.search(r"condition=%([\w.\-]+)", ins.attrs)
-    body = re.search(r"body=%([\w.\-]+)", ins.attrs)
-    if not cond or not body:
-        raise ValueError(f"while {ins.name}: no condition / body in {ins.attrs[:200]}")
-    return cond.group(1), body.group(1)
-
-
-def _constant(comp: _Comp, name: str) -> int | None:
-    ins = comp.instrs.get(name)
-    while ins is not None and ins.opcode in ("bitcast", "copy", "reshape", "convert") and ins.operands:
-        ins = comp.instrs.get(ins.operands[0])
-    if ins is None or ins.opcode != "constant" or not re.fullmatch(r"-?\d+", ins.args.strip()):
-        return None
-    return int(ins.args.strip())
-
-
-def _upper_bound(comp: _Comp, name: str, comps: dict[str, _Comp], outer: list[tuple[_Comp, _Instr]],
-                 depth: int = 0) -> int | None:
-    """An upper bound of a scalar integer value, when its definition caps it: a constant, minimum(..., capped),
-    select / maximum of capped values, through views and into (and out of) fusions; None otherwise."""
-    ins = comp.instrs.get(name)
-    if ins is None or depth > 32:
-        return None
-    if ins.opcode in ("bitcast", "copy", "reshape", "convert", "broadcast") and ins.operands:
-        return _upper_bound(comp, ins.operands[0], comps, outer, depth + 1)
-    if ins.opcode == "constant":
-        return _constant(comp, name)
-    bounds = [_upper_bound(comp, o, comps, outer, depth + 1) for o in ins.operands] if ins.opcode in (
-        "minimum", "maximum", "select", "clamp") else []
-    if ins.opcode == "minimum":
-        known = [b for b in bounds if b is not None]
-        return min(known) if known else None
-    if ins.opcode in ("maximum", "select"):
-        branches = bounds if ins.opcode == "maximum" else bounds[1:]
-        return None if any(b is None for b in branches) else max(branches)
-    if ins.opcode == "clamp" and len(bounds) == 3:
-        return bounds[2]
-    if ins.opcode == "fusion":
-        m = re.search(r"calls=%([\w.\-]+)", ins.attrs)
-        fused = comps.get(m.group(1)) if m else None
-        if fused is None or fused.root is None:
-            return None
-        return _upper_bound(fused, fused.root.name, comps, [*outer, (comp, ins)], depth + 1)
-    if ins.opcode == "get-tuple-element" and ins.operands and not outer:
-        src = comp.instrs.get(ins.operands[0])
-        k = _tuple_index(ins)
-        if src is not None and src.opcode == "parameter" and k is not None:
-            # a loop-invariant element of a while body's state: its value where the loop starts
-            callers = [(c, i) for c in comps.values() for i in c.instrs.values()
-                       if i.opcode == "while" and re.search(rf"body=%{re.escape(comp.name)}\b", i.attrs)]
-            root = comp.root
-            invariant = root is not None and root.opcode == "tuple" and k < len(root.operands) and \
-                comp.instrs.get(root.operands[k]) is ins
-            if len(callers) == 1 and invariant:
-                parent, loop = callers[0]
-                init = parent.instrs.get(loop.operands[0]) if loop.operands else None
-                if init is not None and init.opcode == "tuple" and k < len(init.operands):
-                    return _upper_bound(parent, init.operands[k], comps, [], depth + 1)
-        return None
-    if ins.opcode == "parameter" and outer and ins.args.strip().isdigit():
-        parent, call = outer[-1]
-        i = int(ins.args.strip())
-        return _upper_bound(parent, call.operands[i], comps, outer[:-1], depth + 1) if i < len(call.operands) \
-            else None
-    return None
-
-
-def _tuple_index(ins: _Instr) -> int | None:
-    m = re.search(r"index=(\d+)", ins.attrs)
-    return int(m.group(1)) if m else None
-
-
-def trip_count(loop: _Instr, parent: _Comp, comps: dict[str, _Comp]) -> tuple[int | None, str]:
-    """(trip count, how it was found) of a while instruction of ``parent`` (module docstring)."""
-    m = _TRIP.search(loop.attrs)
-    if m:
-        return int(m.group(1)), "known_trip_count"
-    cond_name, _ = _loop_parts(loop)
-    cond = comps[cond_name]
-    root = cond.root
-    compare, operands = root, list(root.operands) if root is not None else []
-    if root is not None and root.opcode == "fusion":  # XLA:CPU wraps the compare: read it inside
-        m = re.search(r"calls=%([\w.\-]+)", root.attrs)
-        fused = comps.get(m.group(1)) if m else None
-        compare = fused.root if fused is not None else None
-        if compare is not None and compare.opcode == "compare":
-            params = [fused.instrs.get(o) for o in compare.operands]
-            if not all(p is not None and p.opcode == "parameter" for p in params):
-                return None, "data-dependent"
-            operands = [root.operands[int(p.args)] for p in params]
-    if compare is None or compare.opcode != "compare" or len(operands) != 2:
-        return None, "data-dependent"
-    direction = re.search(r"direction=(\w+)", compare.attrs)
-    a, b = (cond.instrs.get(o) for o in operands)
-    if direction is None or a is None or b is None:
-        return None, "data-dependent"
-    d = direction.group(1)
-    if d in ("GT", "GE"):  # N > i: swap
-        a, b = b, a
-        d = {"GT": "LT", "GE": "LE"}[d]
-    if d not in ("LT", "LE") or a.opcode != "get-tuple-element":
-        return None, "data-dependent"
-    limit = _constant(cond, b.name)
-    k = _tuple_index(a)
-    if k is None or (limit is None and b.opcode != "get-tuple-element"):
-        return None, "data-dependent"
-    init = parent.instrs.get(loop.operands[0]) if loop.operands else None
-    if init is None or init.opcode != "tuple" or k >= len(init.operands):
-        return None, "data-dependent"
-    start = _constant(parent, init.operands[k])
-    if start is None:
-        return None, "data-dependent"
-    extra = 1 if d == "LE" else 0
-    if limit is not None:
-        return max(limit - start + extra, 0), "condition"
-    # i < n with n a loop-carried value: bounded when n = minimum(..., constant) (a data-dependent count with a cap,
-    # as the decode attention's chunk loop: stop at the longest sequence, at most the table's chunks): the cap
-    j = _tuple_index(b) if b.opcode == "get-tuple-element" else None
-    cap = _upper_bound(parent, init.operands[j], comps, []) if j is not None and j < len(init.operands) else None
-    if cap is None:
-        return None, "data-dependent"
-    return max(cap - start + extra, 0), "bound"
-
-
 # ---- custom calls ---------------------------------------------------------------------------------------
-def _operand_shapes(ins: _Instr, comp: _Comp) -> list[str]:
+def _operand_shapes(ins: Instr, comp: Comp) -> list[str]:
     m = re.search(r"operand_layout_constraints=\{", ins.attrs)
     if m:
         start = m.end() - 1
-        body = ins.attrs[start + 1 : _closing(ins.attrs, start)]
-        return [f"{dt}[{dims}]" for dt, dims in _ARRAY.findall(body)]
+        body = ins.attrs[start + 1 : closing(ins.attrs, start)]
+        return [f"{dt}[{dims}]" for dt, dims in ARRAY.findall(body)]
     return [comp.instrs[o].shape if o in comp.instrs else "" for o in ins.operands]
 
 
-def _kernel_name(ins: _Instr) -> str:
+def _kernel_name(ins: Instr) -> str:
     m = _KERNEL_NAME.search(ins.attrs)
     if m:
         return m.group(1)
-    op = _OP_NAME.search(ins.attrs)
+    op = OP_NAME.search(ins.attrs)
     parts = op.group(1).split("/") if op else []
     if parts and parts[-1] == "pallas_call" and len(parts) > 1:
         return re.sub(r"^vmap\((.*)\)$", r"\1", parts[-2])
@@ -380,7 +127,7 @@ def _dims(shape: str) -> tuple[int, ...]:
     return a[0][1] if a else ()
 
 
-def price_custom_call(ins: _Instr, comp: _Comp) -> tuple[str, float, float] | None:
+def price_custom_call(ins: Instr, comp: Comp) -> tuple[str, float, float] | None:
     """(kind, FLOPs, bytes) of a custom call by formula (module docstring), or None when unknown."""
     target_m = _TARGET.search(ins.attrs)
     target = target_m.group(1) if target_m else ""
@@ -410,7 +157,7 @@ def price_custom_call(ins: _Instr, comp: _Comp) -> tuple[str, float, float] | No
         # operands: q [..., rows, hd] (pre-scaled), k / v pool [1, pages, page, hd], -, tables [..., pages]
         q, pool, table = _dims(ops[0]), _dims(ops[1]), _dims(ops[3])
         ctx_pages, page, hd = math.prod(table), pool[-2], q[-1]  # pages over every (row, KV head) instance
-        kv = 2.0 * ctx_pages * page * hd * _DTYPE_BYTES.get(arrays(ops[1])[0][0], 2)
+        kv = 2.0 * ctx_pages * page * hd * DTYPE_BYTES.get(arrays(ops[1])[0][0], 2)
         flops = 4.0 * q[-2] * hd * page * ctx_pages  # each instance's query rows (q[-2]) against its pages
         return ("paged attention (triton)", flops, io_bytes - nbytes(ops[1]) - nbytes(ops[2]) + kv)
     if target == "tpu_custom_call" and name == "poer_ragged_paged_attention":
@@ -418,7 +165,7 @@ def price_custom_call(ins: _Instr, comp: _Comp) -> tuple[str, float, float] | No
         pages, q, kv = _dims(ops[1]), _dims(ops[5]), _dims(ops[6])
         ctx = math.prod(pages) // max(pages[0], 1) * kv[1]
         flops = 4.0 * math.prod(q) * ctx
-        kv_bytes = math.prod(pages) * kv[1] * kv[2] * kv[3] * _DTYPE_BYTES.get(arrays(ops[6])[0][0], 2)
+        kv_bytes = math.prod(pages) * kv[1] * kv[2] * kv[3] * DTYPE_BYTES.get(arrays(ops[6])[0][0], 2)
         return ("paged attention (ragged, mosaic)", flops, io_bytes - nbytes(ops[6]) + kv_bytes)
     if target == "tpu_custom_call" and name.startswith("splash_mha"):
         # operands: the masks' block tables (int8), then q [..., H, T, d], k, v, ... (a backward kernel's results
@@ -436,7 +183,7 @@ def price_custom_call(ins: _Instr, comp: _Comp) -> tuple[str, float, float] | No
     return None
 
 
-def _through_views(fused: _Comp, users: dict[str, list[_Instr]], name: str) -> list[tuple[_Instr, str]]:
+def _through_views(fused: Comp, users: dict[str, list[Instr]], name: str) -> list[tuple[Instr, str]]:
     """The users of ``name`` in a fused computation, looking through bitcasts and reshapes: (user, operand name)."""
     out = []
     for u in users.get(name, []):
@@ -447,7 +194,7 @@ def _through_views(fused: _Comp, users: dict[str, list[_Instr]], name: str) -> l
     return out
 
 
-def fusion_bytes_correction(ins: _Instr, comps: dict[str, _Comp]) -> float:
+def fusion_bytes_correction(ins: Instr, comps: dict[str, Comp]) -> float:
     """What to add to XLA's bytes accessed for a fusion: XLA counts a fused parameter that only feeds gathers as
     read whole, and a fused in-place scatter as reading and writing its whole operand (a KV pool per decode step);
     unfused, it counts a gather's output and 3 x a scatter's updates, as here."""
@@ -457,7 +204,7 @@ def fusion_bytes_correction(ins: _Instr, comps: dict[str, _Comp]) -> float:
         return 0.0
     if "kind=kCustom" in ins.attrs and any(i.opcode in ("gather", "scatter") for i in fused.instrs.values()):
         return 0.0  # XLA costs a custom fusion around a gather / scatter as that gather / scatter already (TPU)
-    users: dict[str, list[_Instr]] = {}
+    users: dict[str, list[Instr]] = {}
     for i in fused.instrs.values():
         for o in i.operands:
             users.setdefault(o, []).append(i)
@@ -486,7 +233,7 @@ _FREE_CUSTOM_CALLS = ("AllocateBuffer", "AssumeGatherIndicesInBound", "GatherSca
 
 
 # ---- the walk -------------------------------------------------------------------------------------------
-def _module_text(comps: dict[str, _Comp], names: list[str], entry: str) -> str:
+def _module_text(comps: dict[str, Comp], names: list[str], entry: str) -> str:
     order = [n for n in comps if n in names]
     out = ["HloModule sub", ""]
     for n in order:
@@ -503,7 +250,7 @@ def _xla_cost(text: str) -> tuple[float, float]:
     from jaxlib import _hlo
 
     client = jax.local_devices(backend="cpu")[0].client
-    module = _hlo.hlo_module_from_text(_FRAME.sub("", text))  # no stack-frame table: drop its ids
+    module = _hlo.hlo_module_from_text(FRAME.sub("", text))  # no stack-frame table: drop its ids
     cost = xla_client._xla.hlo_module_cost_analysis(client, module)
     return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
 
@@ -522,14 +269,14 @@ def call_cost(hlo_text: str) -> CallCost:
 
     def xla_once(name: str) -> tuple[float, float]:
         if name not in once:
-            once[name] = _xla_cost(_module_text(comps, _reachable(name, comps), name))
+            once[name] = _xla_cost(_module_text(comps, reachable(name, comps), name))
         return once[name]
 
     def per_call(name: str, mult: float) -> tuple[float, float]:
         if name in memo:
             return memo[name]
         flops, nbytes_ = xla_once(name)
-        for cname in _reachable(name, comps, enter_loops=False):
+        for cname in reachable(name, comps, enter_loops=False):
             comp = comps[cname]
             for ins in comp.instrs.values():
                 if ins.opcode == "fusion":
@@ -547,7 +294,7 @@ def call_cost(hlo_text: str) -> CallCost:
                     flops += f + 1.0  # XLA counts a custom call as -1
                     nbytes_ += b + 1.0
                 elif ins.opcode == "while":
-                    cond, body = _loop_parts(ins)
+                    cond, body = loop_parts(ins)
                     trip, source = trip_count(ins, comp, comps)
                     n = 1 if trip is None else trip
                     bf, bb = per_call(body, mult * n)
@@ -556,7 +303,7 @@ def call_cost(hlo_text: str) -> CallCost:
                     of_c, ob_c = xla_once(cond)
                     flops += n * bf + (n + 1) * cf - of_b - of_c
                     nbytes_ += n * bb + (n + 1) * cb - ob_b - ob_c
-                    op = _OP_NAME.search(ins.attrs)
+                    op = OP_NAME.search(ins.attrs)
                     loops.append(LoopCost(op.group(1) if op else ins.name, trip, source, bf + cf, bb + cb))
         memo[name] = (flops, nbytes_)
         return memo[name]
