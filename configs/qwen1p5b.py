@@ -2,10 +2,10 @@
 
 Mixed precision as configs/qwen7b.py (float32 master weights and Adam moments, bfloat16 matmuls), micro-batches
 of 4 rows (576 / 144), at most 256 samples decoded at once, a KV pool of 15 % of what the rollout leaves. What it
-fits, measured by ``scripts/plan.py`` (docs/benchmarks.md, "Will it fit?"): one TPU v5p chip (resident 38.8 GB:
-train state 21.3, reference and sampler weights 3.6 each, KV pool 10.3; largest peak the update step, 54.4 of
-96.9 GB usable) and one H100-80GB (estimate from the CPU-compiled programs: decode 71.7 of 76.0 GB). The update
-step alone peaks at ~47-54 GB: a 40 or 48 GB device does not fit it.
+fits, measured by ``scripts/plan.py`` (docs/gpu-plan.md): one TPU v5p chip (resident 38.8 GB: train state 21.3,
+reference and sampler weights 3.6 each, KV pool 10.3; largest peak the update step, 54.3 of 96.9 GB usable) and one
+H100-80GB (XLA:GPU's own programs: resident 35.7 GB, largest peak the update step, 47.1 of 76.0 GB). The update step
+alone peaks at ~47-54 GB: a 40 or 48 GB device does not fit it.
 """
 
 from pathlib import Path

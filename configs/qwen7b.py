@@ -4,9 +4,10 @@ G 6, temperature 0.7, max length 4096, L 300 (set cache.truncation_fraction=0.5 
 0.5 x shortest-response variant), length-aware reward alpha 0.01, m 0.5, M 1, epsilon 0.1, FSDP over 8 devices.
 float32 master weights and Adam moments with bfloat16 matmuls, remat, splash / cuDNN attention; training over
 fsdp 4 x tensor 2, rollout in 4 data-parallel groups of 2 devices. Fits 8 chips of >= 32 GiB (``scripts/plan.py``,
-docs/benchmarks.md: TPU v5p-8, largest peak the decode step, 60.1 of 96.9 GB usable per chip; v6e-8, the update
-step, 32.0 of 32.6 GB); not one chip (v5e-1: the train state alone is 91 GB), not 16 GiB chips (v5e-8: exit 1).
-The same settings with LoRA adapters fit a v5e-8: configs/qwen7b_lora.py (docs/lora.md).
+docs/benchmarks.md and docs/gpu-plan.md: TPU v5p-8, largest peak the prefill, 42.1 of 96.9 GB usable per chip; v6e-8,
+the update step, 32.0 of 32.6 GB; 8 x H100-80GB, the prefill, 36.0 of 76.0 GB); not one chip (v5e-1, one H100: the
+train state alone is 91 GB); not 16 GiB chips (v5e-8: exit 1). The same settings with LoRA adapters fit a v5e-8:
+configs/qwen7b_lora.py (docs/lora.md).
 
     python -m poer_jax.train --config=configs/qwen7b.py --config.model.path=/models/DeepSeek-R1-Distill-Qwen-7B \
         --config.data.train_path=/data/open-rs/train.parquet

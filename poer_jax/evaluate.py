@@ -107,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.k is not None and args.k < 1:
         ap.error("--k must be >= 1")
+    from poer_jax.platforms import use_present_platforms
+
+    use_present_platforms()  # libtpu / the CUDA plugin installed without their hardware: do not start them
 
 
     from poer_jax.eval.evaluator import eval_key, evaluate

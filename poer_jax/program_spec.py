@@ -30,6 +30,10 @@ class ProgramSpec:
         any program passes for it; the program's other arguments are its own (transient) memory.
     released: resident buffers the run frees while this program runs (the trainer drops the sampler's
         weights and KV pool for the log-prob pass and the update: ``ROLLOUT_BUFFERS``).
+    dims: the work of one call, for pricing a training step from per-call costs (``plan/step_cost.py``):
+        prefill {'devices', 'prompts' (per device), 'prompt_tokens'}; decode {'devices', 'slots' (per device,
+        one token each per decode step), 'context_tokens' (a slot's page-table capacity)}; log-probs and update
+        {'rows', 'seq_len'} over all devices.
     """
 
     name: str
@@ -41,6 +45,7 @@ class ProgramSpec:
     note: str = ""
     resident: dict[str, int | str] = dataclasses.field(default_factory=dict)
     released: tuple[str, ...] = ()
+    dims: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 # Names of the resident buffers, shared by every part's program specs.

@@ -192,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     model.add_argument("--model-path", default=None, help="a local HF model directory (its own tokenizer)")
     ap.add_argument("--dtype", default=None, choices=("float32", "bfloat16"), help="weights and compute dtype")
     args, rest = ap.parse_known_args(argv)
+    from poer_jax.platforms import use_present_platforms
+
+    use_present_platforms()  # the test extra's libtpu / CUDA plugin without their hardware: not started
 
     from poer_jax.system.config import ConfigError, apply_overrides, load_config_file, validate
 

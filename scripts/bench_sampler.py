@@ -352,6 +352,9 @@ def main(argv: list[str] | None = None) -> dict:
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: a.threads])
     if a.vs_hf:  # torch shares the accelerator: no up-front grab of 75 % of its memory
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    from poer_jax.platforms import use_present_platforms
+
+    use_present_platforms()  # the test extra's libtpu / CUDA plugin without their hardware: not started
     import jax
     import numpy as np
 

@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-abs", type=float, default=None, help="override the max |Δlogit| tolerance")
     ap.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     args = ap.parse_args(argv)
+    from poer_jax.platforms import use_present_platforms
+
+    use_present_platforms()  # the test extra's libtpu / CUDA plugin without their hardware: not started
 
     import jax.numpy as jnp
     import torch

@@ -1,9 +1,11 @@
 """Will a config fit a target? Compile its programs for the target's devices and report memory and cost.
 
     JAX_PLATFORMS=cpu python scripts/plan.py --config=configs/qwen7b.py --target=tpu-v5p-8 [--json F]
+    JAX_PLATFORMS=cpu python scripts/plan.py --config=configs/qwen7b.py --target=h100-80gb-8 [--json F]
 
-See ``poer_jax/plan/cli.py``. Host CPU devices for GPU / cpu-N targets must exist before JAX starts, so the
-target is read here first.
+See ``poer_jax/plan/cli.py``. TPU and GPU targets compile for the real chips through libtpu and JAX's CUDA plugin
+(``JAX_PLATFORMS=cpu``: neither opens a device); host CPU devices for cpu-N targets must exist before JAX starts, so
+the target is read here first.
 """
 
 import os

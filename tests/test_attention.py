@@ -58,6 +58,19 @@ def test_cudnn_call_matches_dense() -> None:
     _check(lambda q, k, v, m: A.cudnn_attention(q, k, v, m, implementation="xla"), T=20, hd=16)
 
 
+def test_cudnn_call_per_shard_matches_dense_on_a_mesh() -> None:
+    """On a mesh the cuDNN call runs per shard (batch over data / fsdp, heads over tensor), as splash does: its own
+    partitioning rule fails under the sampler's partly manual shard_map. Run through XLA on 8 CPU devices."""
+    from poer_jax.model.sharding import make_mesh
+
+    mesh = make_mesh({"data": 1, "fsdp": 3, "tensor": 2}, jax.devices()[:6])  # 3 rows, 4 / 2 heads: both divide
+    local = lambda q, k, v, m: A.cudnn_attention(q, k, v, m, implementation="xla")  # noqa: E731
+    with jax.set_mesh(mesh):
+        _check(lambda q, k, v, m: A._per_shard(local, q, k, v, m), T=20, hd=16)
+        text = jax.jit(lambda q, k, v, m: A._per_shard(local, q, k, v, m)).lower(*_inputs(20, 16)).as_text()
+    assert "shard_map" in text or "manual" in text
+
+
 def test_splash_matches_dense_in_interpret_mode() -> None:
     # the Pallas TPU kernel in interpret mode; T = 20 is padded to one 128-token tile
     _check(lambda q, k, v, m: A.splash_attention(q, k, v, m, interpret=True), T=20, hd=128, tol=2e-5)

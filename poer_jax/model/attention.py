@@ -15,11 +15,14 @@ Implementations (``QwenConfig.attention``, config key ``model.attention``):
   chunked  the same arithmetic one block of queries at a time under ``jax.checkpoint``: the scores of one
            [block, T] slice live at once, in the forward and the backward pass (O(block * T) memory, about
            2x dense FLOPs for the masked upper half). Pure XLA, runs everywhere: the memory-efficient
-           path where no fused kernel is available, and the CPU stand-in the plan compiles for GPU targets.
+           path where no fused kernel is available (the plan of a GPU target without cuDNN uses it).
   cudnn    ``jax.nn.dot_product_attention(implementation='cudnn')``: cuDNN's fused flash attention on
            NVIDIA GPUs (O(T) memory). cuDNN's padding mask is a length per row (real tokens first), so rows
            are rotated to put their real tokens first and rotated back after; real tokens must be one
-           contiguous run per row (any left / right padding).
+           contiguous run per row (any left / right padding). Run per shard inside ``jax.shard_map`` as
+           splash is (below): JAX's own partitioning rule for the cuDNN call fails under a partly manual mesh
+           (the sampler's shard_map over the batch axes with ``tensor`` > 1: "'GSPMDSharding' object has no
+           attribute 'spec'").
   splash   Pallas splash attention (``jax.experimental.pallas.ops.tpu.splash_attention``) on TPU, inside
            ``jax.shard_map`` over the mesh set with ``jax.set_mesh`` (batch over the data / fsdp axes, heads
            over tensor, where they divide). The padding mask is given as segment ids (real tokens 1,
@@ -141,6 +144,20 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     return _rotate_rows(out, (T - first) % T)
 
 
+def _per_shard(fn: Any, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """``fn(q, k, v, mask)`` ([B, T, H, hd] layout) on each shard of the mesh set with ``jax.set_mesh``: batch over
+    the data / fsdp axes and heads over ``tensor`` where they divide, or ``fn`` itself without a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return fn(q, k, v, mask)
+    batch = _axes_dividing(mesh, _BATCH_AXES, q.shape[0])
+    heads = _axes_dividing(mesh, (_HEAD_AXIS,), k.shape[2]) if _axes_dividing(mesh, (_HEAD_AXIS,), q.shape[2]) \
+        else None
+    spec = P(batch, None, heads, None)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec, spec, P(batch, None)), out_specs=spec,
+                         check_vma=False)(q, k, v, mask)
+
+
 def _splash_block(T: int) -> int:
     for b in (_SPLASH_BLOCK, 256, 128):
         if T % b == 0:
@@ -209,5 +226,5 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: s
     if impl == "chunked":
         return chunked_attention(q, k, v, mask)
     if impl == "cudnn":
-        return cudnn_attention(q, k, v, mask).astype(v.dtype)
+        return _per_shard(cudnn_attention, q, k, v, mask).astype(v.dtype)
     return splash_attention(q, k, v, mask, interpret=platform == "cpu").astype(v.dtype)

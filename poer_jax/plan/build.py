@@ -9,6 +9,7 @@ target and returns the ``PlanReport``. Only those two functions' signatures are 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import ml_collections
@@ -17,6 +18,7 @@ from jax.sharding import Mesh
 from poer_jax.model.config import QwenConfig
 from poer_jax.plan.compile import compile_program, spec_arg, target_devices
 from poer_jax.plan.report import PlanReport, build_report
+from poer_jax.plan.step_cost import price_steps
 from poer_jax.plan.targets import GB, Target
 from poer_jax.program_spec import RESIDENT_CACHE_POOL, ProgramSpec
 from poer_jax.rl.batch import LENGTH_MULTIPLE, length_ladder
@@ -66,28 +68,21 @@ def program_specs(cfg: ml_collections.ConfigDict, mcfg: QwenConfig, mesh: Mesh, 
     return specs, extra, notes
 
 
-def config_for_target(cfg: ml_collections.ConfigDict, target: Target) -> ml_collections.ConfigDict:
-    """The config as it runs on ``target``: a GPU target is compiled on host CPU devices, where
-    ``rollout.matmul_kernel=auto`` would pick the packed CPU kernel; on the GPU it is XLA's dot."""
-    if target.platform == "gpu" and cfg.rollout.matmul_kernel == "auto":
-        return apply_overrides(cfg, ["rollout.matmul_kernel=xla"])
-    return cfg
-
-
 def target_programs(cfg: ml_collections.ConfigDict, target: Target, *, num_questions: int | None = None,
                     memory_fraction: float = 0.95
                     ) -> tuple[Mesh, QwenConfig, str, list[ProgramSpec], dict[str, Any], list[str]]:
     """The run of ``cfg`` assembled abstractly for ``target``: (mesh, model shapes, where the shapes came from,
-    ``program_specs``'s programs, resident buffers and notes), nothing compiled."""
-    cfg = config_for_target(cfg, target)
+    ``program_specs``'s programs, resident buffers and notes), nothing compiled. The target's devices are the
+    ones the programs are built for (a GPU target's are CUDA topology devices), so every code-path choice is the
+    target's own."""
     mcfg, shape_note = model_shapes(cfg)
-    if target.platform == "gpu" and mcfg.attention == "auto":
-        mcfg = mcfg.replace(attention="chunked")  # compiled on CPU: cuDNN's O(T) stand-in, not CPU's dense
-    mesh = mesh_for(cfg, target_devices(target))
+    devices = target_devices(target)
+    cfg, mesh_note = mesh_on_fewer_devices(cfg, len(devices))
+    mesh = mesh_for(cfg, devices)
     check_batch_layout(cfg, mesh)
     n_q = num_questions or _count_questions(cfg) or OPEN_RS_QUESTIONS
     specs, extra, notes = program_specs(cfg, mcfg, mesh, n_q, target.chip.memory_bytes * memory_fraction)
-    return mesh, mcfg, shape_note, specs, extra, notes
+    return mesh, mcfg, shape_note, specs, extra, [*notes, *mesh_note, *_gpu_notes(target, mcfg, devices)]
 
 
 def plan_config(cfg: ml_collections.ConfigDict, target: Target, *, num_questions: int | None = None,
@@ -96,18 +91,15 @@ def plan_config(cfg: ml_collections.ConfigDict, target: Target, *, num_questions
     """Compile the config's programs for ``target`` and judge the fit (``report.py``)."""
     mesh, mcfg, shape_note, specs, extra, notes = target_programs(cfg, target, num_questions=num_questions,
                                                                   memory_fraction=memory_fraction)
+    cfg, _ = mesh_on_fewer_devices(cfg, mesh.size)  # the config as planned (its steps are priced below)
     if programs:
         unknown = set(programs) - {s.name for s in specs}
         if unknown:
             raise ConfigError(f"unknown program(s) {sorted(unknown)}; known: {[s.name for s in specs]}")
     notes = [shape_note, f"mesh {dict(mesh.shape)}, attention {mcfg.attention}", *notes,
-             "TFLOP / GB accessed / roofline are XLA's cost analysis, which counts a loop body once: they are per "
-             "iteration of the outer loops (one layer of the layer scan, one micro-batch, one decode step), not "
-             "per call"]
-    if target.platform == "gpu":
-        notes.append(f"{target.chip.name}: estimate from programs compiled for {target.num_devices} host CPU "
-                     "device(s) on the same mesh (XLA:CPU buffer assignment; the CPU stand-in of cuDNN attention is "
-                     "the chunked path)")
+             "TFLOP / GB accessed / roofline are per call and per device: loop bodies times their trip counts, "
+             "custom-call kernels by formula (plan/costs.py); a loop whose exit depends on data is counted once "
+             "(the decode segment: one decode step)"]
     costs = []
     for spec in specs:
         if programs and spec.name not in programs:
@@ -118,9 +110,49 @@ def plan_config(cfg: ml_collections.ConfigDict, target: Target, *, num_questions
         if log:
             log(f"  done in {costs[-1].compile_seconds:.0f}s: temp {costs[-1].temp_bytes / GB:.2f} GB")
     kept = [s for s in specs if not programs or s.name in programs]
+    steps = price_steps(cfg, mcfg, mesh.size, kept, costs, target.chip)
+    if steps:
+        notes.append("step: the config's longest step (plan/step_cost.py), priced per device at each program's "
+                     "roofline; a decode step attends its whole page table in both figures")
     # every program's resident arguments count, compiled or not
     return build_report(target, kept, costs, extra_resident=_resident_of_skipped(specs, kept, extra),
-                        memory_fraction=memory_fraction, notes=notes)
+                        memory_fraction=memory_fraction, notes=notes, device_kind=mesh.devices.flat[0].device_kind,
+                        compiler=compiler_name(target), steps=steps)
+
+
+def mesh_on_fewer_devices(cfg: ml_collections.ConfigDict, available: int) -> tuple[ml_collections.ConfigDict,
+                                                                                  list[str]]:
+    """A config whose fixed mesh needs more devices than the target has is planned with its state sharded over
+    the devices there are (fsdp), so the verdict names what does not fit (exit 1) rather than only the mesh; the
+    note says so. Otherwise the config as it is."""
+    m = cfg.mesh
+    sizes = [s for s in (m.data, m.fsdp, m.tensor) if s != -1]
+    need = m.num_devices or math.prod(sizes)
+    if -1 in (m.data, m.fsdp, m.tensor) or need <= available:
+        return cfg, []
+    note = (f"config section 'mesh' (data {m.data} x fsdp {m.fsdp} x tensor {m.tensor}) needs {need} devices, the "
+            f"target has {available}: planned with mesh.fsdp={available} (data 1, tensor 1) instead")
+    return apply_overrides(cfg, ["mesh.data=1", f"mesh.fsdp={available}", "mesh.tensor=1", "mesh.num_devices=0"]), \
+        [note]
+
+
+def compiler_name(target: Target) -> str:
+    """What compiled the plan's programs."""
+    from poer_jax.plan.gpu import COMPILER
+
+    return {"gpu": COMPILER, "tpu": "XLA:TPU (libtpu), compiled"}.get(target.platform, "XLA:CPU, compiled")
+
+
+def _gpu_notes(target: Target, mcfg: QwenConfig, devices: list[Any]) -> list[str]:
+    if target.platform != "gpu":
+        return []
+    from poer_jax.plan.compile import PlanError
+    from poer_jax.plan.gpu import GpuPlanError, gpu_notes
+
+    try:
+        return gpu_notes(target, mcfg, devices)
+    except GpuPlanError as e:
+        raise PlanError(str(e)) from None
 
 
 def _resident_of_skipped(specs: list[ProgramSpec], kept: list[ProgramSpec], extra: dict[str, Any]) -> dict[str, Any]:

@@ -2,9 +2,10 @@
 
 Compiles the config's programs for the target (nothing runs, nothing is allocated) and prints per program
 and per device: arguments / outputs / aliases / temporaries, the peak with the resident set against the
-target's memory, FLOPs, bytes accessed, roofline time, compile time and the number of shapes a run
-compiles. Exit status: 0 when every program fits, 1 when one does not (named, with the config keys that size
-it), 2 for a bad command line, config or target.
+target's memory, FLOPs, bytes accessed and roofline time per call, compile time and the number of shapes a run
+compiles; then a GRPO and a POER step priced from those calls next to the analytic projection. Exit status: 0
+when every program fits, 1 when one does not (named, with the config keys that size it), 2 for a bad command
+line, config or target, or a compiler that is not installed (the message says how to install it).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ EXIT_FITS, EXIT_DOES_NOT_FIT, EXIT_ERROR = 0, 1, 2
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     ap = argparse.ArgumentParser(prog="plan.py", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--target", required=True, help="e.g. tpu-v5p-8, tpu-v6e-8, h100-80gb-1, cpu-8")
+    ap.add_argument("--target", required=True,
+                    help="e.g. tpu-v5p-8, tpu-v6e-8, h100-80gb-1, h200-141gb-8, '2x h100-80gb-8', cpu-8")
     ap.add_argument("--json", default=None, help="also write the report as JSON to this file")
     ap.add_argument("--memory-fraction", type=float, default=0.95,
                     help="usable share of each device's memory (runtime reservations, fragmentation)")

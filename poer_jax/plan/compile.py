@@ -1,11 +1,11 @@
 """Compile a ``ProgramSpec`` for a target and read the compiled program's per-device memory and cost.
 
-TPU targets compile for the real chip on any host through ``jax.experimental.topologies`` (libtpu, the
-``tpu`` extra): the devices of a slice exist without the hardware, and ``jit(...).lower(...).compile()``
-runs TPU's own compiler. GPU and ``cpu-N`` targets compile for N host CPU devices (set
-``--xla_force_host_platform_device_count`` before JAX starts; ``scripts/plan.py`` does). Lowering runs
-under ``jax.set_mesh`` so that mesh-aware code (splash attention's ``shard_map``, Mosaic's device kind)
-sees the target's devices.
+TPU and GPU targets compile for the real chip on any host through ``jax.experimental.topologies`` (TPU:
+libtpu, the ``tpu`` extra; GPU: JAX's CUDA plugin, ``plan/gpu.py``): the devices of a slice exist without the
+hardware, and ``jit(...).lower(...).compile()`` runs the target's own compiler. ``cpu-N`` targets compile for N
+host CPU devices (set ``--xla_force_host_platform_device_count`` before JAX starts; ``scripts/plan.py`` does).
+Lowering runs under ``jax.set_mesh`` so that mesh-aware code (splash attention's ``shard_map``, Mosaic's device
+kind, the attention and KV-layout choices) sees the target's devices. Costs per call: ``plan/costs.py``.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any
 import jax
 from jax.sharding import Mesh
 
+from poer_jax.plan.costs import CallCost, call_cost
 from poer_jax.plan.targets import Target
 from poer_jax.program_spec import ProgramSpec
 
@@ -28,7 +29,14 @@ class PlanError(RuntimeError):
 
 
 def target_devices(target: Target) -> list[Any]:
-    """The devices of ``target``: a TPU topology's (abstract) devices, or host CPU devices."""
+    """The devices of ``target``: a TPU or GPU topology's (abstract) devices, or host CPU devices."""
+    if target.platform == "gpu":
+        from poer_jax.plan.gpu import GpuPlanError, gpu_devices
+
+        try:
+            return gpu_devices(target)
+        except GpuPlanError as e:
+            raise PlanError(str(e)) from None
     if target.platform == "tpu":
         try:
             import libtpu  # noqa: F401
@@ -53,7 +61,8 @@ def target_devices(target: Target) -> list[Any]:
 
 @dataclasses.dataclass(frozen=True)
 class CompiledCost:
-    """Per-device numbers of one compiled program (``memory_analysis`` / ``cost_analysis``)."""
+    """Per-device numbers of one compiled program: memory from ``memory_analysis()``; FLOPs and bytes accessed
+    per call from ``plan/costs.py`` (loop bodies times their trip counts, custom-call kernels by formula)."""
 
     argument_bytes: int
     output_bytes: int
@@ -63,6 +72,13 @@ class CompiledCost:
     bytes_accessed: float
     compile_seconds: float
     error: str | None = None  # the compiler refused the program (TPU: out of HBM); sizes then are its estimate
+    calls: CallCost | None = None  # how flops / bytes_accessed were counted (loops, kernels)
+
+    def to_json(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "calls"}
+        if self.calls is not None:
+            out["cost_per_call"] = self.calls.to_json()
+        return out
 
 
 _SIZE = re.compile(r"\(([0-9.]+)([KMGT])\)")
@@ -81,13 +97,6 @@ def _out_of_memory(e: Exception, seconds: float) -> CompiledCost | None:
                         flops=0.0, bytes_accessed=0.0, compile_seconds=seconds, error=line.strip()[:500])
 
 
-def _cost(compiled: Any) -> dict[str, float]:
-    cost = compiled.cost_analysis()
-    if isinstance(cost, list | tuple):  # older JAX: one dict per computation
-        cost = cost[0] if cost else {}
-    return dict(cost or {})
-
-
 def compile_program(spec: ProgramSpec, mesh: Mesh) -> CompiledCost:
     """Lower and compile ``spec`` under ``jax.set_mesh(mesh)``; nothing is allocated or run."""
     t0 = time.perf_counter()
@@ -101,12 +110,11 @@ def compile_program(spec: ProgramSpec, mesh: Mesh) -> CompiledCost:
         return oom
     seconds = time.perf_counter() - t0
     mem = compiled.memory_analysis()
-    cost = _cost(compiled)
+    calls = call_cost(compiled.as_text())
     return CompiledCost(
         argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
         alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
-        flops=float(cost.get("flops", 0.0)), bytes_accessed=float(cost.get("bytes accessed", 0.0)),
-        compile_seconds=seconds)
+        flops=calls.flops, bytes_accessed=calls.bytes_accessed, compile_seconds=seconds, calls=calls)
 
 
 def spec_arg(spec: ProgramSpec, where: int | str) -> Any:

@@ -14,16 +14,20 @@ program's ``memory_analysis()``, and each resident buffer counted once, at the l
 passes for it (``ProgramSpec.resident``). A program fits when its peak is at most ``memory_fraction`` of the
 chip's memory. A TPU compile that runs out of HBM does not fit; its peak is then the resident set plus the
 temporaries the compiler asked for (arguments and outputs unknown). The roofline time is
-max(FLOPs / peak FLOP/s, bytes accessed / bandwidth) per device.
+max(FLOPs / peak FLOP/s, bytes accessed / bandwidth) per device and per call, with FLOPs and bytes per call from
+``plan/costs.py`` (loops times their trip counts; a loop whose exit depends on data, like the decode segment's,
+counted once: one decode step). ``steps``: a GRPO and a POER step priced from these calls (``plan/step_cost.py``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 from poer_jax.model.sharding import device_bytes
 from poer_jax.plan.compile import CompiledCost, spec_arg
+from poer_jax.plan.step_cost import step_lines
 from poer_jax.plan.targets import GB, Target, roofline_seconds
 from poer_jax.program_spec import ProgramSpec
 
@@ -44,7 +48,7 @@ class ProgramReport:
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "note": self.note, "sizing_keys": list(self.sizing_keys),
-                "num_shapes": self.num_shapes, **dataclasses.asdict(self.cost),
+                "num_shapes": self.num_shapes, **self.cost.to_json(),
                 "resident_args_bytes": self.resident_args_bytes, "peak_bytes": self.peak_bytes,
                 "roofline_s": self.roofline_s, "fits": self.fits}
 
@@ -57,6 +61,9 @@ class PlanReport:
     programs: list[ProgramReport]
     notes: list[str]
     memory_fraction: float
+    device_kind: str = ""
+    compiler: str = ""
+    steps: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     @property
     def resident_bytes(self) -> int:
@@ -82,31 +89,58 @@ class PlanReport:
     def to_json(self) -> dict[str, Any]:
         t = self.target
         return {"target": t.name, "chip": t.chip.name, "num_devices": t.num_devices, "platform": t.platform,
+                "device_kind": self.device_kind, "compiler": self.compiler, "topology": t.topology,
                 "memory_per_device_bytes": t.chip.memory_bytes, "memory_fraction": self.memory_fraction,
                 "usable_bytes": self.usable_bytes, "resident_bytes": self.resident, "fits": self.fits,
-                "programs": [p.to_json() for p in self.programs], "notes": self.notes}
+                "programs": [p.to_json() for p in self.programs], "steps": self.steps, "notes": self.notes}
 
     def table(self) -> str:
         t = self.target
-        lines = [f"target {t.name}: {t.num_devices} x {t.chip.name}, {t.chip.memory_bytes / GB:.1f} GB per device "
-                 f"({self.usable_bytes / GB:.1f} GB usable at {self.memory_fraction:.0%})",
+        kind = f" ({self.device_kind}; {self.compiler})" if self.device_kind else ""
+        lines = [f"target {t.name}: {t.num_devices} x {t.chip.name}{kind}, {t.chip.memory_bytes / GB:.1f} GB per "
+                 f"device ({self.usable_bytes / GB:.1f} GB usable at {self.memory_fraction:.0%})",
                  "resident set per device: " + ", ".join(f"{k} {v / GB:.2f} GB" for k, v in self.resident.items())
                  + f" = {self.resident_bytes / GB:.2f} GB"]
         head = (f"{'program':<16}{'args GB':>9}{'out GB':>8}{'alias GB':>9}{'temp GB':>9}{'peak GB':>9}"
-                f"{'of mem':>8}{'TFLOP':>9}{'GB acc':>8}{'roofline':>10}{'shapes':>8}{'compile':>9}  fits")
+                f"{'of mem':>8}{'TFLOP':>11}{'GB acc':>10}{'roofline':>11}{'shapes':>8}{'compile':>9}  fits")
         lines += [head, "-" * len(head)]
         for p in self.programs:
             c = p.cost
             lines.append(
                 f"{p.name:<16}{c.argument_bytes / GB:>9.2f}{c.output_bytes / GB:>8.2f}{c.alias_bytes / GB:>9.2f}"
                 f"{c.temp_bytes / GB:>9.2f}{p.peak_bytes / GB:>9.2f}{p.peak_bytes / t.chip.memory_bytes:>8.0%}"
-                f"{c.flops / 1e12:>9.2f}{c.bytes_accessed / GB:>8.1f}{p.roofline_s * 1e3:>8.1f}ms"
+                f"{c.flops / 1e12:>11.2f}{c.bytes_accessed / GB:>10.1f}{p.roofline_s * 1e3:>9.1f}ms"
                 f"{p.num_shapes:>8}{c.compile_seconds:>8.0f}s  {'yes' if p.fits else 'NO'}")
-        lines += [f"  {p.name}: {p.note}" for p in self.programs]
+        lines += [f"  {p.name}: {p.note}" + _counting(p.cost) for p in self.programs]
+        lines += [f"step: {line}" for line in step_lines(self.steps)]
         lines += [f"note: {n}" for n in self.notes]
         lines.append("verdict: every program fits" if self.fits else "verdict: DOES NOT FIT\n" + "\n".join(
             self.failures()))
         return "\n".join(lines)
+
+
+def loop_label(op_name: str) -> str:
+    """A loop's place from its op_name: the last named frame around it ('jvp()', 'shard_map', 'update_step')."""
+    skip = {"while", "body", "cond", "closed_call"}
+    names = [re.sub(r"^jit\((.*)\)$", r"\1", p) for p in op_name.split("/") if p not in skip]
+    return f"loop in {names[-1]}" if names else "loop"
+
+
+def _counting(c: CompiledCost) -> str:
+    """How a program's per-call FLOPs and bytes were counted: its loops and priced kernels."""
+    if c.calls is None:
+        return ""
+    parts = []
+    for lp in c.calls.loops:
+        where = loop_label(lp.op_name)
+        if lp.trip is None:
+            parts.append(f"{where} loop counted once (data-dependent exit; an iteration: "
+                         f"{lp.flops_per_iteration / 1e12:.3g} TFLOP, {lp.bytes_per_iteration / GB:.3g} GB)")
+        elif lp.trip > 1:
+            parts.append(f"{where} x{lp.trip}")
+    parts += [f"{kind} x{n}" for kind, n in c.calls.kernels]
+    parts += [f"unpriced custom call {u}" for u in c.calls.unpriced]
+    return f"; per call: {', '.join(parts)}" if parts else ""
 
 
 def resident_set(specs: list[ProgramSpec], extra: dict[str, Any] | None = None) -> dict[str, int]:
@@ -123,7 +157,8 @@ def resident_set(specs: list[ProgramSpec], extra: dict[str, Any] | None = None) 
 
 def build_report(target: Target, specs: list[ProgramSpec], costs: list[CompiledCost], *,
                  extra_resident: dict[str, Any] | None = None, memory_fraction: float = 0.95,
-                 notes: list[str] | None = None) -> PlanReport:
+                 notes: list[str] | None = None, device_kind: str = "", compiler: str = "",
+                 steps: list[dict[str, Any]] | None = None) -> PlanReport:
     """The verdict for compiled ``specs`` (module docstring)."""
     resident = resident_set(specs, extra_resident)
     total = sum(resident.values())
@@ -138,4 +173,5 @@ def build_report(target: Target, specs: list[ProgramSpec], costs: list[CompiledC
             resident_args_bytes=r_in, peak_bytes=int(peak),
             roofline_s=roofline_seconds(c.flops, c.bytes_accessed, target.chip),
             fits=c.error is None and peak <= usable))
-    return PlanReport(target, usable, resident, programs, list(notes or []), memory_fraction)
+    return PlanReport(target, usable, resident, programs, list(notes or []), memory_fraction, device_kind, compiler,
+                      list(steps or []))

@@ -4,14 +4,16 @@ One table serves the plan command (does a config's program fit, what is its roof
 projections (what would a POER / GRPO step cost on real hardware). Figures are public specs, bf16 dense peak.
 
 TPU targets compile for the real chip on any host (``jax.experimental.topologies`` + libtpu, the ``tpu``
-extra): the compiled program's ``memory_analysis()`` is the TPU's own. GPU targets have no such path on a
-CPU host; their programs are compiled for host CPU devices on the same mesh (a stand-in: XLA:CPU's buffer
-assignment, not XLA:GPU's) and judged against the GPU's memory. ``cpu-N`` targets are N host CPU devices.
+extra): the compiled program's ``memory_analysis()`` is the TPU's own. GPU targets compile for the real card the
+same way, through JAX's CUDA plugin (``plan/gpu.py``): XLA:GPU's sm_90 programs and buffer assignment. A GPU
+target of N nodes is named ``Nx <target>`` (e.g. ``2x h100-80gb-8``: two 8-GPU hosts). ``cpu-N`` targets are N
+host CPU devices.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 
 GB = 1e9
 GIB = 1024**3
@@ -42,7 +44,8 @@ CHIPS: dict[str, Chip] = {
 @dataclasses.dataclass(frozen=True)
 class Target:
     """A named slice: ``num_devices`` devices of ``chip``. ``topology``: the name for
-    ``topologies.get_topology_desc`` (TPU only); ``single_chip``: needs chips_per_host_bounds=(1, 1, 1)."""
+    ``topologies.get_topology_desc`` (TPU: e.g. 'v5p:2x2x2'; GPU: slices x hosts x GPUs per host, e.g. '1x1x8');
+    ``single_chip``: needs chips_per_host_bounds=(1, 1, 1)."""
 
     name: str
     chip: Chip
@@ -54,6 +57,10 @@ class Target:
 
 def _tpu(name: str, chip: str, topology: str, devices: int, single: bool = False) -> Target:
     return Target(name, CHIPS[chip], devices, "tpu", topology, single)
+
+
+def _gpu(name: str, chip: str, devices: int) -> Target:
+    return Target(name, CHIPS[chip], devices, "gpu", f"1x1x{devices}")  # one host of ``devices`` GPUs
 
 
 TARGETS: dict[str, Target] = {
@@ -70,20 +77,28 @@ TARGETS: dict[str, Target] = {
         _tpu("tpu-v5p-64", "tpu-v5p", "v5p:4x4x4", 64),
         _tpu("tpu-v6e-1", "tpu-v6e", "v6e:1x1", 1, single=True),
         _tpu("tpu-v6e-8", "tpu-v6e", "v6e:2x4", 8),
-        Target("h100-80gb-1", CHIPS["h100-80gb"], 1, "gpu"),
-        Target("h100-80gb-8", CHIPS["h100-80gb"], 8, "gpu"),
-        Target("h200-141gb-1", CHIPS["h200-141gb"], 1, "gpu"),
-        Target("h200-141gb-8", CHIPS["h200-141gb"], 8, "gpu"),
+        _gpu("h100-80gb-1", "h100-80gb", 1),
+        _gpu("h100-80gb-8", "h100-80gb", 8),
+        _gpu("h200-141gb-1", "h200-141gb", 1),
+        _gpu("h200-141gb-8", "h200-141gb", 8),
     )
 }
+_NODES = re.compile(r"^([1-9][0-9]*)\s*x\s*(\S+)$")
 
 
 def get_target(name: str) -> Target:
-    """A target by name; ``cpu-N`` for N host CPU devices. Unknown names list the known ones."""
+    """A target by name; ``cpu-N`` for N host CPU devices; ``Nx <gpu target>`` for N such GPU hosts. Unknown
+    names list the known ones."""
+    name = name.strip()
     if name.startswith("cpu-") and name[4:].isdigit() and int(name[4:]) > 0:
         return Target(name, CHIPS["cpu"], int(name[4:]), "cpu")
+    nodes = _NODES.match(name)
+    if nodes and nodes.group(2) in TARGETS and TARGETS[nodes.group(2)].platform == "gpu":
+        host = TARGETS[nodes.group(2)]
+        n = int(nodes.group(1))
+        return Target(f"{n}x {host.name}", host.chip, n * host.num_devices, "gpu", f"{n}x1x{host.num_devices}")
     if name not in TARGETS:
-        known = ", ".join(sorted(TARGETS)) + ", cpu-N"
+        known = ", ".join(sorted(TARGETS)) + ", cpu-N, Nx <gpu target> (N hosts, e.g. 2x h100-80gb-8)"
         raise KeyError(f"unknown target {name!r}; known targets: {known}")
     return TARGETS[name]
 

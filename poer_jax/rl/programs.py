@@ -101,6 +101,7 @@ def trainer_program_specs(trainer: Trainer, *, rows: int, seq_len: int, num_mini
         note=f"{rows} rows x T={seq_len} in {k} micro-batches of {rows // k}",
         resident=lp_resident,
         released=ROLLOUT_BUFFERS,
+        dims={"rows": rows, "seq_len": seq_len},
     )
     update = ProgramSpec(
         name="train/update", fn=trainer._step,
@@ -109,5 +110,6 @@ def trainer_program_specs(trainer: Trainer, *, rows: int, seq_len: int, num_mini
         note=f"{mb_rows} rows x T={seq_len} in {k} micro-batches of {mb_rows // k}",
         resident=step_resident,
         released=ROLLOUT_BUFFERS,
+        dims={"rows": mb_rows, "seq_len": seq_len},
     )
     return [logprobs, update]

@@ -327,8 +327,12 @@ def write_prefill_pages(
         return k_pages.at[:, partial_dest].set(kvp[:, src], mode="drop"), v_pages
     if fused:  # to [L, N*J, page, 2 * Hkv, hd]
         kvp = _interleave(k, v, axis=3).reshape(L, N * J, page, 2 * Hkv, hd).astype(k_pages.dtype)
-        k_pages = k_pages.at[:, flat].set(kvp, mode="drop")
-        return k_pages.at[:, partial_dest].set(kvp[:, src], mode="drop"), v_pages
+        # One scatter for the shared pages and the partial copies (their destinations are disjoint: a partial copy
+        # goes to the entry's own page). As two scatters, XLA:TPU gave the second, whose updates are a gather of
+        # the first's, its own pool layout, and copied the whole pool to it and back in every insert call (the 1.5B
+        # on a v5p-1: 10.3 GB of temporaries next to a 10.3 GB pool; docs/gpu-plan.md).
+        dest = jnp.concatenate([flat, partial_dest])
+        return k_pages.at[:, dest].set(jnp.concatenate([kvp, kvp[:, src]], axis=1), mode="drop"), v_pages
     # to the pool layout [L, Hkv, N*J, page, hd]
     kp = k.reshape(L, N * J, page, Hkv, hd).transpose(0, 3, 1, 2, 4).astype(k_pages.dtype)
     vp = v.reshape(L, N * J, page, Hkv, hd).transpose(0, 3, 1, 2, 4).astype(v_pages.dtype)
@@ -359,7 +363,10 @@ def attention_kernel(scfg: SamplerConfig, mesh: Mesh | None) -> AttentionKernel:
     want (page, hd), so XLA:TPU copied both pools in every decode step (and at entry and exit); with (page, hd)
     minor and page-sized writes, the gathers, the decode write and the prefill write all want the pool row-major.
     XLA's cost analysis of the 7B config's decode step on a v5p-8: 118 -> 4.9 GB accessed per step (42.8 -> 1.8 ms
-    at HBM bandwidth), temporaries 20.1 -> 1.1 GB (scripts/plan.py; docs/benchmarks.md)."""
+    at HBM bandwidth), temporaries 20.1 -> 1.1 GB (scripts/plan.py; docs/benchmarks.md). On GPUs with the KV heads
+    split over ``tensor`` (the xla kernel) too: there the split pools' page gather, indexed by KV head, is
+    partitioned as a gather of every head on every device and a reduce-scatter per chunk; the fused pool's gather
+    takes the heads as a slice (the 7B decode step on 8 H100s: 443 -> 175 GB accessed per step; docs/gpu-plan.md)."""
     platform = _platform(mesh)
     name = scfg.attention_kernel
     split = mesh is not None and any(n > 1 for a, n in mesh.shape.items() if a not in BATCH_AXES)
@@ -375,7 +382,8 @@ def attention_kernel(scfg: SamplerConfig, mesh: Mesh | None) -> AttentionKernel:
     native = {"pallas_gpu": "gpu", "pallas_tpu": "tpu"}.get(name)
     layout = scfg.kv_layout
     if layout == "auto":
-        layout = "fused" if name == "pallas_tpu" or (name == "xla" and platform == "tpu") else "split"
+        layout = "fused" if name == "pallas_tpu" or (name == "xla" and (platform == "tpu" or (
+            platform == "gpu" and split))) else "split"
     elif (name, layout) in (("pallas_tpu", "split"), ("pallas_gpu", "fused")):
         raise SamplerError(f"SamplerConfig.kv_layout={layout!r}: the {name} kernel reads only the "
                            f"{'fused' if name == 'pallas_tpu' else 'split'} pool layout")

@@ -102,8 +102,8 @@ class SamplerConfig:
     every decode step), 'auto' (unrolled on CPU).
     kv_layout: the KV pool's layout, one of KV_LAYOUTS: 'split' (K and V pools [L, Hkv, N, page, hd]), 'fused'
     (one K/V pool: [L, N, Hkv, 2, page, hd] for the xla kernel, written a page at a time; pallas_tpu's own
-    [L, N, page, 2 Hkv, hd]), 'auto' (fused on TPUs and with pallas_tpu, split elsewhere; see
-    ``paged_attention.attention_kernel``).
+    [L, N, page, 2 Hkv, hd]), 'auto' (fused on TPUs, with pallas_tpu and on GPUs with the KV heads split over
+    'tensor'; split elsewhere; see ``paged_attention.attention_kernel``).
     matmul_kernel: the weight products, one of MATMUL_KERNELS: 'xla' (XLA's dot), 'packed_cpu' (the weights packed
     once per update in 32-column panels, multiplied by a C++ FFI kernel built on first use; CPU, float32 or
     bfloat16, layers unrolled, no tensor axis: ``packed_weights.py``), 'auto' (packed_cpu where it applies and

@@ -103,6 +103,7 @@ def sampler_program_specs(
         note=f"{where}; N={sh.prefill_rows} prompts x T={sh.prefill_len} tokens per device; "
              f"{scfg.num_pages} pages per device",
         resident={RESIDENT_SAMPLER_PARAMS: 0, RESIDENT_KV_POOL: 1},
+        dims={"devices": D, "prompts": sh.prefill_rows, "prompt_tokens": sh.prefill_len},
     )
     decode = ProgramSpec(
         name="sampler/decode",
@@ -116,6 +117,7 @@ def sampler_program_specs(
         note=f"{where}; page tables {sh.shared_width} shared + {sh.table_width} private pages; "
              f"{scfg.num_pages} pages per device",
         resident={RESIDENT_SAMPLER_PARAMS: 0, RESIDENT_KV_POOL: 1},
+        dims={"devices": D, "slots": sh.slots, "context_tokens": (sh.shared_width + sh.table_width) * page},
     )
     return [prefill, decode]
 

@@ -35,7 +35,7 @@ from typing import Any
 _MODULES = {
     "config": ["ConfigError", "apply_overrides", "config_from_argv", "default_config", "describe",
                "load_config_file", "parse_argv", "validate"],
-    "runtime": ["enable_compilation_cache", "skip_absent_tpu"],
+    "runtime": ["enable_compilation_cache"],
     "multihost": ["ProcessLocalParams", "ProcessRows", "barrier", "host_copy", "initialize_from_env",
                   "is_main_process"],
     "mesh": ["build_mesh", "check_batch_layout", "mesh_for"],

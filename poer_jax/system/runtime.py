@@ -1,5 +1,5 @@
-"""The JAX runtime of a process: which backend it starts (``skip_absent_tpu``) and where compiled programs are
-cached between processes (``enable_compilation_cache``)."""
+"""The JAX runtime of a process: where compiled programs are cached between processes
+(``enable_compilation_cache``). Which backends a command starts: ``poer_jax.platforms``."""
 
 from __future__ import annotations
 
@@ -8,25 +8,6 @@ from pathlib import Path
 
 import jax
 import ml_collections
-
-
-def skip_absent_tpu() -> bool:
-    """With libtpu installed (the ``tpu`` and ``test`` extras) on a host without TPU chips and without a GPU
-    plugin, JAX would try to start the TPU runtime first (seconds, and a page of libtpu errors on stderr):
-    use the CPU backend instead. Does nothing when ``JAX_PLATFORMS`` is set. Call before JAX's first device use;
-    returns whether it switched."""
-    import importlib.util
-
-    if os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms or importlib.util.find_spec("libtpu") is None:
-        return False
-    if any(importlib.util.find_spec(f"jax_{p}_plugin") for p in ("cuda12", "cuda13", "rocm7", "rocm")):
-        return False
-    from jax._src import hardware_utils
-
-    if hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0:
-        return False
-    jax.config.update("jax_platforms", "cpu")
-    return True
 
 
 def enable_compilation_cache(cfg: ml_collections.ConfigDict) -> Path | None:

@@ -97,8 +97,9 @@ SCHEMA: dict[str, Any] = {
         "layer_loop": _f("auto", str, "how the sampler runs the layers: auto (unrolled on CPU), scan, unrolled "
                          "(the sampler then holds its own per-layer copy of the weights)",
                          choices=("auto", "scan", "unrolled"), resume_safe=True),
-        "kv_layout": _f("auto", str, "KV pool layout: auto (fused on TPU), split (K and V pools [L, Hkv, N, page, "
-                        "hd]), fused (one K/V pool, [L, N, Hkv, 2, page, hd] for the xla kernel)",
+        "kv_layout": _f("auto", str, "KV pool layout: auto (fused on TPU, and on GPU with the KV heads split), "
+                        "split (K and V pools [L, Hkv, N, page, hd]), fused (one K/V pool, [L, N, Hkv, 2, page, hd] "
+                        "for the xla kernel)",
                         choices=("auto", "split", "fused"), resume_safe=True),
         "matmul_kernel": _f("auto", str, "the sampler's weight products: auto (packed_cpu where it applies), xla "
                             "(XLA's dot), packed_cpu (weights packed per update, a C++ kernel built on first use; "

@@ -94,15 +94,15 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     from poer_jax.model.config import ModelConfigError
     from poer_jax.model.safetensors_io import WeightFileError
+    from poer_jax.platforms import use_present_platforms
     from poer_jax.rl.dynamic_sampling import DynamicSamplingError
     from poer_jax.system.data import DataError
     from poer_jax.system.multihost import initialize_from_env
-    from poer_jax.system.runtime import skip_absent_tpu
     from poer_jax.train.checkpoint import NonFiniteCheckpointError
     from poer_jax.train.loop import PoerTrainer
     from poer_jax.train.reward_pool import RewardFunctionError
 
-    skip_absent_tpu()  # libtpu installed on a CPU host: do not start the TPU runtime
+    use_present_platforms()  # libtpu / the CUDA plugin installed without their hardware: do not start them
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         initialize_from_env()  # multi-host: one process per host, the same command everywhere
