@@ -45,6 +45,11 @@ PAPER = {"table2_decoded_per_sample": {"poer": 145.9, "grpo": 2689.5, "ratio": 1
          "figure3_training_time_ratio_1p5b_G6_L300": 0.074, "batch_samples": 576, "group_size": 6}
 PROJECT_MODELS = ("r1-distill-qwen-1.5b", "r1-distill-qwen-7b")
 PROJECT_CHIPS = ("h100-80gb", "tpu-v5p", "h20")  # h20: the paper's GPU
+# per training step, kept in the JSON: what the sweep prices runs with and what docs/rollout.md reads
+STEP_KEYS = ("tokens/decoded", "tokens/prefilled", "tokens/trained", "rollout/decode_steps", "rollout/continuation_p50",
+             "rollout/continuation_p95", "rollout/continuation_max", "rollout/row_utilisation", "time/rollout_s",
+             "time/prefill_s", "time/decode_s", "time/rollout_host_s", "time/update_s", "time/reward_s", "time/step_s",
+             "rewards/accuracy/mean")
 
 
 def _prepare(cfg: Any, base: Path, preset: str | None = None, model_path: str | None = None,
@@ -109,11 +114,23 @@ def run_strategy(cfg: Any, strategy: str, steps: int, workdir: Path, extra: list
         "rollout_s": median("time/rollout_s"), "update_s": median("time/update_s"), "reward_s": median("time/reward_s"),
         "step_s": median("time/step_s"), "setup_s": setup_s,
         "accuracy": sum(r.get("rewards/accuracy/mean", float("nan")) for r in rows) / len(rows),
+        # the critical path: a batched decode runs until its longest continuation stops
+        "decode_steps": mean("rollout/decode_steps"), "continuation_p50": mean("rollout/continuation_p50"),
+        "continuation_p95": mean("rollout/continuation_p95"), "continuation_max": mean("rollout/continuation_max"),
+        "continuation_max_all": max(r["rollout/continuation_max"] for r in rows),
+        "row_utilisation": mean("rollout/row_utilisation"),
+        "prefill_s": median("time/prefill_s"), "decode_s": median("time/decode_s"),
+        "rollout_host_s": median("time/rollout_host_s"),
+        "decode_step_ms": 1e3 * statistics.median(r["time/decode_s"] / max(r["rollout/decode_steps"], 1)
+                                                  for r in timed),
+        "max_continuation_len": c.rollout.max_continuation_len,
+        "per_step": [{k: r[k] for k in STEP_KEYS if k in r} for r in rows],
     }
 
 
 def compare(poer: dict, grpo: dict) -> dict:
     return {"decoded_tokens_ratio": poer["decoded_tokens_per_sample"] / grpo["decoded_tokens_per_sample"],
+            "decode_steps_ratio": poer["decode_steps"] / grpo["decode_steps"],
             "rollout_time_ratio": poer["rollout_s"] / grpo["rollout_s"],
             "step_time_ratio": poer["step_s"] / grpo["step_s"]}
 
@@ -161,13 +178,20 @@ def projection(poer: Any, grpo: Any) -> list[dict]:
 
 
 def _table(rows: list[dict]) -> str:
-    cols = [("strategy", "{}"), ("group_size", "{}"), ("mean_L", "{:.1f}"), ("decoded_tokens_per_sample", "{:.1f}"),
-            ("prefilled_tokens_per_sample", "{:.1f}"), ("trained_tokens_per_sample", "{:.1f}"),
-            ("response_length", "{:.1f}"), ("rollout_s", "{:.3f}"), ("update_s", "{:.3f}"), ("step_s", "{:.3f}")]
-    head = " | ".join(name for name, _ in cols)
+    cols = [("strategy", "strategy", "{}"), ("group_size", "G", "{}"), ("budget", "budget", "{}"),
+            ("max_continuation_len", "cap", "{}"), ("mean_L", "L", "{:.1f}"),
+            ("decoded_tokens_per_sample", "decoded/sample", "{:.1f}"),
+            ("prefilled_tokens_per_sample", "prefilled/sample", "{:.1f}"),
+            ("trained_tokens_per_sample", "trained/sample", "{:.1f}"), ("response_length", "response", "{:.1f}"),
+            ("decode_steps", "decode steps", "{:.1f}"), ("continuation_p95", "cont. p95", "{:.1f}"),
+            ("continuation_max", "cont. max", "{:.1f}"), ("row_utilisation", "row util.", "{:.3f}"),
+            ("prefill_s", "prefill s", "{:.3f}"), ("decode_s", "decode s", "{:.3f}"),
+            ("rollout_host_s", "host s", "{:.3f}"),
+            ("rollout_s", "rollout s", "{:.3f}"), ("update_s", "update s", "{:.3f}"), ("step_s", "step s", "{:.3f}")]
+    head = " | ".join(label for _, label, _ in cols)
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(" | ".join(fmt.format(r[name]).rjust(len(name)) for name, fmt in cols))
+        lines.append(" | ".join(fmt.format(r[name]).rjust(len(label)) for name, label, fmt in cols))
     return "\n".join(lines)
 
 
@@ -243,8 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     result["projection_paper_tokens"] = projection(*paper_step_tokens())
 
     print(_table(rows))
-    print(f"\nPOER / GRPO: decoded tokens {result['decoded_tokens_ratio']:.3f}, "
-          f"rollout time {result['rollout_time_ratio']:.3f}, step time {result['step_time_ratio']:.3f} "
+    print(f"\nPOER / GRPO: decoded tokens {result['decoded_tokens_ratio']:.3f}, decode steps "
+          f"{result['decode_steps_ratio']:.3f}, rollout time {result['rollout_time_ratio']:.3f}, step time "
+          f"{result['step_time_ratio']:.3f} "
           f"(paper Table 2 decoded-token ratio {PAPER['table2_decoded_per_sample']['ratio']:.3f})")
     print(f"\nProjected POER / GRPO step time from this run's token counts (per sample, scaled to {n} samples a "
           f"step), roofline costs; paper (Figure 3, 1.5B, G 6, L 300): "

@@ -249,6 +249,30 @@ def test_eos_and_budget_stops(params2: dict) -> None:
     assert res.generated_tokens == int(res.lengths.sum())
 
 
+def test_decode_steps_and_row_utilisation_count_the_loop(params2: dict) -> None:
+    """The critical path the trainer reports: decode loop iterations (counted on device), rows per step and the
+    share of them that made a token, for known lengths (no EOS: every sample runs to its budget)."""
+    sampler = _sampler(params2, QWEN2, 4)
+    one = sampler.generate(_prompts((5,), QWEN2.vocab_size), 3, 9, jax.random.key(0))
+    # the first token comes from prefill; each decode step adds one token to every live sample
+    assert one.lengths.tolist() == [9, 9, 9] and one.decode_steps == 8
+    assert one.decode_rows == 3 and one.row_utilisation == 1.0
+    two = sampler.generate(_prompts((5, 7), QWEN2.vocab_size), 2, [5, 9], jax.random.key(0))
+    assert two.lengths.tolist() == [5, 5, 9, 9] and two.decode_steps == 8 and two.decode_rows == 4
+    assert two.decoded_tokens == 4 + 4 + 8 + 8 and two.row_utilisation == pytest.approx(24 / (8 * 4))
+    # a pool for one group at a time: two segments, one after the other; the steps add up
+    shared, private = group_page_counts(5, [9] * 2, 4)
+    small = _sampler(params2, QWEN2, 4, num_pages=shared + sum(private))
+    seq = small.generate(_prompts((5, 5), QWEN2.vocab_size), 2, [9, 6], jax.random.key(0))
+    assert seq.decode_segments == 2 and seq.decode_steps == 8 + 5 and seq.decode_rows == 2
+    assert seq.row_utilisation == pytest.approx((8 + 8 + 5 + 5) / (13 * 2))
+    # stopped by EOS: the loop runs until the longest sample stops, not to the budget
+    ref = naive_greedy(params2, QWEN2, _prompts((5,), QWEN2.vocab_size), [9])[0]
+    eos = _sampler(params2, QWEN2, 4, eos=(ref[3],)).generate(_prompts((5,), QWEN2.vocab_size), 2, 9,
+                                                               jax.random.key(0))
+    assert eos.decode_steps == int(eos.lengths.max()) - 1 == ref.index(ref[3])
+
+
 # ---- 5. one prefill per group, shared prefix pages -------------------------------------------------------
 def test_prefix_prefilled_once_and_pages_shared(params2: dict) -> None:
     page = 4

@@ -39,7 +39,9 @@ Outputs (numpy, rows = group-major samples, g * G + i):
   lengths [n], finish_reason [n] (FINISH_EOS = 1, FINISH_BUDGET = 2), prompt_lens [n], group [n]
   prefilled_tokens   sum of the groups' prompt lengths (each prompt prefilled once)
   decoded_tokens     tokens produced by decode steps (= sum(lengths) - n: first tokens come from prefill)
-  decode_steps       iterations of the decode loops (all segments)
+  decode_steps       iterations of the decode loops (all segments), counted on device and read with the results
+  decode_rows        rows the decode program steps at once (slots over all devices, finished ones included)
+  row_utilisation    decoded_tokens / (decode_steps x decode_rows): the share of decoded rows that made a token
   decode_segments    decode programs run (host round trips); refills = admission rounds after the first
 """
 
@@ -117,10 +119,22 @@ class SampleOutput:
     decode_steps: int
     decode_segments: int = 1
     refills: int = 0
+    decode_rows: int = 0
 
     @property
     def generated_tokens(self) -> int:
         return int(self.lengths.sum())
+
+    @property
+    def row_utilisation(self) -> float:
+        """decoded_tokens / (decode_steps x decode_rows); 1.0 when nothing was decoded (no step ran)."""
+        return row_utilisation(self.decoded_tokens, self.decode_steps * self.decode_rows)
+
+
+def row_utilisation(decoded_tokens: int, row_steps: int) -> float:
+    """Tokens made by decode steps over the rows those steps computed (``decode_steps`` x rows per step, summed
+    over calls): 1.0 when every row of every step made a token, low when a few long samples hold the batch."""
+    return float(decoded_tokens) / row_steps if row_steps > 0 else 1.0
 
 
 @dataclasses.dataclass
@@ -391,4 +405,5 @@ class GroupSampler:
             decode_steps=steps,
             decode_segments=segments,
             refills=refills,
+            decode_rows=self.shards * sh.slots,
         )

@@ -41,7 +41,7 @@ from poer_jax.train.multihost import barrier, is_main_process
 from poer_jax.train.progress import Progress, TaskProgress
 from poer_jax.train.reward_pool import RewardPool, RewardResult
 from poer_jax.train.rollout import Rollout, responses_array, rollout, select_groups
-from poer_jax.train.step_metrics import gather_reward_result, rollout_metrics
+from poer_jax.train.step_metrics import add_critical_path, critical_path_info, gather_reward_result, rollout_metrics
 
 log = logging.getLogger("poer_jax")
 
@@ -295,7 +295,7 @@ class PoerTrainer:
         G = cfg.rollout.group_size
         dyn: DynamicSampler | None = None
         info: dict[str, Any] = {"prefilled": 0, "decoded": 0, "full_equiv": 0, "rollout_s": 0.0, "reward_s": 0.0,
-                                "attempts": 0}
+                                "attempts": 0, **critical_path_info()}
         cache_updates = []
         while True:
             batch = next(self.iterator)
@@ -312,6 +312,7 @@ class PoerTrainer:
             info["decoded"] += r.decoded_tokens
             info["full_equiv"] += r.full_equivalent_decoded()
             info["rollout_s"] += r.seconds
+            add_critical_path(info, r)
             t0 = time.perf_counter()  # the step's reward deadline is shared by its sampling attempts
             raw, correct, res = self._rewards(r, max(0.01, cfg.reward.step_timeout_s - info["reward_s"]))
             info["reward_s"] += time.perf_counter() - t0
