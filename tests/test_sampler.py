@@ -329,6 +329,25 @@ def test_no_recompile_for_new_weights_or_lengths_in_bucket(params2: dict) -> Non
     assert (decode_segment._cache_size(), prefill_insert._cache_size()) == sizes
     ref = naive_greedy(_params(QWEN2, seed=5), QWEN2, _prompts((6, 10), QWEN2.vocab_size), [7, 5])
     assert res.tokens[0].tolist() == ref[0] and res.tokens[2, :5].tolist() == ref[1]
+    # a training step's cycle (release the pool for the update, new weights, sample) compiles nothing: the pool is
+    # rebuilt by the programs of the first rebuild (a new jit each time compiled on every step, 0.25 s on the demo)
+    new = _params(QWEN2, seed=6)
+    compiles: list[list[str]] = []
+
+    def listener(event: str, secs: float, **kw: object) -> None:
+        if event.endswith("backend_compile_duration"):
+            compiles[-1].append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        for _ in range(2):
+            compiles.append([])
+            sampler.release()
+            sampler.update_params(new)
+            sampler.generate(_prompts((6, 10), QWEN2.vocab_size), 2, [7, 5], jax.random.key(2))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles[-1] == []
 
 
 def test_allocator_refcounts_and_all_or_nothing() -> None:
