@@ -385,7 +385,8 @@ def _ints(text: str) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--L", default="", help="POER arms with these fixed L (tokens), e.g. 20")
-    ap.add_argument("--fractions", default="", help="POER arms with L = f x the mean cached answer, e.g. 0.1,0.25")
+    ap.add_argument("--fractions", default="", help="POER arms with L = f x the mean cached answer (default, without "
+                    "--L or --arm: 0.1,0.25,0.5)")
     ap.add_argument("--arm", action="append", default=[], metavar="NAME:KEY=VALUE[;KEY=VALUE]",
                     help="another arm with these config overrides (repeatable)")
     ap.add_argument("--seeds", default="0")
@@ -408,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_argv(rest)
         seeds, eval_steps, grpo_eval = _ints(args.seeds), set(_ints(args.eval_steps)), set(_ints(args.grpo_eval_steps))
         fixed_L, fractions = _ints(args.L), [float(x) for x in args.fractions.split(",") if x.strip()]
+        if not (fixed_L or fractions or args.arm):
+            fractions = [0.1, 0.25, 0.5]  # the frontier over L
         extra = []
         for spec in args.arm:
             name, _, over = spec.partition(":")
@@ -421,8 +424,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.steps < 1 or args.checkpoint_every < 1 or not seeds:
         ap.error("--steps and --checkpoint-every must be >= 1, --seeds must name a seed")
-    if not (fixed_L or fractions or extra or not args.no_grpo):
-        ap.error("no arm: give --L, --fractions or --arm (or leave GRPO in)")
     bench = json.loads(args.quiet_bench.read_text()) if args.quiet_bench else None
     if bench is not None and not all("per_step" in bench.get(k, {}) for k in ("poer", "grpo")):
         print(f"error: --quiet-bench {args.quiet_bench}: no per-step rows (a bench_rollout.py JSON of this version)",
