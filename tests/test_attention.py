@@ -68,6 +68,11 @@ def test_dense_matches_a_numpy_reference() -> None:
                     np.testing.assert_allclose(out[b, i, h], p @ vn[b, :, h // 2] / p.sum(), atol=1e-5)
 
 
+@pytest.mark.parametrize("T", [20, 8])  # 3 blocks, the last one short; one block (plain dense)
+def test_causal_blocks_match_dense(T: int) -> None:
+    _check(lambda q, k, v, m: A.causal_blocks(q, k, v, m, block=8), T=T, hd=16)
+
+
 def test_chunked_matches_dense() -> None:
     _check(lambda q, k, v, m: A.chunked_attention(q, k, v, m, block=8), T=20, hd=16)  # 3 blocks, the last padded
 
