@@ -207,7 +207,8 @@ def test_chunked_prefill_changes_nothing(params2: dict) -> None:
     res = chunked.generate(prompts, 4, list(BUDGETS), jax.random.PRNGKey(7))  # raw key data: same stream
     assert chunked.last_plan.groups_per_prefill == 2
     np.testing.assert_array_equal(res.tokens, one.tokens)
-    np.testing.assert_allclose(res.policy_logprobs, one.policy_logprobs, atol=1e-5)
+    # float32 rounding of prefills of other batch shapes (XLA:CPU's reductions are per shape): ~1e-5 of a log-prob
+    np.testing.assert_allclose(res.policy_logprobs, one.policy_logprobs, atol=1e-5, rtol=1e-5)
     assert res.prefilled_tokens == sum(PROMPT_LENS)
 
 
@@ -222,7 +223,7 @@ def test_group_offset_gives_a_split_batch_the_samples_of_the_whole(params2: dict
                                                     group_offset=k)
     np.testing.assert_array_equal(part.tokens, whole.tokens[k * 4:, : part.tokens.shape[1]])
     np.testing.assert_allclose(part.policy_logprobs, whole.policy_logprobs[k * 4:, : part.tokens.shape[1]],
-                               atol=1e-5)
+                               atol=1e-5, rtol=1e-5)  # prefills of other batch shapes: float32 rounding
     plain = _sampler(params2, QWEN2, 4, sp).generate(prompts[k:], 4, list(BUDGETS)[k:], jax.random.key(7))
     assert not np.array_equal(plain.tokens, part.tokens)  # the offset is what lines the streams up
     with pytest.raises(SamplerError, match="group_offset"):
