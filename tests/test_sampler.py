@@ -134,6 +134,7 @@ def _sampler(
     mesh=None,
     max_prefill_tokens: int = 16384,
     dynamic_chunks: bool = True,
+    tail_rows: str = "auto",
 ) -> GroupSampler:
     scfg = SamplerConfig(
         page_size=page_size,
@@ -144,6 +145,7 @@ def _sampler(
         sampling=sp,
         max_prefill_tokens=max_prefill_tokens,
         attn_dynamic_chunks=dynamic_chunks,
+        tail_rows=tail_rows,
     )
     return GroupSampler(params, cfg, scfg, mesh=mesh)
 
@@ -272,6 +274,34 @@ def test_decode_steps_and_row_utilisation_count_the_loop(params2: dict) -> None:
     eos = _sampler(params2, QWEN2, 4, eos=(ref[3],)).generate(_prompts((5,), QWEN2.vocab_size), 2, 9,
                                                                jax.random.key(0))
     assert eos.decode_steps == int(eos.lengths.max()) - 1 == ref.index(ref[3])
+
+
+def test_decode_tail_on_a_quarter_of_the_rows_changes_no_token(params2: dict) -> None:
+    """The tail of a call (nothing waits, the live rows fit in a quarter of the rows) decodes on that quarter:
+    the same tokens and log-probs as decoding every row to the end, and the rows it computed add up."""
+    sp = SamplingParams(temperature=1.0)
+    prompts = _prompts((5, 9, 3, 17, 6, 11, 4, 8), QWEN2.vocab_size, seed=4)
+    budgets = [5, 5, 20, 5, 5, 5, 20, 5]  # 8 rows of G 2; after 4 steps two rows are live: the tail's 2
+    on = _sampler(params2, QWEN2, 4, sp, tail_rows="on").generate(prompts, 2, budgets, jax.random.key(3))
+    off = _sampler(params2, QWEN2, 4, sp, tail_rows="off").generate(prompts, 2, budgets, jax.random.key(3))
+    np.testing.assert_array_equal(on.tokens, off.tokens)
+    np.testing.assert_allclose(on.policy_logprobs, off.policy_logprobs, atol=1e-5, rtol=1e-5)
+    assert on.lengths.tolist() == off.lengths.tolist() == [b for b in budgets for _ in range(2)]
+    assert on.decode_steps == off.decode_steps == 19 and on.decode_rows == off.decode_rows == 16
+    assert off.decode_row_steps == 19 * 16
+    assert on.decode_row_steps == 4 * 16 + 15 * 4  # 4 steps on every row, then 15 on the tail's 2 rows of 2
+    assert on.row_utilisation == 1.0 == (12 * 4 + 4 * 19) / on.decode_row_steps
+    # with EOS ending samples anywhere and rows finishing in any order, still the same samples
+    ref = naive_greedy(params2, QWEN2, prompts, budgets)
+    eos = (ref[0][2], ref[5][3])
+    on = _sampler(params2, QWEN2, 4, GREEDY, eos=eos, tail_rows="on").generate(prompts, 1, budgets,
+                                                                              jax.random.key(0))
+    off = _sampler(params2, QWEN2, 4, GREEDY, eos=eos, tail_rows="off").generate(prompts, 1, budgets,
+                                                                                jax.random.key(0))
+    np.testing.assert_array_equal(on.tokens, off.tokens)
+    assert on.finish_reason.tolist() == off.finish_reason.tolist() and on.lengths.tolist() == off.lengths.tolist()
+    with pytest.raises(SamplerError, match="tail_rows must be one of"):
+        SamplerConfig(tail_rows="sometimes")
 
 
 # ---- 5. one prefill per group, shared prefix pages -------------------------------------------------------

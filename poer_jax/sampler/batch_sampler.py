@@ -41,7 +41,9 @@ Outputs (numpy, rows = group-major samples, g * G + i):
   decoded_tokens     tokens produced by decode steps (= sum(lengths) - n: first tokens come from prefill)
   decode_steps       iterations of the decode loops (all segments), counted on device and read with the results
   decode_rows        rows the decode program steps at once (slots over all devices, finished ones included)
-  row_utilisation    decoded_tokens / (decode_steps x decode_rows): the share of decoded rows that made a token
+  decode_row_steps   rows computed over all steps: decode_rows per step, a quarter of them in the tail phase
+                     (``tail_rows``: on CPU, once nothing waits and the live rows fit, see sharded.py)
+  row_utilisation    decoded_tokens / decode_row_steps: the share of computed rows that made a token
   decode_segments    decode programs run (host round trips); refills = admission rounds after the first
 """
 
@@ -81,6 +83,7 @@ from poer_jax.sampler.sharded import (
     SlotState,
     batch_shards,
     decode_segment,
+    decode_tail_rows,
     decode_weights,
     empty_buffers,
     empty_slots,
@@ -120,6 +123,7 @@ class SampleOutput:
     decode_segments: int = 1
     refills: int = 0
     decode_rows: int = 0
+    decode_row_steps: int = 0
 
     @property
     def generated_tokens(self) -> int:
@@ -127,8 +131,8 @@ class SampleOutput:
 
     @property
     def row_utilisation(self) -> float:
-        """decoded_tokens / (decode_steps x decode_rows); 1.0 when nothing was decoded (no step ran)."""
-        return row_utilisation(self.decoded_tokens, self.decode_steps * self.decode_rows)
+        """decoded_tokens / decode_row_steps; 1.0 when nothing was decoded (no step ran)."""
+        return row_utilisation(self.decoded_tokens, self.decode_row_steps)
 
 
 def row_utilisation(decoded_tokens: int, row_steps: int) -> float:
@@ -342,7 +346,8 @@ class GroupSampler:
         if timing is not None:
             for name in ("prefill_s", "decode_s", "prefill_cpu_s", "decode_cpu_s"):
                 timing[name] = 0.0
-        steps = segments = 0
+        steps = segments = tail_steps = 0
+        tail_rows = self.tail_rows(sh.rows)
         try:
             key = self._put(as_key(key))
             state, out = self._fresh_state(sh)
@@ -365,7 +370,7 @@ class GroupSampler:
                     self._weights, state, out, SegmentControl(**self._put(sched.control())), cfg=self.cfg, sp=sp,
                     eos_ids=s.eos_ids, chunk_pages=sh.chunk_pages, pad_id=s.pad_id,
                     dynamic_chunks=self.dynamic_chunks, shared_chunk_pages=sh.shared_chunk_pages, mesh=self.mesh,
-                    attention_kernel=self.attention_kernel)
+                    attention_kernel=self.attention_kernel, tail_rows=tail_rows)
                 segments += 1
                 if last:
                     host, seg_steps = jax.device_get((out, seg_steps))
@@ -375,20 +380,28 @@ class GroupSampler:
                 if timing is not None:
                     timing["decode_s"] += time.perf_counter() - t1
                     timing["decode_cpu_s"] += time.process_time() - c1
-                steps += int(np.asarray(seg_steps)[0])
+                seg_steps = np.asarray(seg_steps)[0]  # (steps, of which on the tail's rows), the same on every device
+                steps, tail_steps = steps + int(seg_steps[0]), tail_steps + int(seg_steps[1])
                 if last:
                     break
             self._pool = (state.decode.k_pages, state.decode.v_pages)
         finally:
             sched.release_all()
-        return self._outputs(plan, host, steps, segments, sched.admissions - 1)
+        row_steps = self.shards * G * ((steps - tail_steps) * sh.rows + tail_steps * tail_rows)
+        return self._outputs(plan, host, steps, segments, sched.admissions - 1, row_steps)
 
     def _prefill_batch(self, batch: dict[str, np.ndarray]) -> PrefillBatch:
         arrays = self._put(batch)
         ins = InsertArrays(**{f: arrays[f"insert.{f}"] for f in InsertArrays._fields})
         return PrefillBatch(**{f: arrays[f] for f in PrefillBatch._fields if f != "insert"}, insert=ins)
 
-    def _outputs(self, plan: CallPlan, host: SampleBuffers, steps: int, segments: int, refills: int) -> SampleOutput:
+    def tail_rows(self, rows: int) -> int:
+        """Rows of the decode tail of a call of ``rows`` decode rows (``sharded.decode_tail_rows``)."""
+        device = self.mesh.devices.flat[0] if self.mesh is not None else self._device
+        return decode_tail_rows(self.scfg.tail_rows, device.platform, rows)
+
+    def _outputs(self, plan: CallPlan, host: SampleBuffers, steps: int, segments: int, refills: int,
+                 row_steps: int) -> SampleOutput:
         sh, G = plan.shapes, plan.shapes.group_size
         per_device = sh.out_groups * G
         rows = np.asarray([grp.shard * per_device + grp.out_group * G + i for grp in plan.groups for i in range(G)])
@@ -409,4 +422,5 @@ class GroupSampler:
             decode_segments=segments,
             refills=refills,
             decode_rows=self.shards * sh.slots,
+            decode_row_steps=row_steps,
         )

@@ -128,7 +128,7 @@ def rollout(
                 finish_reason=np.asarray(out.finish_reason), truncation_m=m, truncation_L=L,
                 prefilled_tokens=out.prefilled_tokens, decoded_tokens=out.generated_tokens,
                 seconds=time.perf_counter() - t0, decode_steps=out.decode_steps,
-                decode_row_steps=out.decode_steps * out.decode_rows, decode_step_tokens=out.decoded_tokens,
+                decode_row_steps=out.decode_row_steps, decode_step_tokens=out.decoded_tokens,
                 prefill_s=timing["prefill_s"], decode_s=timing["decode_s"])
     return r, out
 
