@@ -23,7 +23,7 @@ run). The POER cache pool is initialised before timing starts (``setup_s``).
 
 The rollout's critical path, per strategy (``train/step_metrics.py``): decode steps per rollout (a batched
 decode runs until its longest continuation stops, so on an accelerator its time follows the steps, not the
-tokens), continuation p50 / p95 / max, row utilisation (decode-step tokens / (decode steps x rows)), and the
+tokens), continuation p50 / p95 / max, row utilisation (decode-step tokens / rows the steps computed), and the
 rollout time split into prefill, decode and host work (medians), the decode step in ms; ``decode_steps_ratio``
 next to the token and time ratios. ``per_step`` keeps every step's counts and times (scripts/sweep_poer.py
 prices its runs with them: ``--quiet-bench``).

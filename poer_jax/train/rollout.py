@@ -39,7 +39,7 @@ class Rollout:
     prefilled_tokens: int
     decoded_tokens: int
     seconds: float
-    # the critical path (``SampleOutput``): decode loop iterations, rows they computed (steps x rows per step),
+    # the critical path (``SampleOutput``): decode loop iterations, rows they computed (summed over the steps),
     # tokens the decode steps made (decoded_tokens less each sample's first token, which prefill samples), and
     # the sampler's prefill / decode wall time (the rest of ``seconds`` is host work)
     decode_steps: int = 0

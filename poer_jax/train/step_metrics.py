@@ -11,7 +11,7 @@ steps, not the tokens.
 
   rollout/decode_steps            decode loop iterations (summed over the step's calls; the most of any process)
   rollout/continuation_p50 / _p95 / _max   tokens sampled per continuation (the first one from prefill)
-  rollout/row_utilisation         decode-step tokens / (decode steps x rows per step), summed over calls
+  rollout/row_utilisation         decode-step tokens / rows the decode steps computed, summed over calls
   time/prefill_s, time/decode_s   the sampler's prefill and decode wall time; time/rollout_host_s the rest of
                                   time/rollout_s (truncation, planning, building prompts and outputs)
 """
