@@ -400,6 +400,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("runs/sweep"))
     ap.add_argument("--no-grpo", action="store_true")
     ap.add_argument("--aggregate-only", action="store_true", help="only compare the finished runs")
+    ap.add_argument("--run-arms", default="", help="run only these arms (comma-separated names, e.g. grpo or "
+                    "poer_L20), in the order of --seeds; the others are compared when finished: splits one sweep "
+                    "over processes sharing --out (one per core)")
     args, rest = ap.parse_known_args(argv)
 
     from poer_jax.train import setup
@@ -451,9 +454,16 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"config": [a for a in rest if a.startswith("--config")], "seeds": seeds, "steps": args.steps,
             "eval_steps": sorted(eval_steps), "grpo_eval_steps": sorted(grpo_eval), "arms": arms,
             "mean_answer_length": mean_len, "quiet_bench": str(args.quiet_bench) if args.quiet_bench else None}
+    run_only = [a for a in args.run_arms.split(",") if a]
+    unknown = sorted(set(run_only) - set(arms))
+    if unknown:
+        print(f"error: --run-arms {','.join(unknown)}: not an arm of this sweep ({', '.join(arms)})", file=sys.stderr)
+        return 2
     if not args.aggregate_only:
         for seed in seeds:
             for name, over in arms.items():
+                if run_only and name not in run_only:
+                    continue
                 done = out / "runs" / f"{name}_s{seed}.json"
                 if done.is_file() and json.loads(done.read_text()).get("steps_done") == args.steps:
                     continue
