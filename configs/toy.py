@@ -24,7 +24,8 @@ then trains with POER as the paper does it:
 The held-out accuracy (128 problems, 4 samples each) is printed every 20 steps, and at the end with a paired
 test against the start. Measured on a 2-core CPU (README, docs/benchmarks.md "POER in its own regime"): 8 min,
 held-out 0.475 -> 0.531 (p = 0.043; seed 1: 0.529 -> 0.588, p = 0.029); POER decodes ~0.06 of GRPO's tokens per
-sample in ~0.35 of its rollout time; scripts/sweep_poer.py compares L = 10, 25, 50 % and GRPO.
+sample in ~0.25 of its rollout time (docs/rollout.md: its decode steps, ~0.25 of GRPO's, set it);
+scripts/sweep_poer.py compares POER with GRPO over seeds (and L = 10, 25, 50 %).
 configs/arithmetic.py is a faster short-answer run, outside POER's regime.
 """
 

@@ -3,8 +3,10 @@
 The ``test`` extra installs libtpu (TPU-topology plans) and JAX's CUDA plugin (GPU-topology plans) on every
 machine. Left to itself, JAX initialises every installed platform when it first needs a device: without an NVIDIA
 GPU the CUDA plugin fails its CUDA checks (a traceback on stderr), without TPU chips libtpu spends seconds and a
-page of errors. The entry points (``python -m poer_jax.train``, ``python -m poer_jax.evaluate``,
-``scripts/accelerator_check.py``) call ``use_present_platforms()`` before JAX starts a backend: an installed
+page of errors. The entry points (``python -m poer_jax.train``, ``python -m poer_jax.evaluate`` and the scripts
+that build a sampler or a trainer: ``scripts/accelerator_check.py``, ``bench_rollout.py``, ``bench_sampler.py``,
+``check_parity.py``, ``sweep_poer.py``, ``warm_start.py``) call ``use_present_platforms()`` before JAX starts a
+backend: an installed
 platform is kept when its hardware is visible (NVIDIA: a ``/dev/nvidia*`` device node; AMD: ``/dev/kfd``; TPU:
 libtpu's chip count), and the CPU always. Nothing changes when ``JAX_PLATFORMS`` (or ``jax_platforms``) is set,
 or when every installed platform has its hardware.

@@ -170,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--eval-k", type=int, default=4, help="samples per held-out problem at the end (0: none)")
     args, rest = ap.parse_known_args(argv)
+    from poer_jax.platforms import use_present_platforms
+
+    use_present_platforms()  # the test extra's libtpu / CUDA plugin without their hardware: not started
+
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     log.setLevel(logging.INFO)
 

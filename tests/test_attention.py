@@ -49,6 +49,30 @@ def _check(fn, T: int, hd: int, tol: float = 1e-5) -> None:
         np.testing.assert_allclose(a, b, atol=20 * tol, rtol=20 * tol)
 
 
+def test_dense_matches_a_numpy_reference() -> None:
+    """The reference itself, per row, KV head and query head (GQA: query head h reads KV head h // 2), with fewer
+    queries than keys (the chunked path's blocks) and padding on either side."""
+    q, k, v, mask = _inputs(12, 8, seed=3)
+    q = q[:, 4:]  # queries 4..11 against keys 0..11
+    allowed = np.asarray(A.causal_mask(mask))[:, 4:]
+    out = np.asarray(jax.jit(A.dense_attention)(q, k, v, jnp.asarray(allowed)))
+    qn, kn, vn = (np.asarray(x, np.float64) for x in (q, k, v))
+    B, Tq, Hq, hd = qn.shape
+    for b in range(B):
+        for h in range(Hq):
+            s = qn[b, :, h] @ kn[b, :, h // 2].T / np.sqrt(hd)
+            s = np.where(allowed[b], s, -np.inf)
+            for i in range(Tq):
+                if allowed[b, i].any():  # a query with no allowed key (padding) is meaningless
+                    p = np.exp(s[i] - s[i].max())
+                    np.testing.assert_allclose(out[b, i, h], p @ vn[b, :, h // 2] / p.sum(), atol=1e-5)
+
+
+@pytest.mark.parametrize("T", [20, 8])  # 3 blocks, the last one short; one block (plain dense)
+def test_causal_blocks_match_dense(T: int) -> None:
+    _check(lambda q, k, v, m: A.causal_blocks(q, k, v, m, block=8), T=T, hd=16)
+
+
 def test_chunked_matches_dense() -> None:
     _check(lambda q, k, v, m: A.chunked_attention(q, k, v, m, block=8), T=20, hd=16)  # 3 blocks, the last padded
 

@@ -41,9 +41,20 @@ def test_poer_decodes_under_ten_percent_of_grpo(tmp_path, capsys):
     assert poer["prefilled_tokens_per_sample"] > grpo["prefilled_tokens_per_sample"]
     assert poer["mean_L"] == 4 and res["sweep_L"][0]["mean_L"] == 16
     assert res["sweep_L"][0]["decoded_tokens_per_sample"] > poer["decoded_tokens_per_sample"]
+    # the critical path, per strategy: POER's continuations stop within m <= 4 tokens, so its decode loop runs at
+    # most 3 steps a rollout (the first token comes from prefill); GRPO's runs to its longest answer
+    for r in (poer, grpo):
+        assert len(r["per_step"]) == 2 and all(s["rollout/decode_steps"] >= s["rollout/continuation_max"] - 1
+                                               for s in r["per_step"])
+        assert 0 < r["row_utilisation"] <= 1 and r["continuation_p50"] <= r["continuation_p95"] <= r["continuation_max"]
+        assert r["prefill_s"] + r["decode_s"] <= r["rollout_s"] + 1e-9 and r["decode_step_ms"] > 0
+    assert poer["decode_steps"] <= 3 and poer["continuation_max_all"] <= 4 < grpo["decode_steps"]
+    assert res["decode_steps_ratio"] == poer["decode_steps"] / grpo["decode_steps"]
     proj = res["projection"]
+    assert all(r["poer_decode_bound"] in ("memory", "compute") and r["step_ratio_by_steps"] > 0 for r in proj)
     assert {(r["model"], r["chip"]) for r in proj} == {(m, c) for m in bench_rollout.PROJECT_MODELS
                                                       for c in bench_rollout.PROJECT_CHIPS}
     assert all(0 < r["step_ratio"] < 1 for r in proj + res["projection_paper_tokens"])
     text = capsys.readouterr().out
     assert "decoded tokens" in text and "Projected POER / GRPO step time" in text and "0.074" in text
+    assert all(col in text for col in ("decode steps", "cont. p95", "cont. max", "row util.", "ratio by steps"))

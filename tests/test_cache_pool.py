@@ -268,12 +268,14 @@ def test_dynamic_L_follows_shortest_response_of_last_group() -> None:
 
 @pytest.mark.parametrize("budget", ["removed", "max_length"])
 @pytest.mark.parametrize("mid_eos", [False, True])
-def test_prefix_len_and_budget_match_reference_and_never_end_in_eos(budget: str, mid_eos: bool) -> None:
+@pytest.mark.parametrize("cap", [None, 3])
+def test_prefix_len_and_budget_match_reference_and_never_end_in_eos(budget: str, mid_eos: bool,
+                                                                    cap: int | None) -> None:
     rng = np.random.default_rng(7 + mid_eos)
     n, max_len, mcl = 300, 12, 10  # pool wider than max_completion_len: exercises the room cap
     pool, tokens, lengths = random_pool(rng, n, max_len, mid_eos=mid_eos)
     idx = np.concatenate([rng.integers(0, n, size=250), [-1, n]])  # two invalid rows read as empty
-    cfg = TruncationConfig(max_completion_len=mcl, max_truncation=5, budget=budget)
+    cfg = TruncationConfig(max_completion_len=mcl, max_truncation=5, budget=budget, max_continuation=cap)
     tr = jit_truncate(pool, jnp.asarray(idx), jax.random.key(11), cfg, EOS)
     got_p, got_m = np.asarray(tr.prefix_len), np.asarray(tr.m)
     prefix = np.asarray(prefix_tokens(pool, jnp.asarray(idx), tr))
@@ -293,10 +295,16 @@ def test_prefix_len_and_budget_match_reference_and_never_end_in_eos(budget: str,
             assert p == min(max(ln - int(got_m[b]), 0), stripped, mcl - 1)  # the spec's closed form
         room = mcl - p
         want = room if budget == "max_length" or ln == 0 else min(max(1, ln - p), room)
+        want = want if cap is None else min(want, cap)  # rollout.max_continuation_len
         assert int(tr.budget[b]) == want and int(tr.removed[b]) == max(ln - p, 0)
         assert p + int(tr.budget[b]) <= mcl and int(tr.budget[b]) >= 1
     metrics = truncation_metrics(tr)
     assert float(metrics["cache/trunc_prefix_len_mean"]) == pytest.approx(got_p.mean(), rel=1e-6)
+
+
+def test_continuation_cap_is_validated() -> None:
+    with pytest.raises(ValueError, match="max_continuation must be None or >= 1"):
+        TruncationConfig(max_completion_len=8, max_continuation=0)
 
 
 def test_trailing_eos_is_removed_even_with_m_zero() -> None:

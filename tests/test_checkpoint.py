@@ -397,19 +397,26 @@ def test_a_restore_with_a_missing_data_file_prints_nothing_but_the_warning(tmp_p
     from tests.helpers_runs import stagger_orbax_reads
 
     state = {f"w{i}": jnp.arange(64.0 * (i + 1)) for i in range(8)}
-    with Checkpointer(tmp_path / "ckpt", keep=3) as ckpt:
-        for s in (1, 2):
-            ckpt.save(s, state, None, {"step": s})
-    data = sorted((tmp_path / "ckpt" / "2" / "state").rglob("d/*"), key=os.path.getsize)
-    os.remove(data[-1])
     unraisable: list[str] = []
     monkeypatch.setattr(sys, "unraisablehook", lambda u: unraisable.append(repr(u.exc_value)))
     stagger_orbax_reads(monkeypatch)
     if not drained:
         monkeypatch.setattr(checkpoint_mod, "draining_orbax_loops", contextlib.nullcontext)
-    with Checkpointer(tmp_path / "ckpt", keep=3) as ckpt:
-        assert ckpt.restore_latest_intact(state, move_broken=False)[0] == 1
-    gc.collect()
+    # OCDBT packs arrays into data files as its writers flush: now and then the largest file also holds an array's
+    # metadata, and the restore fails at the open, before any read starts (nothing left behind). The harness's
+    # own check (not drained) takes a fresh checkpoint until a read fails; the drained case must be silent in each.
+    for attempt in range(1 if drained else 4):
+        directory = tmp_path / f"ckpt{attempt}"
+        with Checkpointer(directory, keep=3) as ckpt:
+            for s in (1, 2):
+                ckpt.save(s, state, None, {"step": s})
+        data = sorted((directory / "2" / "state").rglob("d/*"), key=os.path.getsize)
+        os.remove(data[-1])
+        with Checkpointer(directory, keep=3) as ckpt:
+            assert ckpt.restore_latest_intact(state, move_broken=False)[0] == 1
+        gc.collect()
+        if unraisable:
+            break
     if drained:
         assert unraisable == []
     else:

@@ -148,6 +148,8 @@ def test_format_step_line():
          "tokens/decoded": 24600.0, "time/step_s": 20.0}
     line = format_step_line(50, 200, m, elapsed_s=100.0)
     assert line == "step 50/200 (25.0%) | reward 0.512 | acc 0.480 | len 312.4 | tok/s 1.23k | 0:01:40 < 0:05:00"
+    line = format_step_line(50, 200, {**m, "rollout/decode_steps": 255}, elapsed_s=100.0)
+    assert line.endswith("| tok/s 1.23k | dsteps 255 | 0:01:40 < 0:05:00")
     # Resumed at step 40: 10 steps in 100 s -> 10 s/step, 150 left.
     assert format_step_line(50, 200, {}, 100.0, initial_step=40) == "step 50/200 (25.0%) | 0:01:40 < 0:25:00"
     line = format_step_line(0, 10, {"tokens/decoded_per_s": 2.5e6}, 0.0)
@@ -339,3 +341,41 @@ def test_grpo_samples_show_whole_completions_as_before():
     assert record["completions"][0] == {"text": "so 3 + 4 = \\boxed{7}", "reward": 1.0, "length": 20,
                                         "prefix_length": 0, "continuation": "so 3 + 4 = \\boxed{7}"}
     assert "prefix" not in record
+
+
+# ------------------------------------------------------------------------------------------ critical path
+
+def test_critical_path_metrics_from_known_lengths():
+    """``rollout/*`` of a step of two sampler calls (dynamic sampling's second batch): decode steps add up,
+    utilisation is the decode-step tokens over the row-steps of both calls, quantiles over every continuation,
+    and the host share is what prefill and decode leave of the rollout time."""
+    import jax
+
+    from poer_jax.model.sharding import make_mesh
+    from poer_jax.system.multihost import ProcessRows
+    from poer_jax.train.rollout import Rollout
+    from poer_jax.train.step_metrics import add_critical_path, critical_path_info, critical_path_metrics
+
+    def call(lengths: list[int], steps: int, rows: int, prefill_s: float, decode_s: float) -> Rollout:
+        n = len(lengths)
+        return Rollout(indices=np.arange(n // 2), group_size=2, prompt_ids=[], prefix_ids=[],
+                       continuation_ids=[np.zeros(k, np.int32) for k in lengths], sampler_logprobs=[],
+                       finish_reason=np.zeros(n), truncation_m=np.zeros(n // 2), truncation_L=np.zeros(n // 2),
+                       prefilled_tokens=0, decoded_tokens=sum(lengths), seconds=1.0, decode_steps=steps,
+                       decode_row_steps=steps * rows, decode_step_tokens=sum(lengths) - n, prefill_s=prefill_s,
+                       decode_s=decode_s)
+
+    info = critical_path_info()
+    first = list(range(1, 21))  # 20 samples of 1..20 tokens: 19 decode steps, 20 rows
+    add_critical_path(info, call(first, 19, 20, 0.1, 0.5))
+    add_critical_path(info, call([3, 3, 3, 40], 39, 4, 0.2, 0.7))
+    rows = ProcessRows(make_mesh({"fsdp": 1}, devices=jax.devices()[:1]))
+    m = critical_path_metrics(info, rows, rollout_s=2.0)
+    lengths = np.asarray(first + [3, 3, 3, 40])
+    assert m["rollout/decode_steps"] == 19 + 39
+    assert m["rollout/row_utilisation"] == pytest.approx(((210 - 20) + (49 - 4)) / (19 * 20 + 39 * 4))
+    assert m["rollout/continuation_max"] == 40
+    assert m["rollout/continuation_p50"] == pytest.approx(np.median(lengths))
+    assert m["rollout/continuation_p95"] == pytest.approx(np.percentile(lengths, 95))
+    assert m["time/prefill_s"] == pytest.approx(0.3) and m["time/decode_s"] == pytest.approx(1.2)
+    assert m["time/rollout_host_s"] == pytest.approx(0.5)

@@ -10,7 +10,16 @@ import pytest
 from poer_jax.eval.paired import paired_sign_flip_test
 from poer_jax.model import preset
 from poer_jax.model.presets import PRESET_PARAM_COUNTS
-from poer_jax.plan.projection import H20, Layout, ModelCost, StepTokens, get_chip, project_ratio, step_seconds
+from poer_jax.plan.projection import (
+    H20,
+    Layout,
+    ModelCost,
+    StepTokens,
+    decode_by_steps,
+    get_chip,
+    project_ratio,
+    step_seconds,
+)
 from poer_jax.plan.targets import CHIPS
 
 
@@ -87,3 +96,42 @@ def test_projected_ratio_of_fewer_decoded_tokens():
         get_chip("a100")
     same = project_ratio(grpo, grpo, models, {"h100": "h100-80gb"}, layouts)
     assert all(r["step_ratio"] == pytest.approx(1.0) for r in same)
+
+
+def test_decode_priced_by_steps_matches_a_hand_computation():
+    """Decode by steps: S steps per chip, r = decoded / (chips x S) live rows a step, a step the larger of
+    r x F_dec / peak and (W + r c k) / bandwidth; the bound named; equal to the token price at full rows."""
+    import dataclasses
+
+    m = ModelCost(name="toy", matmul_params=1e9, attn_flops_per_pair=1e5, weight_bytes=2e9, kv_bytes_per_token=1e5)
+    chip = CHIPS["h100-80gb"]
+    lay = Layout(rollout_chips=2, train_chips=2, max_decode_batch=32)
+    # 96 samples on 2 chips: 48 rows a chip, over the 32-row decode batch: two waves of the 50 measured steps
+    tail = dataclasses.replace(_tokens(decoded=2400.0), decode_steps=50)
+    d = decode_by_steps(tail, m, chip, lay)
+    steps, live = 100, 2400 / 2 / 100  # 12 live rows a step (a tail: few rows still decoding)
+    flops = live * (2e9 + 1e5 * 300) / chip.peak_flops
+    mem = (2e9 + live * 300 * 1e5) / chip.bandwidth
+    assert d.steps == steps and d.live_rows == pytest.approx(live) and mem > flops and d.bound == "memory"
+    assert d.seconds == pytest.approx(steps * mem) and d.step_s == pytest.approx(mem)
+    t = step_seconds(tail, m, chip, lay)
+    assert t["decode_by_steps"] == pytest.approx(d.seconds) and t["decode_memory_bound"] == 1.0
+    assert t["step_by_steps"] == pytest.approx(t["prefill"] + d.seconds + t["update"])
+    assert t["decode_by_steps"] > 2 * t["decode"]  # the tail reads the weights on steps that make few tokens
+    # every row of every step makes a token (32 rows a chip, one wave, 50 steps): the per-token price
+    full = dataclasses.replace(tail, samples=64.0, decoded=2 * 32 * 50.0)
+    priced = step_seconds(full, m, chip, lay)
+    assert priced["decode_by_steps"] == pytest.approx(priced["decode"])
+    # a model of many FLOPs and few bytes: compute-bound
+    heavy = ModelCost(name="heavy", matmul_params=1e12, attn_flops_per_pair=0.0, weight_bytes=1e9,
+                      kv_bytes_per_token=0.0)
+    dh = decode_by_steps(full, heavy, chip, lay)
+    assert dh.bound == "compute" and dh.step_s == pytest.approx(32 * 2e12 / chip.peak_flops)
+    with pytest.raises(ValueError, match="decode_steps > 0"):
+        decode_by_steps(_tokens(1.0), m, chip, lay)
+    models = {"toy": m}
+    row = project_ratio(tail, dataclasses.replace(tail, decoded=9600.0, decode_steps=200), models,
+                        {"h100": chip}, {"l": lay})[0]
+    assert row["grpo_decode_bound"] == row["poer_decode_bound"] == "memory"
+    assert row["step_ratio_by_steps"] == pytest.approx(row["poer_step_by_steps_s"] / row["grpo_step_by_steps_s"])
+    assert "step_ratio_by_steps" not in project_ratio(_tokens(1.0), _tokens(2.0), models, {"h100": chip}, {"l": lay})[0]

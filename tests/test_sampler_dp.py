@@ -32,10 +32,10 @@ def _mesh8(tensor: int = 1):
 
 
 def _sampler(params, sp, *, num_pages, max_slots=64, mesh=None, eos=(), fixed_tables=False,
-             matmul_kernel="auto") -> GroupSampler:
+             matmul_kernel="auto", tail_rows="auto") -> GroupSampler:
     scfg = SamplerConfig(page_size=4, num_pages=num_pages, max_slots=max_slots, max_pages_per_seq=16,
                          max_prefill_length=32, attn_chunk_pages=2, eos_ids=tuple(eos), sampling=sp,
-                         fixed_tables=fixed_tables, matmul_kernel=matmul_kernel)
+                         fixed_tables=fixed_tables, matmul_kernel=matmul_kernel, tail_rows=tail_rows)
     return GroupSampler(params, QWEN2, scfg, mesh=mesh)
 
 
@@ -115,6 +115,23 @@ def test_eight_devices_small_pool_sampled_equals_one_device(setup, sampled_ref):
     _pool_is_split(sampler, 4, head_split=2)
     for x in jax.tree.leaves(sampler.params):  # decode layout: nothing split over the batch axes
         assert not {"data", "fsdp"} & set(jax.tree.leaves(tuple(x.sharding.spec)))
+
+
+def test_decode_tail_on_eight_devices_changes_no_token(setup):
+    """The tail phase on 8 devices of the batch axes (4 rows of G 3 each: a tail of 1 row once every device's
+    live rows fit, decided with a max over the devices): the same samples as decoding every row to the end."""
+    params, prompts = setup
+    many = prompts + _prompts(LENS, QWEN2.vocab_size, seed=9)
+    budgets = [16] * 8 + [2] * 24  # one long group per device (groups go out by tokens), the rest done early
+    res = {mode: _sampler(params, SAMPLED, num_pages=64, mesh=_mesh8(), eos=(5, 11), tail_rows=mode).generate(
+        many, G, budgets, jax.random.key(4)) for mode in ("on", "off")}
+    on, off = res["on"], res["off"]
+    np.testing.assert_array_equal(on.tokens, off.tokens)
+    np.testing.assert_array_equal(on.finish_reason, off.finish_reason)
+    np.testing.assert_allclose(on.policy_logprobs, off.policy_logprobs, atol=1e-5, rtol=1e-5)
+    assert on.decode_steps == off.decode_steps and on.decode_rows == off.decode_rows == 8 * 4 * G
+    assert off.decode_row_steps == off.decode_steps * off.decode_rows
+    assert on.decode_row_steps < off.decode_row_steps  # the tail ran on a quarter of the rows
 
 
 def test_release_frees_weights_and_pool_until_the_next_update(setup, sampled_ref):

@@ -103,6 +103,15 @@ def test_cross_field_rules():
         validate(apply_overrides(c, ["optim.micro_batches=7"]))
     with pytest.raises(ConfigError, match="cache.init_file"):
         validate(apply_overrides(c, ["cache.init=file"]))
+    mcl = c.rollout.max_completion_len
+    with pytest.raises(ConfigError, match=rf"'rollout.max_continuation_len' \({mcl + 1}\) is larger than"):
+        validate(apply_overrides(c, [f"rollout.max_continuation_len={mcl + 1}"]))
+    with pytest.raises(ConfigError, match="'rollout.max_continuation_len' must be >= 1"):
+        validate(apply_overrides(c, ["rollout.max_continuation_len=0"]))
+    capped = validate(apply_overrides(c, [f"rollout.max_continuation_len={mcl}"]))
+    from poer_jax.system.cache_pool import build_truncation
+
+    assert build_truncation(capped).max_continuation == mcl and build_truncation(c).max_continuation is None
     q = load_config_file(ROOT / "configs/qwen7b.py")
     with pytest.raises(ConfigError, match="'model.path' and 'model.preset'"):
         validate(apply_overrides(q, ["model.preset=tiny"]))

@@ -33,14 +33,21 @@ def _config(env, workdir, **extra):
 TIME_KEYS = ("time/", "tokens/decoded_per_s", "eval/time_s")
 
 
+# the share of decode rows that made a token depends on how the groups were laid out over devices (each device's
+# decode loop, and its tail of fewer rows, runs its own rows): not a property of the samples
+LAYOUT_KEYS = ("rollout/row_utilisation",)
+
+
 def _comparable(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if not k.startswith(TIME_KEYS)} for r in rows]
+    return [{k: v for k, v in r.items() if not k.startswith(TIME_KEYS) and k not in LAYOUT_KEYS} for r in rows]
 
 
 REQUIRED = ["reward", "reward_std", "rewards/accuracy/mean", "rewards/format/mean", "completions/mean_length",
             "clip_ratio/low_mean", "clip_ratio/high_mean", "entropy", "tokens/prefilled", "tokens/decoded",
             "tokens/decoded_full_equiv", "time/rollout_s", "time/update_s", "cache/mean_length",
-            "logp_diff/sampler_vs_trainer"]
+            "logp_diff/sampler_vs_trainer", "rollout/decode_steps", "rollout/continuation_p50",
+            "rollout/continuation_p95", "rollout/continuation_max", "rollout/row_utilisation", "time/prefill_s",
+            "time/decode_s", "time/rollout_host_s"]
 
 
 @pytest.mark.slow
@@ -61,6 +68,10 @@ def test_poer_and_grpo_from_the_command_line(toy_env, finished_run, tmp_path):
     dec_grpo = sum(m["tokens/decoded"] for m in grpo)
     assert dec_poer < 0.5 * dec_grpo, (dec_poer, dec_grpo)
     assert all(m["tokens/decoded_full_equiv"] > m["tokens/decoded"] for m in train_rows)
+    for m in train_rows + [m for m in grpo if m["step"] > 0]:  # the loop runs until the longest sample stops
+        assert m["rollout/decode_steps"] >= m["rollout/continuation_max"] - 1, m
+        assert 0 < m["rollout/row_utilisation"] <= 1
+        assert m["time/prefill_s"] + m["time/decode_s"] <= m["time/rollout_s"]
     assert (poer_dir / "checkpoints").is_dir()
     assert list((poer_dir / "tb").glob("events*"))
     assert max(m["grad_norm"] for m in train_rows) > 0  # the policy moved: the export is not the initial model

@@ -17,6 +17,20 @@ forward passes for old / reference log-probs (mu > 1, or a KL term). Roofline ti
 kernels reach some fraction of them, and the fraction differs between decoding (bandwidth) and training
 (FLOPs), so the ratio is a projection, not a measurement.
 
+Decode priced by decode steps (``StepTokens.decode_steps``, a run's ``rollout/decode_steps``): a batched
+decode runs until its longest sample stops, and each step reads the weights once whatever the number of rows
+still producing tokens, so a rollout whose few long samples keep the loop going costs more than its tokens say.
+With S decode steps per chip (the measured steps of one rollout, times the waves when a chip holds more rows
+than ``max_decode_batch``) and r = decoded / (chips x S) rows producing a token per step,
+
+  decode step  max(r F_dec / peak, (W + r c k) / bandwidth)       memory-bound when the second term is larger
+  decode       S x decode step
+
+which equals the per-token price when every row of every step makes a token (r = b). FLOPs count the live
+rows (an engine that drops finished rows; poer_jax's decode computes them along, which a memory-bound step
+hides). ``DecodeSteps.bound`` says which term sets the step. The steps of a rollout follow its longest
+continuation, not the batch, so ``scaled`` keeps them.
+
 Token counts are those a run measured (``tokens/prefilled``, ``tokens/decoded``, ``tokens/trained`` per
 step). POER changes only the rollout: it decodes a continuation instead of a whole answer and prefills
 question + prefix once per group, while its update still runs over every token of prompt + response (the
@@ -34,7 +48,8 @@ from typing import Any
 
 from poer_jax.plan.targets import CHIPS, Chip
 
-__all__ = ["H20", "Layout", "ModelCost", "StepTokens", "get_chip", "project_ratio", "step_seconds"]
+__all__ = ["H20", "DecodeSteps", "Layout", "ModelCost", "StepTokens", "decode_by_steps", "get_chip",
+           "project_ratio", "step_seconds"]
 
 # The paper's GPU (Sec. 4.3: 8 x H20, one sampling): 96 GB HBM3, 4.0 TB/s, 148 TFLOP/s bf16 dense (public specs).
 H20 = Chip("H20 96GB", 96e9, 4.0e12, 148e12)
@@ -86,6 +101,7 @@ class StepTokens:
     prefill_context: float  # mean context of a prefilled token (about half a prompt: causal attention)
     decode_context: float  # mean context of a decoded token (prompt + prefix + half the continuation)
     train_context: float  # mean context of a trained token (about half a sequence)
+    decode_steps: float | None = None  # decode loop iterations of one rollout on one chip (measured); None: unknown
 
     def scaled(self, factor: float) -> StepTokens:
         """The same step with ``factor`` times the questions (counts scale, contexts do not)."""
@@ -105,9 +121,41 @@ class Layout:
     remat: bool = True
 
 
+@dataclasses.dataclass(frozen=True)
+class DecodeSteps:
+    """Decode priced by steps (module docstring): seconds in all, per step, the steps and live rows per chip, and
+    which bound sets a step ('memory': weights + KV bytes over bandwidth; 'compute': live rows x FLOPs)."""
+
+    seconds: float
+    step_s: float
+    steps: float
+    live_rows: float
+    bound: str
+
+
+def decode_by_steps(tokens: StepTokens, model: ModelCost, chip: Chip | str, layout: Layout | None = None
+                    ) -> DecodeSteps:
+    """Decode time from the measured decode steps (``tokens.decode_steps`` must be set)."""
+    if tokens.decode_steps is None or tokens.decode_steps <= 0:
+        raise ValueError(f"projection: decode by steps needs decode_steps > 0, got {tokens.decode_steps}")
+    chip = get_chip(chip)
+    lay = layout or Layout()
+    rows_per_chip = tokens.samples / lay.rollout_chips
+    waves = max(1.0, float(-(-rows_per_chip // lay.max_decode_batch)))
+    steps = tokens.decode_steps * waves
+    live = tokens.decoded / lay.rollout_chips / steps
+    compute = live * (2 * model.matmul_params + model.attn_flops_per_pair * tokens.decode_context) / chip.peak_flops
+    memory = (model.weight_bytes + live * tokens.decode_context * model.kv_bytes_per_token) / chip.bandwidth
+    step = max(compute, memory)
+    return DecodeSteps(seconds=steps * step, step_s=step, steps=steps, live_rows=live,
+                       bound="memory" if memory >= compute else "compute")
+
+
 def step_seconds(tokens: StepTokens, model: ModelCost, chip: Chip | str, layout: Layout | None = None
                  ) -> dict[str, float]:
-    """Roofline seconds of one step: {'prefill', 'decode', 'rollout', 'update', 'step'}."""
+    """Roofline seconds of one step: {'prefill', 'decode', 'rollout', 'update', 'step'}; with
+    ``tokens.decode_steps`` also decode priced by steps: {'decode_by_steps', 'rollout_by_steps', 'step_by_steps',
+    'decode_step_s', 'decode_memory_bound' (1.0 when a step is memory-bound, 0.0 when compute-bound)}."""
     chip = get_chip(chip)
     lay = layout or Layout()
     n, a = model.matmul_params, model.attn_flops_per_pair
@@ -120,8 +168,14 @@ def step_seconds(tokens: StepTokens, model: ModelCost, chip: Chip | str, layout:
     fwd = 2 * n + a * tokens.train_context
     upd_flops = tokens.trained * (3 * fwd * (4 / 3 if lay.remat else 1.0) + lay.logprob_passes * fwd)
     update = upd_flops / (chip.peak_flops * lay.train_chips)
-    return {"prefill": prefill, "decode": decode, "rollout": prefill + decode, "update": update,
-            "step": prefill + decode + update}
+    out = {"prefill": prefill, "decode": decode, "rollout": prefill + decode, "update": update,
+           "step": prefill + decode + update}
+    if tokens.decode_steps is not None:
+        d = decode_by_steps(tokens, model, chip, lay)
+        out.update(decode_by_steps=d.seconds, rollout_by_steps=prefill + d.seconds,
+                   step_by_steps=prefill + d.seconds + update, decode_step_s=d.step_s,
+                   decode_memory_bound=float(d.bound == "memory"))
+    return out
 
 
 def project_ratio(poer: StepTokens, grpo: StepTokens, models: Mapping[str, ModelCost], chips: Mapping[str, str],
@@ -132,8 +186,15 @@ def project_ratio(poer: StepTokens, grpo: StepTokens, models: Mapping[str, Model
         for cname, chip in chips.items():
             for lname, lay in layouts.items():
                 p, g = step_seconds(poer, model, chip, lay), step_seconds(grpo, model, chip, lay)
-                rows.append({"model": mname, "chip": cname, "layout": lname, "poer_step_s": p["step"],
-                             "grpo_step_s": g["step"], "step_ratio": p["step"] / g["step"],
-                             "rollout_ratio": p["rollout"] / g["rollout"],
-                             "grpo_rollout_share": g["rollout"] / g["step"], "poer": p, "grpo": g})
+                row = {"model": mname, "chip": cname, "layout": lname, "poer_step_s": p["step"],
+                       "grpo_step_s": g["step"], "step_ratio": p["step"] / g["step"],
+                       "rollout_ratio": p["rollout"] / g["rollout"],
+                       "grpo_rollout_share": g["rollout"] / g["step"], "poer": p, "grpo": g}
+                if "step_by_steps" in p and "step_by_steps" in g:
+                    row.update(poer_step_by_steps_s=p["step_by_steps"], grpo_step_by_steps_s=g["step_by_steps"],
+                               step_ratio_by_steps=p["step_by_steps"] / g["step_by_steps"],
+                               rollout_ratio_by_steps=p["rollout_by_steps"] / g["rollout_by_steps"],
+                               poer_decode_bound="memory" if p["decode_memory_bound"] else "compute",
+                               grpo_decode_bound="memory" if g["decode_memory_bound"] else "compute")
+                rows.append(row)
     return rows

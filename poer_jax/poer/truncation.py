@@ -26,6 +26,9 @@ Continuation budget (max new tokens per continuation):
   stripped EOS, but at least 1 — the authors' code can request max_tokens = 0 when m = 0, which we treat
   as "regenerate at least one token" (typically the EOS again). Capped by max_completion_len - p.
 * ``"max_length"`` (the paper's 4096-token limit): max_completion_len - p, so prefix + continuation fits.
+* ``max_continuation`` (``rollout.max_continuation_len``; None = no cap, the paper): either budget capped at
+  this many new tokens. A batched decode runs until its longest continuation stops, so under the paper's
+  budget one continuation that does not stop holds the whole rollout; the cap bounds the decode steps.
 
 ``mode="authors"`` reproduces the authors' sampling instead: m = randint(1, L), i.e. m in [1, L - 1]
 (exclusive upper bound), ONE m shared by the whole batch; only a fixed L is allowed there.
@@ -65,6 +68,7 @@ class TruncationConfig:
     fraction: float = 0.5
     mode: TruncationMode = "paper"
     budget: BudgetMode = "max_length"
+    max_continuation: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_completion_len < 1:
@@ -79,6 +83,8 @@ class TruncationConfig:
             raise ValueError(f"truncation: mode must be 'paper' or 'authors', got {self.mode!r}")
         if self.budget not in ("removed", "max_length"):
             raise ValueError(f"truncation: budget must be 'removed' or 'max_length', got {self.budget!r}")
+        if self.max_continuation is not None and self.max_continuation < 1:
+            raise ValueError(f"truncation: max_continuation must be None or >= 1, got {self.max_continuation}")
         if self.mode == "authors":
             if self.limit != "fixed":
                 raise ValueError(f"truncation: mode='authors' uses a fixed L; got limit={self.limit!r}")
@@ -162,6 +168,8 @@ def truncate(pool: CachePool, indices: jax.Array, key: jax.Array, config: Trunca
         budget = jnp.minimum(jnp.where(n > 0, jnp.maximum(removed, 1), config.max_completion_len), room)
     else:
         budget = room
+    if config.max_continuation is not None:
+        budget = jnp.minimum(budget, config.max_continuation)
     return Truncation(prefix_len=prefix_len, m=m, budget=budget.astype(jnp.int32), L=L,
                       removed=removed.astype(jnp.int32))
 

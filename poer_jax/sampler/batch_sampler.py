@@ -39,7 +39,11 @@ Outputs (numpy, rows = group-major samples, g * G + i):
   lengths [n], finish_reason [n] (FINISH_EOS = 1, FINISH_BUDGET = 2), prompt_lens [n], group [n]
   prefilled_tokens   sum of the groups' prompt lengths (each prompt prefilled once)
   decoded_tokens     tokens produced by decode steps (= sum(lengths) - n: first tokens come from prefill)
-  decode_steps       iterations of the decode loops (all segments)
+  decode_steps       iterations of the decode loops (all segments), counted on device and read with the results
+  decode_rows        rows the decode program steps at once (slots over all devices, finished ones included)
+  decode_row_steps   rows computed over all steps: decode_rows per step, a quarter of them in the tail phase
+                     (``tail_rows``: on CPU, once nothing waits and the live rows fit, see sharded.py)
+  row_utilisation    decoded_tokens / decode_row_steps: the share of computed rows that made a token
   decode_segments    decode programs run (host round trips); refills = admission rounds after the first
 """
 
@@ -79,6 +83,7 @@ from poer_jax.sampler.sharded import (
     SlotState,
     batch_shards,
     decode_segment,
+    decode_tail_rows,
     decode_weights,
     empty_buffers,
     empty_slots,
@@ -117,10 +122,23 @@ class SampleOutput:
     decode_steps: int
     decode_segments: int = 1
     refills: int = 0
+    decode_rows: int = 0
+    decode_row_steps: int = 0
 
     @property
     def generated_tokens(self) -> int:
         return int(self.lengths.sum())
+
+    @property
+    def row_utilisation(self) -> float:
+        """decoded_tokens / decode_row_steps; 1.0 when nothing was decoded (no step ran)."""
+        return row_utilisation(self.decoded_tokens, self.decode_row_steps)
+
+
+def row_utilisation(decoded_tokens: int, row_steps: int) -> float:
+    """Tokens made by decode steps over the rows those steps computed (``decode_steps`` x rows per step, summed
+    over calls): 1.0 when every row of every step made a token, low when a few long samples hold the batch."""
+    return float(decoded_tokens) / row_steps if row_steps > 0 else 1.0
 
 
 @dataclasses.dataclass
@@ -161,6 +179,7 @@ class GroupSampler:
         self._weights: Params | None = None
         self.update_params(params)
         self._pool: tuple[jax.Array, jax.Array] | None = None
+        self._pool_programs: tuple[Any, ...] | None = None  # the jitted zeros that rebuild the pool after release()
         self.last_plan: CallPlan | None = None
 
     # ---- weights and pool --------------------------------------------------------------------------
@@ -232,9 +251,11 @@ class GroupSampler:
             else:
                 places = pool_shardings(self.cfg, self.mesh, self.attention_kernel)
             shapes = pool_shapes(self.cfg, self.scfg, self.shards, self.attention_kernel)
-            self._pool = tuple(  # type: ignore[assignment]
-                jax.jit(partial(jnp.zeros, shape, self.kv_dtype), out_shardings=place)()  # created in place
-                for shape, place in zip(shapes, places, strict=True))
+            if self._pool_programs is None:  # one program each, kept: a new jax.jit per rebuild (every training
+                # step, after release()) traced and compiled anew each time, ~0.25 s a step on the demo's CPU
+                self._pool_programs = tuple(jax.jit(partial(jnp.zeros, shape, self.kv_dtype), out_shardings=place)
+                                            for shape, place in zip(shapes, places, strict=True))
+            self._pool = tuple(make() for make in self._pool_programs)  # type: ignore[assignment]  # in place
         return self._pool  # type: ignore[return-value]
 
     @property
@@ -325,7 +346,8 @@ class GroupSampler:
         if timing is not None:
             for name in ("prefill_s", "decode_s", "prefill_cpu_s", "decode_cpu_s"):
                 timing[name] = 0.0
-        steps = segments = 0
+        steps = segments = tail_steps = 0
+        tail_rows = self.tail_rows(sh.rows)
         try:
             key = self._put(as_key(key))
             state, out = self._fresh_state(sh)
@@ -348,7 +370,7 @@ class GroupSampler:
                     self._weights, state, out, SegmentControl(**self._put(sched.control())), cfg=self.cfg, sp=sp,
                     eos_ids=s.eos_ids, chunk_pages=sh.chunk_pages, pad_id=s.pad_id,
                     dynamic_chunks=self.dynamic_chunks, shared_chunk_pages=sh.shared_chunk_pages, mesh=self.mesh,
-                    attention_kernel=self.attention_kernel)
+                    attention_kernel=self.attention_kernel, tail_rows=tail_rows)
                 segments += 1
                 if last:
                     host, seg_steps = jax.device_get((out, seg_steps))
@@ -358,20 +380,28 @@ class GroupSampler:
                 if timing is not None:
                     timing["decode_s"] += time.perf_counter() - t1
                     timing["decode_cpu_s"] += time.process_time() - c1
-                steps += int(np.asarray(seg_steps)[0])
+                seg_steps = np.asarray(seg_steps)[0]  # (steps, of which on the tail's rows), the same on every device
+                steps, tail_steps = steps + int(seg_steps[0]), tail_steps + int(seg_steps[1])
                 if last:
                     break
             self._pool = (state.decode.k_pages, state.decode.v_pages)
         finally:
             sched.release_all()
-        return self._outputs(plan, host, steps, segments, sched.admissions - 1)
+        row_steps = self.shards * G * ((steps - tail_steps) * sh.rows + tail_steps * tail_rows)
+        return self._outputs(plan, host, steps, segments, sched.admissions - 1, row_steps)
 
     def _prefill_batch(self, batch: dict[str, np.ndarray]) -> PrefillBatch:
         arrays = self._put(batch)
         ins = InsertArrays(**{f: arrays[f"insert.{f}"] for f in InsertArrays._fields})
         return PrefillBatch(**{f: arrays[f] for f in PrefillBatch._fields if f != "insert"}, insert=ins)
 
-    def _outputs(self, plan: CallPlan, host: SampleBuffers, steps: int, segments: int, refills: int) -> SampleOutput:
+    def tail_rows(self, rows: int) -> int:
+        """Rows of the decode tail of a call of ``rows`` decode rows (``sharded.decode_tail_rows``)."""
+        device = self.mesh.devices.flat[0] if self.mesh is not None else self._device
+        return decode_tail_rows(self.scfg.tail_rows, device.platform, rows)
+
+    def _outputs(self, plan: CallPlan, host: SampleBuffers, steps: int, segments: int, refills: int,
+                 row_steps: int) -> SampleOutput:
         sh, G = plan.shapes, plan.shapes.group_size
         per_device = sh.out_groups * G
         rows = np.asarray([grp.shard * per_device + grp.out_group * G + i for grp in plan.groups for i in range(G)])
@@ -391,4 +421,6 @@ class GroupSampler:
             decode_steps=steps,
             decode_segments=segments,
             refills=refills,
+            decode_rows=self.shards * sh.slots,
+            decode_row_steps=row_steps,
         )

@@ -33,6 +33,7 @@ ATTENTION_KERNELS = ("auto", "xla", "pallas_gpu", "pallas_tpu")
 LAYER_LOOPS = ("auto", "scan", "unrolled")
 KV_LAYOUTS = ("auto", "split", "fused")
 MATMUL_KERNELS = ("auto", "xla", "packed_cpu")
+TAIL_ROWS = ("auto", "on", "off")
 
 
 class SamplerError(ValueError):
@@ -108,6 +109,10 @@ class SamplerConfig:
     once per update in 32-column panels, multiplied by a C++ FFI kernel built on first use; CPU, float32 or
     bfloat16, layers unrolled, no tensor axis: ``packed_weights.py``), 'auto' (packed_cpu where it applies and
     builds, else xla).
+    tail_rows: the group sampler's decode tail, one of TAIL_ROWS: 'on' (once nothing waits and the live rows fit
+    in a quarter of the decode rows, they move into a decode state of that quarter and decode to the end, in the
+    same program: ``sharded.decode_segment``), 'off', 'auto' (on on CPU, where a decode step costs about its rows;
+    off on accelerators, where it costs about the same for few rows or many).
     """
 
     page_size: int = 16
@@ -128,6 +133,7 @@ class SamplerConfig:
     layer_loop: str = "auto"
     kv_layout: str = "auto"
     matmul_kernel: str = "auto"
+    tail_rows: str = "auto"
 
     def __post_init__(self) -> None:
         for name in (
@@ -154,7 +160,8 @@ class SamplerConfig:
         if not 0.0 < self.refill_fraction <= 1.0:
             raise SamplerError(f"SamplerConfig.refill_fraction must be in (0, 1], got {self.refill_fraction!r}")
         for name, allowed in (("attention_kernel", ATTENTION_KERNELS), ("layer_loop", LAYER_LOOPS),
-                              ("kv_layout", KV_LAYOUTS), ("matmul_kernel", MATMUL_KERNELS)):
+                              ("kv_layout", KV_LAYOUTS), ("matmul_kernel", MATMUL_KERNELS),
+                              ("tail_rows", TAIL_ROWS)):
             if getattr(self, name) not in allowed:
                 raise SamplerError(f"SamplerConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
 

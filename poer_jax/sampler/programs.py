@@ -40,6 +40,7 @@ from poer_jax.sampler.sharded import (
     SlotState,
     batch_shards,
     decode_segment,
+    decode_tail_rows,
     layer_shardings,
     pool_shapes,
     pool_shardings,
@@ -84,6 +85,7 @@ def sampler_program_specs(
     kv_dtype = dtype_from_name(scfg.kv_dtype or mcfg.dtype)
     D = batch_shards(mesh)
     kernel = attention_kernel(scfg, mesh)
+    platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
     args = _Abstract(mcfg, scfg, mesh, sh, D, kv_dtype, kernel)
 
     decode_shapes = _ladder(rows, shape_bucket)
@@ -111,7 +113,8 @@ def sampler_program_specs(
         args=(args.params(), state, out, args.control()),
         kwargs=dict(cfg=mcfg, sp=scfg.sampling, eos_ids=scfg.eos_ids, chunk_pages=sh.chunk_pages,
                     pad_id=scfg.pad_id, dynamic_chunks=dynamic, shared_chunk_pages=sh.shared_chunk_pages, mesh=mesh,
-                    attention_kernel=kernel),
+                    attention_kernel=kernel,
+                    tail_rows=decode_tail_rows(scfg.tail_rows, platform, sh.rows)),
         sizing_keys=(*POOL_KEYS, "rollout.max_completion_len", "data.max_prompt_len", *SLOT_KEYS),
         num_shapes=decode_shapes,
         note=f"{where}; page tables {sh.shared_width} shared + {sh.table_width} private pages; "

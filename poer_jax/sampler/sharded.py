@@ -15,6 +15,12 @@ functions run on one device.
                    take the next one (its pages fit in the pages that finished samples will return and a row
                    is free) and either enough rows over all devices could be refilled (>= ``target``) or
                    that device is idle. The exit test costs one all-reduce of three scalars per step.
+                   The tail (``tail_rows`` > 0): once nothing waits and every device's live rows fit in
+                   ``tail_rows``, the live rows' slots move into a decode state of ``tail_rows`` rows (their
+                   page tables, not their pages) and a second loop decodes them to the end, in the same
+                   program: a batched decode runs until its longest sample stops, and on a CPU a step costs
+                   about its rows, so the few long samples of a POER rollout no longer drag every finished
+                   row through each step (same tokens; the sampler turns it on on CPU, ``tail_rows``).
 
 Sample i of group g draws token t with fold_in(fold_in(fold_in(key, g), i), t) wherever it runs (device,
 row, slot, segment), so the tokens do not depend on the pool size or the device count.
@@ -297,46 +303,111 @@ def _decode_segment_local(
     shared_chunk_pages: int,
     axes: tuple[str, ...] | None,
     attention_kernel: AttentionKernel,
+    tail_rows: int,
 ) -> tuple[SlotState, SampleBuffers, jax.Array]:
     R = state.shared_lengths.shape[0]
-    M = out.tokens.shape[1]
+    G = state.decode.active.shape[0] // R
+    Q, M = out.tokens.shape
     total = (lambda x: jax.lax.psum(x, axes)) if axes else (lambda x: x)
+    most = (lambda x: jax.lax.pmax(x, axes)) if axes else (lambda x: x)
+
+    def tail_now(dec: DecodeState) -> jax.Array:
+        """Nothing waits anywhere and every device's live rows fit in ``tail_rows`` (module docstring)."""
+        if not tail_rows:
+            return jnp.zeros((), bool)
+        live = jnp.sum(dec.active.reshape(R, G).any(axis=1)).astype(jnp.int32)
+        return (total(ctl.pending[0]) == 0) & (most(live) <= tail_rows)
 
     def cond(c: tuple[DecodeState, SampleBuffers, jax.Array]) -> jax.Array:
         dec, _, steps = c
         want, starving = _refill_wanted(dec, ctl, R)
         active, want, starving = total(jnp.stack([dec.active.any().astype(jnp.int32), want, starving]))
-        return (active > 0) & (want < ctl.target) & (starving == 0) & (steps < M)
+        return (active > 0) & (want < ctl.target) & (starving == 0) & (steps < M) & ~tail_now(dec)
+
+    def body_of(out_row: jax.Array, shared: SharedPrefix) -> Any:
+        """A decode step of the slots in ``out_row``'s order, writing their tokens to the output rows."""
+
+        def body(c: tuple[DecodeState, SampleBuffers, jax.Array]) -> tuple[DecodeState, SampleBuffers, jax.Array]:
+            dec, o, steps = c
+            dec, r = decode_step(
+                params, cfg, dec, sp, eos_ids, chunk_pages, pad_id, None, dynamic_chunks, shared,
+                shared_chunk_pages, attention_kernel,
+            )
+            row = jnp.where(r.valid, out_row, Q)  # out of range: dropped
+            col = jnp.where(r.valid, r.index, M)
+            o = o._replace(
+                tokens=o.tokens.at[row, col].set(r.tokens, mode="drop"),
+                logprobs=o.logprobs.at[row, col].set(r.logprobs, mode="drop"),
+                policy_logprobs=o.policy_logprobs.at[row, col].set(r.policy_logprobs, mode="drop"),
+            )
+            return dec, o, steps + 1
+
+        return body
 
     # finished slots and empty rows attend nothing: the attention loops stop at the longest live sequence
     dec = state.decode
     live_row = dec.active.reshape(R, -1).any(axis=1)
     shared = SharedPrefix(state.shared_table, jnp.where(live_row, state.shared_lengths, 0))
     dec = dec._replace(lengths=jnp.where(dec.active, dec.lengths, 0))
-
-    def body(c: tuple[DecodeState, SampleBuffers, jax.Array]) -> tuple[DecodeState, SampleBuffers, jax.Array]:
-        dec, o, steps = c
-        dec, r = decode_step(
-            params, cfg, dec, sp, eos_ids, chunk_pages, pad_id, None, dynamic_chunks, shared, shared_chunk_pages,
-            attention_kernel,
-        )
-        row = jnp.where(r.valid, state.out_row, o.tokens.shape[0])  # out of range: dropped
-        col = jnp.where(r.valid, r.index, M)
-        o = o._replace(
-            tokens=o.tokens.at[row, col].set(r.tokens, mode="drop"),
-            logprobs=o.logprobs.at[row, col].set(r.logprobs, mode="drop"),
-            policy_logprobs=o.policy_logprobs.at[row, col].set(r.policy_logprobs, mode="drop"),
-        )
-        return dec, o, steps + 1
-
     started = dec.active
-    dec, out, steps = jax.lax.while_loop(cond, body, (dec, out, jnp.zeros((), jnp.int32)))
+    zero = jnp.zeros((), jnp.int32)
+    dec, out, steps = jax.lax.while_loop(cond, body_of(state.out_row, shared), (dec, out, zero))
+    tail = zero
+    if tail_rows:
+        dec, out, tail = _decode_tail(dec, out, state, steps, tail_rows, tail_now(dec), total, body_of)
     # a slot holds one sample for the whole segment: the count and finish code of each sample that ran go out
     # once, at the end (samples done at insert got theirs from prefill_insert)
     row = jnp.where(started, state.out_row, out.lengths.shape[0])
     out = out._replace(lengths=out.lengths.at[row].set(dec.num_generated, mode="drop"),
                        finish=out.finish.at[row].set(dec.finish, mode="drop"))
-    return state._replace(decode=dec), out, steps[None]
+    return state._replace(decode=dec), out, jnp.stack([steps + tail, tail])[None]
+
+
+def decode_tail_rows(mode: str, platform: str, rows: int) -> int:
+    """Rows of a decode segment's tail (``SamplerConfig.tail_rows``): a quarter of the ``rows`` (when there are 4 or
+    more) with 'on', or with 'auto' on CPU, where a decode step costs about its rows; else 0 (no tail phase)."""
+    on = mode == "on" or (mode == "auto" and platform == "cpu")
+    return rows // 4 if on and rows >= 4 else 0
+
+
+def _decode_tail(dec: DecodeState, out: SampleBuffers, state: SlotState, steps: jax.Array, tail_rows: int,
+                 go: jax.Array, total: Any, body_of: Any) -> tuple[DecodeState, SampleBuffers, jax.Array]:
+    """The end of a segment on ``tail_rows`` rows: the live rows' slots gathered into a smaller decode state (the
+    KV pool is shared: their page tables move, not their pages), decoded to the end and scattered back. A
+    sample's tokens do not depend on its slot, so no token changes; a step computes ``tail_rows`` of the R rows.
+    ``go`` false (a refill is due, or nothing is live): no step runs and nothing changes."""
+    R, S = state.shared_lengths.shape[0], dec.active.shape[0]
+    G = S // R
+    Q, M = out.tokens.shape
+    live_row = dec.active.reshape(R, G).any(axis=1)
+    picked = jnp.nonzero(live_row, size=tail_rows, fill_value=R)[0]  # the live rows, then R as padding
+    valid_row = picked < R
+    rows = jnp.minimum(picked, R - 1)
+    slots = (rows[:, None] * G + jnp.arange(G, dtype=rows.dtype)[None, :]).reshape(-1)
+    valid = jnp.repeat(valid_row, G)
+    active = dec.active[slots] & valid
+    sub = DecodeState(
+        dec.k_pages, dec.v_pages, dec.page_table[slots], jnp.where(active, dec.lengths[slots], 0),
+        dec.cur_token[slots], dec.num_generated[slots], dec.budget[slots], active, dec.finish[slots], dec.keys[slots],
+    )
+    shared = SharedPrefix(state.shared_table[rows], jnp.where(valid_row, state.shared_lengths[rows], 0))
+    out_row = jnp.where(valid, state.out_row[slots], Q)
+
+    def cond(c: tuple[DecodeState, SampleBuffers, jax.Array]) -> jax.Array:
+        sub, _, n = c
+        return go & (total(sub.active.any().astype(jnp.int32)) > 0) & (steps + n < M)
+
+    sub, out, n = jax.lax.while_loop(cond, body_of(out_row, shared), (sub, out, jnp.zeros((), jnp.int32)))
+    back = jnp.where(valid, slots, S)  # padding slots: dropped
+
+    def put(a: jax.Array, v: jax.Array) -> jax.Array:
+        return a.at[back].set(v, mode="drop")
+
+    dec = dec._replace(k_pages=sub.k_pages, v_pages=sub.v_pages, lengths=put(dec.lengths, sub.lengths),
+                       cur_token=put(dec.cur_token, sub.cur_token),
+                       num_generated=put(dec.num_generated, sub.num_generated), active=put(dec.active, sub.active),
+                       finish=put(dec.finish, sub.finish))
+    return dec, out, n
 
 
 @partial(
@@ -351,6 +422,7 @@ def _decode_segment_local(
         "shared_chunk_pages",
         "mesh",
         "attention_kernel",
+        "tail_rows",
     ),
     donate_argnames=("state", "out"),
     compiler_options=DECODE_COMPILER_OPTIONS,
@@ -370,10 +442,12 @@ def decode_segment(
     shared_chunk_pages: int,
     mesh: Mesh | None,
     attention_kernel: AttentionKernel = XLA,
+    tail_rows: int = 0,
 ) -> tuple[SlotState, SampleBuffers, jax.Array]:
     """Decode every device's active slots until the host should refill or all are done (module docstring).
-    Returns the state, the outputs and the steps run ([D], equal on every device). ``params["layers"]`` stacked
-    runs a layer scan, a tuple of per-layer weights (``GroupSampler.update_params`` on CPU) the layers unrolled;
+    Returns the state, the outputs and [D, 2]: the steps run and how many of them ran on the ``tail_rows``
+    rows of the tail (equal on every device; 0 = no tail phase). ``params["layers"]`` stacked runs a layer
+    scan, a tuple of per-layer weights (``GroupSampler.update_params`` on CPU) the layers unrolled;
     ``attention_kernel``: the paged-attention code (``paged_attention.attention_kernel``). Compiled with
     ``DECODE_COMPILER_OPTIONS``."""
     fn = partial(
@@ -387,6 +461,7 @@ def decode_segment(
         shared_chunk_pages=shared_chunk_pages,
         axes=None if mesh is None else BATCH_AXES,
         attention_kernel=attention_kernel,
+        tail_rows=tail_rows,
     )
     specs = (_local_specs(state, is_fused(state.decode.k_pages, state.decode.v_pages)), _local_specs(out))
     return _over_batch(fn, mesh, (P(), *specs, _local_specs(ctl)), (*specs, P(BATCH_AXES)))(params, state, out, ctl)

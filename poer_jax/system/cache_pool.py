@@ -15,7 +15,8 @@ def build_truncation(cfg: ml_collections.ConfigDict) -> poer.TruncationConfig:
     c = cfg.cache
     return poer.TruncationConfig(max_completion_len=cfg.rollout.max_completion_len, limit=c.truncation,
                                  max_truncation=c.max_truncation, fraction=float(c.truncation_fraction),
-                                 mode=c.truncation_mode, budget=c.budget)
+                                 mode=c.truncation_mode, budget=c.budget,
+                                 max_continuation=cfg.rollout.max_continuation_len)
 
 
 def build_empty_pool(num_questions: int, max_len: int, pad_id: int, mesh: Mesh, *,

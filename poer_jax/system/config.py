@@ -221,6 +221,10 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ConfigError(f"config key 'cache.max_truncation' ({cfg.cache.max_truncation}) is larger than "
                           f"'rollout.max_completion_len' ({cfg.rollout.max_completion_len}): no cached answer is "
                           "that long, so L would never be reached")
+    cap = cfg.rollout.max_continuation_len
+    if cap is not None and cap > cfg.rollout.max_completion_len:
+        raise ConfigError(f"config key 'rollout.max_continuation_len' ({cap}) is larger than "
+                          f"'rollout.max_completion_len' ({cfg.rollout.max_completion_len}): it would cap nothing")
     kernel, layout = cfg.rollout.attention_kernel, cfg.rollout.kv_layout
     if (kernel, layout) in (("pallas_tpu", "split"), ("pallas_gpu", "fused")):
         reads = "fused" if kernel == "pallas_tpu" else "split"

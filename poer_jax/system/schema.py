@@ -75,6 +75,10 @@ SCHEMA: dict[str, Any] = {
         "top_p": _f(1.0, NUM, "nucleus sampling mass (1: off)", min=0.0, max=1.0),
         "top_k": _f(0, int, "sample among the k most likely tokens; 0 = off", min=0),
         "max_completion_len": _f(4096, int, "longest response in tokens (cached prefix + continuation)", min=1),
+        "max_continuation_len": _f(None, int, "POER: at most this many new tokens per continuation, whatever "
+                                   "cache.budget allows (a batched decode runs until its longest continuation "
+                                   "stops); None = the budget alone (the paper). Full rollouts: "
+                                   "rollout.max_completion_len", optional=True, min=1),
         "page_size": _f(16, int, "tokens per KV-cache page of the sampler", min=1, resume_safe=True),
         "kv_cache_gb": _f(16.0, NUM, "KV pool per device in GB (K and V, all layers), capped at what the device's "
                           "share of a step can use at once; samples that do not fit wait for finished ones' pages",

@@ -25,7 +25,6 @@ import ml_collections
 import numpy as np
 
 from poer_jax import poer
-from poer_jax.console import TaskProgress
 from poer_jax.rl import (
     DynamicSampler,
     DynamicSamplingError,
@@ -49,6 +48,7 @@ from poer_jax.system.start import prepare_toy, run_sources, run_warm_start, use_
 from poer_jax.system.text import build_prompts, build_text
 from poer_jax.system.update import build_update_trainer
 from poer_jax.train import report, run_dir
+from poer_jax.train.cache_init import initial_cache_pool
 from poer_jax.train.checkpoint import BrokenCheckpointError, Checkpointer, pool_from_items, pool_items
 from poer_jax.train.held_out import evaluate_held_out
 from poer_jax.train.iterator import build_iterator
@@ -57,7 +57,7 @@ from poer_jax.train.progress import Progress
 from poer_jax.train.reward_pool import RewardPool, RewardResult
 from poer_jax.train.reward_setup import build_rewards
 from poer_jax.train.rollout import Rollout, responses_array, rollout, select_groups
-from poer_jax.train.step_metrics import gather_reward_result, rollout_metrics
+from poer_jax.train.step_metrics import add_critical_path, critical_path_info, gather_reward_result, rollout_metrics
 
 log = logging.getLogger("poer_jax")
 
@@ -157,7 +157,8 @@ class PoerTrainer:
             self.metrics = MetricsWriter(self.workdir, resume_step=self.step if resuming else None)
             self.samples = SamplesWriter(self.workdir, resume_step=self.step if resuming else None)
         if self.step == 0 and cfg.rollout.strategy == "poer":
-            self._init_cache()
+            self.pool = initial_cache_pool(cfg, self.pool, self.prompts, self.tokenizer, self.eos_ids[0], self.pad_id,
+                                           self.mesh, sampler=self.sampler, key=self.key, rows=self.rows)
 
     def close(self) -> None:
         """Close what the run opened (idempotent): writers, reward workers, the checkpointer (after its
@@ -175,50 +176,6 @@ class PoerTrainer:
         self.close()
 
     # ---- cache pool initialisation (Eq. 1) -------------------------------------------------------------
-    def _init_cache(self) -> None:
-        c, n = self.cfg.cache, len(self.prompts)
-        rows = self.prompts.rows(range(n))
-        if c.init == "solutions":
-            # as the warm start learnt to write them (a built-in task's R1 format: a cut then falls where the
-            # policy's own answers could be cut), else the dataset's solutions
-            texts = [warm_start_target(r, self.cfg) if r.get("solution") or r.get("answer") else ""
-                     for r in rows]
-            ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] + [self.eos_ids[0]] for t in texts]
-            self.pool = poer.from_token_lists(ids, self.pool.max_len, self.pad_id, self.eos_ids[0],
-                                              sharding=poer.pool_sharding(self.pool, self.mesh))
-            log.info("cache pool: %d reference solutions, %.1f tokens on average", n, np.mean([len(x) for x in ids]))
-        elif c.init == "file":
-            problems = [r["problem"] for r in rows]
-            mapping = poer.load_answers_file(
-                c.init_file, lambda t: self.tokenizer(t, add_special_tokens=False)["input_ids"],
-                num_questions=n, problems=problems)
-            self.pool = poer.from_token_lists(mapping, self.pool.max_len, self.pad_id, self.eos_ids[0],
-                                              num_questions=n, sharding=poer.pool_sharding(self.pool, self.mesh))
-        else:  # one sample per question from the initial policy; each process samples its share of a chunk
-            t0 = time.perf_counter()
-            chunk = self.cfg.data.questions_per_step * self.cfg.rollout.group_size
-            key = jax.random.fold_in(self.key, -1 & 0x7FFFFFFF)
-            width, P, p = self.pool.max_len, self.rows.count, self.rows.index
-            bar = TaskProgress("cache pool", n, unit="answers", quiet=not is_main_process())
-            for start in range(0, n, chunk):
-                idx = np.arange(start, min(n, start + chunk))
-                share = cdiv(len(idx), P)
-                mine = idx[p * share: (p + 1) * share]
-                tokens = np.full((share, width), self.pad_id, np.int32)
-                lengths = np.zeros((share,), np.int32)
-                if mine.size:
-                    out = self.sampler.generate([self.prompts.ids[i].tolist() for i in mine], 1, width,
-                                                jax.random.fold_in(key, start), group_offset=p * share)
-                    tokens[: mine.size, : out.tokens.shape[1]] = out.tokens[:, :width]
-                    lengths[: mine.size] = out.lengths
-                rows = np.full((share,), -1, np.int32)  # -1: a padding row, dropped by the pool's writers
-                rows[: mine.size] = mine
-                self.pool = _insert(self.pool, self.rows.to_global(rows, fill=-1),
-                                    self.rows.to_global(tokens, fill=self.pad_id), self.rows.to_global(lengths))
-                bar.update(min(n, start + chunk))
-            bar.close()
-            log.info("cache pool: %d answers sampled in %.1fs", n, time.perf_counter() - t0)
-
     # ---- checkpoints ------------------------------------------------------------------------------------
     def _newest_extra(self) -> dict[str, Any] | None:
         """The JSON of the newest checkpoint whose JSON reads (a broken newest one is skipped)."""
@@ -321,7 +278,7 @@ class PoerTrainer:
         G = cfg.rollout.group_size
         dyn: DynamicSampler | None = None
         info: dict[str, Any] = {"prefilled": 0, "decoded": 0, "full_equiv": 0, "rollout_s": 0.0, "reward_s": 0.0,
-                                "attempts": 0}
+                                "attempts": 0, **critical_path_info()}
         cache_updates = []
         while True:
             batch = next(self.iterator)
@@ -338,6 +295,7 @@ class PoerTrainer:
             info["decoded"] += r.decoded_tokens
             info["full_equiv"] += r.full_equivalent_decoded()
             info["rollout_s"] += r.seconds
+            add_critical_path(info, r)
             t0 = time.perf_counter()  # the step's reward deadline is shared by its sampling attempts
             raw, correct, res = self._rewards(r, max(0.01, cfg.reward.step_timeout_s - info["reward_s"]))
             info["reward_s"] += time.perf_counter() - t0
@@ -514,4 +472,3 @@ class PoerTrainer:
 
 
 _cache_update = jax.jit(poer.update, static_argnames=("mode",))
-_insert = jax.jit(poer.insert)

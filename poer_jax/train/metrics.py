@@ -43,6 +43,7 @@ DECODED_KEY = "tokens/decoded"
 DECODED_FULL_KEY = "tokens/decoded_full_equiv"
 TOKENS_PER_S_KEY = "tokens/decoded_per_s"
 STEP_TIME_KEY = "time/step_s"
+DECODE_STEPS_KEY = "rollout/decode_steps"  # the rollout's critical path (train/step_metrics.py)
 
 _NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 _tb_missing_warned = False

@@ -1,7 +1,8 @@
 """Console progress: a tqdm bar on a terminal, a plain line every N steps otherwise (CI and batch logs).
 
-Both show the step, ETA and the key numbers: reward, training accuracy, mean response length and decoded
-tokens per second. ETA = elapsed / (steps done in this process) * (steps left), so a resumed run's ETA is
+Both show the step, ETA and the key numbers: reward, training accuracy, mean response length, decoded
+tokens per second and the rollout's decode steps (its critical path: a batched decode runs until its longest
+sample stops). ETA = elapsed / (steps done in this process) * (steps left), so a resumed run's ETA is
 not skewed by the steps a previous process did. The phases before the first step (warm start, cache-pool
 fill) have their own bar (``poer_jax.console.TaskProgress``).
 """
@@ -17,6 +18,7 @@ from typing import Any, TextIO
 from poer_jax.console import format_duration, is_tty
 from poer_jax.train.metrics import (
     ACCURACY_KEY,
+    DECODE_STEPS_KEY,
     DECODED_KEY,
     EVAL_ACCURACY_KEY,
     LENGTH_KEY,
@@ -71,12 +73,15 @@ def key_numbers(metrics: Mapping[str, Any]) -> list[tuple[str, str]]:
     rate = tokens_per_second(metrics)
     if rate is not None:
         out.append(("tok/s", _si(rate)))
+    steps = _number(metrics, DECODE_STEPS_KEY)
+    if steps is not None:
+        out.append(("dsteps", f"{steps:.0f}"))
     return out
 
 
 def format_step_line(step: int, total: int, metrics: Mapping[str, Any], elapsed_s: float, *,
                      initial_step: int = 0) -> str:
-    """``step 50/200 (25.0%) | reward 0.512 | acc 0.480 | len 312.4 | tok/s 1.23k | 0:01:40 < 0:05:00``.
+    """``step 50/200 (25.0%) | reward 0.512 | acc 0.480 | len 312.4 | tok/s 1.23k | dsteps 255 | 0:01:40 < 0:05:00``.
 
     ``elapsed_s`` is the time spent on steps ``initial_step+1 .. step`` (this process); the ETA after ``<``
     is ``elapsed_s / (step - initial_step) * (total - step)``, ``?`` before the first step.

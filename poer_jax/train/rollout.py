@@ -39,6 +39,14 @@ class Rollout:
     prefilled_tokens: int
     decoded_tokens: int
     seconds: float
+    # the critical path (``SampleOutput``): decode loop iterations, rows they computed (summed over the steps),
+    # tokens the decode steps made (decoded_tokens less each sample's first token, which prefill samples), and
+    # the sampler's prefill / decode wall time (the rest of ``seconds`` is host work)
+    decode_steps: int = 0
+    decode_row_steps: int = 0
+    decode_step_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
 
     @property
     def num_samples(self) -> int:
@@ -108,7 +116,10 @@ def rollout(
     else:
         raise ValueError(f"rollout: unknown strategy {strategy!r}")
     prompts = [np.concatenate([np.asarray(prompt_ids[b], np.int32), prefixes[b]]) for b in range(B)]
-    out = sampler.generate([p.tolist() for p in prompts], group_size, budgets, k_sample, group_offset=group_offset)
+    # one wait after each prefill round, outside the decode loop, to time prefill and decode apart
+    timing: dict[str, float] = {}
+    out = sampler.generate([p.tolist() for p in prompts], group_size, budgets, k_sample, timing=timing,
+                           group_offset=group_offset)
     n = B * group_size
     cont = [out.tokens[i, : out.lengths[i]].astype(np.int32) for i in range(n)]
     lps = [out.policy_logprobs[i, : out.lengths[i]].astype(np.float32) for i in range(n)]
@@ -116,7 +127,9 @@ def rollout(
                 prefix_ids=prefixes, continuation_ids=cont, sampler_logprobs=lps,
                 finish_reason=np.asarray(out.finish_reason), truncation_m=m, truncation_L=L,
                 prefilled_tokens=out.prefilled_tokens, decoded_tokens=out.generated_tokens,
-                seconds=time.perf_counter() - t0)
+                seconds=time.perf_counter() - t0, decode_steps=out.decode_steps,
+                decode_row_steps=out.decode_row_steps, decode_step_tokens=out.decoded_tokens,
+                prefill_s=timing["prefill_s"], decode_s=timing["decode_s"])
     return r, out
 
 
@@ -156,5 +169,7 @@ def select_groups(parts: list[tuple[Rollout, np.ndarray, np.ndarray, np.ndarray]
                   prefix_ids=groups["prefix_ids"], continuation_ids=samples["cont"], sampler_logprobs=samples["lps"],
                   finish_reason=np.asarray(samples["finish"]), truncation_m=np.asarray(groups["m"]),
                   truncation_L=np.asarray(groups["L"]), prefilled_tokens=r0.prefilled_tokens,
-                  decoded_tokens=r0.decoded_tokens, seconds=r0.seconds)
+                  decoded_tokens=r0.decoded_tokens, seconds=r0.seconds, decode_steps=r0.decode_steps,
+                  decode_row_steps=r0.decode_row_steps, decode_step_tokens=r0.decode_step_tokens,
+                  prefill_s=r0.prefill_s, decode_s=r0.decode_s)
     return out, np.stack(raws)

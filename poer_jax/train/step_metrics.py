@@ -4,6 +4,16 @@ TRL names (``reward``, ``reward_std``, ``rewards/<fn>/mean``, ``completions/*``)
 (``tokens/prefilled``, ``tokens/decoded``, ``tokens/decoded_full_equiv``, ``truncation/*``, ``time/*``).
 On several processes the per-sample arrays are gathered first, so every number is the one a single
 process holding the whole batch would report; times are the slowest process's.
+
+The rollout's critical path (``rollout/*``, over every sampler call of the step, dynamic sampling's extra
+batches included): a batched decode runs until its longest sample stops, so its time follows the decode
+steps, not the tokens.
+
+  rollout/decode_steps            decode loop iterations (summed over the step's calls; the most of any process)
+  rollout/continuation_p50 / _p95 / _max   tokens sampled per continuation (the first one from prefill)
+  rollout/row_utilisation         decode-step tokens / rows the decode steps computed, summed over calls
+  time/prefill_s, time/decode_s   the sampler's prefill and decode wall time; time/rollout_host_s the rest of
+                                  time/rollout_s (truncation, planning, building prompts and outputs)
 """
 
 from __future__ import annotations
@@ -18,6 +28,44 @@ from poer_jax.train.rollout import Rollout
 
 COUNTS = ("prefilled", "decoded", "full_equiv")
 TIMES = ("rollout_s", "reward_s")
+PATH_TIMES = ("prefill_s", "decode_s")
+
+
+def critical_path_info() -> dict[str, Any]:
+    """The per-step accumulators ``add_critical_path`` fills (``info`` of the training loop)."""
+    return {"decode_steps": 0, "decode_row_steps": 0, "decode_step_tokens": 0, "prefill_s": 0.0, "decode_s": 0.0,
+            "continuation_lengths": np.zeros((0,), np.int64)}
+
+
+def add_critical_path(info: dict[str, Any], r: Rollout) -> None:
+    """Add one sampler call's decode steps, row-steps, decode-step tokens, times and continuation lengths."""
+    for k in ("decode_steps", "decode_row_steps", "decode_step_tokens", "prefill_s", "decode_s"):
+        info[k] += getattr(r, k)
+    lengths = np.asarray([len(c) for c in r.continuation_ids], np.int64)
+    info["continuation_lengths"] = np.concatenate([info["continuation_lengths"], lengths])
+
+
+def critical_path_metrics(info: dict[str, Any], rows: ProcessRows, rollout_s: float) -> dict[str, float]:
+    """``rollout/*`` and the prefill / decode / host split of ``rollout_s`` (module docstring) over all processes:
+    steps and times are the slowest process's (processes decode side by side), row-steps and tokens summed."""
+    from poer_jax.sampler.batch_sampler import row_utilisation
+
+    lengths = rows.gather(info["continuation_lengths"])
+    steps = int(rows.gather(np.asarray([info["decode_steps"]], np.int64)).max())
+    row_steps, tokens = rows.gather(np.asarray([[info["decode_row_steps"], info["decode_step_tokens"]]],
+                                               np.int64)).sum(axis=0)
+    prefill_s, decode_s = rows.gather(np.asarray([[info[k] for k in PATH_TIMES]], np.float64)).max(axis=0)
+    has = lengths.size > 0
+    return {
+        "rollout/decode_steps": steps,
+        "rollout/continuation_p50": float(np.percentile(lengths, 50)) if has else 0.0,
+        "rollout/continuation_p95": float(np.percentile(lengths, 95)) if has else 0.0,
+        "rollout/continuation_max": int(lengths.max()) if has else 0,
+        "rollout/row_utilisation": row_utilisation(int(tokens), int(row_steps)),
+        "time/prefill_s": float(prefill_s),
+        "time/decode_s": float(decode_s),
+        "time/rollout_host_s": max(0.0, rollout_s - float(prefill_s) - float(decode_s)),
+    }
 
 
 def gather_reward_result(res: RewardResult, rows: ProcessRows) -> RewardResult:
@@ -69,6 +117,8 @@ def rollout_metrics(r: Rollout, raw: np.ndarray, shaped: np.ndarray, rewards: Re
         "time/reward_s": float(times[1]),
         "tokens/decoded_per_s": float(counts[1] / max(times[0], 1e-9)),
     })
+    if "decode_steps" in info:
+        m.update(critical_path_metrics(info, rows, float(times[0])))
     for k, v in info.items():
         if k.startswith("dynamic_sampling/"):
             m[k] = float(rows.gather(np.asarray([v], np.float64)).mean())
