@@ -22,10 +22,10 @@ then trains with POER as the paper does it:
   wrong answer like a correct one of the group's mean length).
 
 The held-out accuracy (128 problems, 4 samples each) is printed every 20 steps, and at the end with a paired
-test against the start. Measured on a 2-core CPU (README, docs/benchmarks.md "POER in its own regime"): 8 min,
-held-out 0.475 -> 0.531 (p = 0.043; seed 1: 0.529 -> 0.588, p = 0.029); POER decodes ~0.06 of GRPO's tokens per
-sample in ~0.25 of its rollout time (docs/rollout.md: its decode steps, ~0.25 of GRPO's, set it);
-scripts/sweep_poer.py compares POER with GRPO over seeds (and L = 10, 25, 50 %).
+test against the start. Measured on a 2-core CPU (README, docs/benchmarks.md): 2 min 45 s in all (2026-12-06),
+held-out 0.475 -> 0.531 (p = 0.043; seed 1: 0.529 -> 0.588, p = 0.029); POER decodes ~0.06-0.08 of GRPO's tokens
+per sample in ~0.15-0.18 of its rollout time (docs/rollout.md: its decode steps set it); scripts/sweep_poer.py
+compares POER with GRPO over seeds (README: 3 seeds, 512 held-out problems).
 configs/arithmetic.py is a faster short-answer run, outside POER's regime.
 """
 

@@ -166,3 +166,23 @@ def finished_run(toy_env, tmp_path_factory):
 
     made = _once(tmp_path_factory, "finished", make)
     return {**made, "workdir": Path(made["workdir"])}
+
+
+@pytest.fixture(scope="session")
+def learning_runs(tmp_path_factory):
+    """tests/learning_run.py's two 40-step runs from the arithmetic config's committed warm start, full weights and
+    rank-8 LoRA, in one process of their own (XLA's default optimisation) that grades the start once:
+    ``{"before": problems x samples, "after": {"full": ..., "lora": ...}}``."""
+    import subprocess
+    import sys
+
+    from tests.helpers_runs import ROOT
+
+    def make(work):
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+        run = subprocess.run([sys.executable, "-m", "tests.learning_run", str(work / "held_out.json")],
+                             capture_output=True, text=True, timeout=1500, env=env, cwd=ROOT)
+        assert run.returncode == 0, run.stderr[-3000:]
+        return json.loads((work / "held_out.json").read_text())
+
+    return _once(tmp_path_factory, "learning", make)

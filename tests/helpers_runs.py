@@ -26,6 +26,8 @@ FINISHED_RUN = {"eval.enabled": True, "eval.every": 3, "train.export_final": Tru
                 "train.keep_checkpoints": 3, "optim.learning_rate": 0.01}
 
 
+LEARNING = "learning"  # the xdist group of the tests that read conftest.learning_runs: one worker makes and reads it
+
 def xla_flags(devices: int | None = None) -> str:
     """``XLA_FLAGS`` of a test's subprocess: ``RUN_XLA_FLAGS``, with ``devices`` host CPU devices if given."""
     return RUN_XLA_FLAGS + (f" --xla_force_host_platform_device_count={devices}" if devices else "")

@@ -1,6 +1,12 @@
-"""A short RL run from the arithmetic config's committed warm start, as its own process:
-``python -m tests.learning_run OUT.json [KEY=VALUE ...]`` writes the held-out correctness before and after
-(``{"before": [[...]], "after": [[...]]}``, problems x samples) for ``tests/test_toy_demo.py`` to test.
+"""Short RL runs from the arithmetic config's committed warm start, in a process of their own:
+``python -m tests.learning_run OUT.json`` trains the full weights and, from the same start, rank-8 LoRA adapters
+(``LORA``), 40 steps each, and writes the held-out correctness before and after each
+(``{"before": [[...]], "after": {"full": [[...]], "lora": [[...]]}}``, problems x samples) for
+``tests/test_toy_demo.py`` and ``tests/test_lora_run.py``; ``python -m tests.learning_run OUT.json KEY=VALUE ...``
+trains one run with those overrides (``"after": {"run": ...}``).
+
+The start is graded once: the LoRA run starts from the same weights (B = 0 adds exactly nothing,
+tests/test_lora.py) and grades with the same key, so its "before" is the full run's.
 
 Its own process so that its programs compile at XLA's default optimisation level: the suite compiles at -O0
 (tests/conftest.py), right for the many small programs compiled once and run a few times, but this run executes
@@ -11,6 +17,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 from tests.helpers_runs import ARITHMETIC_WARM_START, ROOT  # committed; the command that remakes it is there
@@ -31,22 +38,42 @@ def held_out(trainer, k: int) -> list[list[float]]:
     return np.asarray(res.correct, np.float64).tolist()
 
 
-def main(out: Path, extra: list[str]) -> None:
+LORA = ["lora.rank=8", "lora.alpha=16", "optim.learning_rate=1e-3"]  # every projection, an adapter's learning rate
+
+
+def train(out: Path, name: str, extra: list[str], grade_start: bool) -> tuple[list | None, list]:
+    """One run of 40 steps: the held-out correctness at the start (when asked) and at the end."""
     from poer_jax.system.config import apply_overrides, load_config_file, validate
     from poer_jax.train.loop import PoerTrainer
 
     cfg = validate(apply_overrides(load_config_file(ROOT / "configs" / "arithmetic.py"), [
-        f"workdir={out.parent / 'toy'}", f"warm_start.path={ARITHMETIC_WARM_START}", "toy.num_train=1000",
+        f"workdir={out.parent / name}", f"warm_start.path={ARITHMETIC_WARM_START}", "toy.num_train=1000",
         "toy.num_test=160", "train.max_steps=40", "eval.every=0", "train.checkpoint_every=1000",
-        "train.export_final=false", "mesh.num_devices=1", *extra]))
+        "train.export_final=false", "mesh.num_devices=1",
+        "train.compilation_cache_dir=", *extra]))  # no persistent cache: its programs are this process's own
+    t0 = time.perf_counter()
     trainer = PoerTrainer(cfg)
     try:
-        before = held_out(trainer, k=8)
+        t1 = time.perf_counter()
+        before = held_out(trainer, k=8) if grade_start else None
+        t2 = time.perf_counter()
         while trainer.step < cfg.train.max_steps:
             trainer.train_step()
+        t3 = time.perf_counter()
         after = held_out(trainer, k=8)
+        print(f"{name}: build {t1 - t0:.1f} s, grade start {t2 - t1:.1f} s, {cfg.train.max_steps} steps "
+              f"{t3 - t2:.1f} s, grade end {time.perf_counter() - t3:.1f} s", file=sys.stderr, flush=True)
+        return before, after
     finally:
         trainer.close()
+
+
+def main(out: Path, extra: list[str]) -> None:
+    runs = {"run": extra} if extra else {"full": [], "lora": LORA}
+    before, after = None, {}
+    for name, overrides in runs.items():
+        start, after[name] = train(out, name, overrides, grade_start=before is None)
+        before = before if start is None else start
     out.write_text(json.dumps({"before": before, "after": after}))
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from poer_jax.system.config import apply_overrides, default_config, load_config_file, validate
-from tests.helpers_runs import HELPERS, ROOT
+from tests.helpers_runs import HELPERS, LEARNING, ROOT
 from tests.helpers_runs import metrics as _metrics
 from tests.helpers_runs import overrides as _overrides
 
@@ -161,22 +161,16 @@ def test_plan_fits_the_7b_with_lora_on_a_v5e_8_where_the_full_update_does_not(tm
     assert "train/ref_params" not in lora["resident_bytes"] and lora["resident_bytes"]["train/base_params"] > 0
 
 
-def test_arithmetic_config_learns_with_lora(tmp_path) -> None:
+@pytest.mark.xdist_group(LEARNING)
+def test_arithmetic_config_learns_with_lora(learning_runs) -> None:
     """tests/learning_run.py (its own process, XLA's default optimisation) with rank-8 adapters on every projection
-    at a learning rate for adapters: held-out accuracy rises beyond chance (one-sided paired t-test over problems)."""
+    at a learning rate for adapters, from the full-weight run's start: held-out accuracy rises beyond chance
+    (one-sided paired t-test over problems)."""
     from scipy import stats
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
-    out = tmp_path / "held_out.json"
-    run = subprocess.run([sys.executable, "-m", "tests.learning_run", str(out), *LEARNING_LORA], capture_output=True,
-                         text=True, timeout=900, env=env, cwd=ROOT)
-    assert run.returncode == 0, run.stderr[-3000:]
-    got = json.loads(out.read_text())
-    before, after = np.asarray(got["before"]), np.asarray(got["after"])
+    before, after = np.asarray(learning_runs["before"]), np.asarray(learning_runs["after"]["lora"])
     assert before.shape == after.shape == (160, 8)
     p = stats.ttest_rel(after.mean(1), before.mean(1), alternative="greater").pvalue
     print(f"LoRA: held-out accuracy {before.mean():.3f} -> {after.mean():.3f} (p = {p:.2g})")
     assert after.mean() - before.mean() > 0.03 and p < 0.01, (before.mean(), after.mean(), p)
 
-
-LEARNING_LORA = ["lora.rank=8", "lora.alpha=16", "optim.learning_rate=1e-3"]

@@ -6,16 +6,13 @@ docs/benchmarks.md."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from poer_jax.system.config import apply_overrides, load_config_file, validate
+from tests.helpers_runs import LEARNING
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,18 +47,13 @@ def test_demo_runs_in_poers_regime_from_a_warm_start_rl_can_improve(tmp_path):
 
 
 @pytest.mark.slow
-def test_arithmetic_config_learns(tmp_path):
+@pytest.mark.xdist_group(LEARNING)
+def test_arithmetic_config_learns(learning_runs):
     """40 POER steps from the committed warm start, in a process of its own compiled at XLA's default level
     (tests/learning_run.py says why)."""
     from scipy import stats
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
-    out = tmp_path / "held_out.json"
-    run = subprocess.run([sys.executable, "-m", "tests.learning_run", str(out)], capture_output=True, text=True,
-                         timeout=900, env=env, cwd=ROOT)
-    assert run.returncode == 0, run.stderr[-3000:]
-    got = json.loads(out.read_text())
-    before, after = np.asarray(got["before"]), np.asarray(got["after"])
+    before, after = np.asarray(learning_runs["before"]), np.asarray(learning_runs["after"]["full"])
     assert before.shape == after.shape == (160, 8)
     gain = after.mean() - before.mean()
     # one-sided paired t-test over problems (each problem's accuracy over its 8 samples)
