@@ -384,6 +384,49 @@ def test_a_failed_restore_leaves_no_orphaned_reads(monkeypatch):
     assert asyncio_utils._run_sync_via_new_loop is original  # restored after the block
 
 
+def test_a_read_that_completes_after_a_failed_restore_finds_its_loop_open():
+    """A cancelled read's tensorstore operation keeps running in tensorstore's threads and, when it ends,
+    notifies its event loop from there (``call_soon_threadsafe``): after a failed restore the loop must still
+    take that call ("Event loop is closed" otherwise, printed from that thread). A successful run closes its
+    loop as before."""
+    import asyncio
+    import threading
+
+    from poer_jax.train.orbax_loops import run_draining
+
+    release = threading.Event()
+    seen: list[BaseException | None] = []
+    loops: list[asyncio.AbstractEventLoop] = []
+    workers: list[threading.Thread] = []
+
+    def storage_thread(loop: asyncio.AbstractEventLoop) -> None:
+        release.wait()
+        try:
+            loop.call_soon_threadsafe(lambda: None)  # what a tensorstore future's completion does
+            seen.append(None)
+        except RuntimeError as e:  # "Event loop is closed": the failure this test is about
+            seen.append(e)
+
+    async def restore() -> None:
+        loops.append(asyncio.get_running_loop())
+        workers.append(threading.Thread(target=storage_thread, args=(loops[-1],)))
+        workers[-1].start()
+        await asyncio.sleep(0)
+        raise FileNotFoundError("data file missing")
+
+    with pytest.raises(FileNotFoundError):
+        run_draining(restore())
+    release.set()
+    workers[0].join(timeout=30)
+    assert seen == [None] and not loops[0].is_closed()
+
+    async def fine() -> int:
+        loops.append(asyncio.get_running_loop())
+        return 7
+
+    assert run_draining(fine()) == 7 and loops[-1].is_closed()
+
+
 @pytest.mark.parametrize("drained", [True, False])
 def test_a_restore_with_a_missing_data_file_prints_nothing_but_the_warning(tmp_path, monkeypatch, drained):
     """Real orbax, a checkpoint whose largest data file is gone, reads finishing in order

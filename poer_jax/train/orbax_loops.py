@@ -12,7 +12,8 @@ was handled.
 
 :func:`draining_orbax_loops` swaps in a runner that, when the coroutine raises, first does what
 ``asyncio.run`` does at its end (cancel the loop's pending tasks, run them to their end, retrieve their
-exceptions, shut down async generators) and only then closes the loop and re-raises the first error. A
+exceptions, shut down async generators), keeps the loop open for the late completions of the cancelled reads'
+tensorstore operations (``_keep``) and re-raises the first error. A
 coroutine that succeeds runs exactly as before. Orbax's own reason for avoiding ``asyncio.run`` (iterating
 asyncio's global task set races with other threads) does not apply here: ``asyncio.all_tasks`` retries a
 racing iteration, and the drain runs only on the failure path.
@@ -35,22 +36,41 @@ _ORIGINAL = getattr(asyncio_utils, "_run_sync_via_new_loop", None)
 ORBAX_RUNNER_FOUND = _ORIGINAL is not None
 _lock = threading.Lock()
 _depth = 0
+_KEEP = 16
+_kept: list[asyncio.AbstractEventLoop] = []
 
 
 def run_draining(coro: Coroutine[Any, Any, _T]) -> _T:
-    """Run ``coro`` in a fresh event loop; if it raises, cancel and finish the loop's other tasks before
-    closing it (``asyncio.run``'s teardown), then re-raise."""
+    """Run ``coro`` in a fresh event loop; if it raises, cancel and finish the loop's other tasks
+    (``asyncio.run``'s teardown), keep the loop open (``_kept``), then re-raise."""
     loop = asyncio.new_event_loop()
+    failed = False
     try:
         asyncio.set_event_loop(loop)
         try:
             return loop.run_until_complete(coro)
         except BaseException:
+            failed = True
             _drain(loop)
             raise
     finally:
         asyncio.set_event_loop(None)
-        loop.close()
+        if failed:
+            _keep(loop)
+        else:
+            loop.close()
+
+
+def _keep(loop: asyncio.AbstractEventLoop) -> None:
+    """A cancelled read's tensorstore operation still runs in tensorstore's threads; when it completes, its
+    future notifies the loop with ``call_soon_threadsafe``, which on a closed loop raises "Event loop is closed"
+    in that thread (printed as an unraisable exception, seen in CI after a fallback). An open, idle loop takes
+    the late callback silently. The failed loops are kept (a few file descriptors each, failures only); the
+    oldest is closed once ``_KEEP`` newer ones exist, long after its reads ended."""
+    with _lock:
+        _kept.append(loop)
+        while len(_kept) > _KEEP:
+            _kept.pop(0).close()
 
 
 def _drain(loop: asyncio.AbstractEventLoop) -> None:
