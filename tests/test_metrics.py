@@ -128,6 +128,16 @@ def test_start_up_imports_no_torch(toy_env, tmp_path):
     assert "torch" in r.stdout and list((tmp_path / "tb").glob("events.out.tfevents.*"))
 
 
+def test_the_test_environment_keeps_ml_dtypes_below_0_7():
+    """pyproject.toml's test extra holds ml-dtypes below 0.7: 0.7.0's import registers numpy ufunc promoters one by
+    one (0.55 s more for every process that imports JAX, ~90 of them in this suite). When a later ml-dtypes or numpy
+    fixes it, measure ``python -c "import ml_dtypes"`` and lift the bound here and there."""
+    from importlib.metadata import version
+
+    major, minor = (int(x) for x in version("ml_dtypes").split(".")[:2])
+    assert (major, minor) < (0, 7), version("ml_dtypes")
+
+
 def test_tensorboard_missing_warns_once(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorboardX", None)  # makes the import raise ImportError
     monkeypatch.setattr(metrics_lib, "_tb_missing_warned", False)
