@@ -1,5 +1,5 @@
-"""scripts/sweep_poer.py: the statistics from per-problem results (equal steps, decoded tokens and time on both
-clocks, seed spread, paired tests), and a tiny sweep end to end, killed part-way and resumed."""
+"""scripts/sweep_poer.py and its sweep_stats.py: the statistics from per-problem results (equal steps, decoded tokens
+and time on both clocks, seed spread, paired tests), and a tiny sweep end to end, killed part-way and resumed."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from poer_jax.eval.paired import paired_sign_flip_test
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import sweep_poer  # noqa: E402
+import sweep_stats  # noqa: E402
 
 from tests.helpers_runs import ARITHMETIC_WARM_START  # noqa: E402
 
@@ -45,8 +46,8 @@ def test_statistics_at_equal_steps_tokens_and_time_come_from_the_per_problem_res
              "full": {"prefill_s_per_token": 1e-3, "decode_s_per_step": 0.02, "host_s": 0.1, "update_s_per_token": 1e-3,
                       "other_s": 0.2}}
     # priced steps: POER 0.1 + 0.1 + 0.1 + 1.0 + 0.2 = 1.5 s, GRPO 0.1 + 0.8 + 0.1 + 1.0 + 0.2 = 2.2 s
-    assert sweep_poer.priced_step_s(runs["poer_L4"][0]["steps"][0], rates["poer"]) == pytest.approx(1.5)
-    stats = sweep_poer.compare_arms(runs, rates)
+    assert sweep_stats.priced_step_s(runs["poer_L4"][0]["steps"][0], rates["poer"]) == pytest.approx(1.5)
+    stats = sweep_stats.compare_arms(runs, rates)
     poer, grpo = stats["arms"]["poer_L4"], stats["arms"]["grpo"]
     accs = [r["evals"][-1]["accuracy"] for r in runs["poer_L4"]]
     assert poer["accuracy_last"] == pytest.approx(np.mean(accs))
@@ -82,14 +83,14 @@ def test_statistics_at_equal_steps_tokens_and_time_come_from_the_per_problem_res
     assert grpo["vs_start_p"] == pytest.approx(paired_sign_flip_test(start, last).p_value)
     md = sweep_poer.table_markdown(stats, {"grpo": "GRPO", "poer_L4": "POER L = 4"})
     assert "POER L = 4" in md and "equal time (priced)" in md and "(GRPO step 2)" in md
-    without = sweep_poer.compare_arms(runs, None)
+    without = sweep_stats.compare_arms(runs, None)
     assert without["clocks"] == ["measured_s"] and "equal_time_priced" not in without["arms"]["poer_L4"]["vs_reference"]
 
 
 def test_budget_never_reached_is_flagged():
     runs = {"grpo": [_run("grpo", 0, "full", 10.0, 1.0, [(0, 0.5), (2, 0.6)])],
             "poer_L4": [_run("poer_L4", 0, "poer", 100.0, 1.0, [(0, 0.5), (2, 0.6)])]}
-    tok = sweep_poer.compare_arms(runs, None)["arms"]["poer_L4"]["vs_reference"]["equal_decoded_tokens"]
+    tok = sweep_stats.compare_arms(runs, None)["arms"]["poer_L4"]["vs_reference"]["equal_decoded_tokens"]
     assert not tok["reached"] and tok["reference_steps"] == [2]
 
 
