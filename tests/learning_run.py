@@ -1,6 +1,6 @@
 """Short RL runs from the arithmetic config's committed warm start, in a process of their own:
 ``python -m tests.learning_run OUT.json`` trains the full weights and, from the same start, rank-8 LoRA adapters
-(``LORA``), 40 steps each, and writes the held-out correctness before and after each
+(``LORA``), 40 and 60 steps, and writes the held-out correctness (320 problems x 8 samples) before and after each
 (``{"before": [[...]], "after": {"full": [[...]], "lora": [[...]]}}``, problems x samples) for
 ``tests/test_toy_demo.py`` and ``tests/test_lora_run.py``; ``python -m tests.learning_run OUT.json KEY=VALUE ...``
 trains one run with those overrides (``"after": {"run": ...}``).
@@ -10,7 +10,7 @@ tests/test_lora.py) and grades with the same key, so its "before" is the full ru
 
 Its own process so that its programs compile at XLA's default optimisation level: the suite compiles at -O0
 (tests/conftest.py), right for the many small programs compiled once and run a few times, but this run executes
-the same update and sampler programs 40 times, and measured alone on the 2-core AMD EPYC its steps took 1.25 s at
+the same update and sampler programs 40-60 times, and measured alone on the 2-core AMD EPYC its steps took 1.25 s at
 -O0 against 0.62 s at -O2 (the whole run 99 s -> ~70 s, the same accuracies to the bit)."""
 
 from __future__ import annotations
@@ -38,17 +38,20 @@ def held_out(trainer, k: int) -> list[list[float]]:
     return np.asarray(res.correct, np.float64).tolist()
 
 
-LORA = ["lora.rank=8", "lora.alpha=16", "optim.learning_rate=1e-3"]  # every projection, an adapter's learning rate
+# every projection, an adapter's learning rate: 5e-4 for 60 steps passed the test on each of seeds 0-3, 1e-3 for 40
+# steps on 2 of them (docs/lora.md: a single run's end point is noisy at the larger rate)
+LORA = ["lora.rank=8", "lora.alpha=16", "optim.learning_rate=5e-4", "train.max_steps=60"]
 
 
 def train(out: Path, name: str, extra: list[str], grade_start: bool) -> tuple[list | None, list]:
-    """One run of 40 steps: the held-out correctness at the start (when asked) and at the end."""
+    """One run (40 steps unless ``extra`` says otherwise): the held-out correctness at the start (when asked) and at
+    the end."""
     from poer_jax.system.config import apply_overrides, load_config_file, validate
     from poer_jax.train.loop import PoerTrainer
 
     cfg = validate(apply_overrides(load_config_file(ROOT / "configs" / "arithmetic.py"), [
         f"workdir={out.parent / name}", f"warm_start.path={ARITHMETIC_WARM_START}", "toy.num_train=1000",
-        "toy.num_test=160", "train.max_steps=40", "eval.every=0", "train.checkpoint_every=1000",
+        "toy.num_test=320", "train.max_steps=40", "eval.every=0", "train.checkpoint_every=1000",
         "train.export_final=false", "mesh.num_devices=1",
         "train.compilation_cache_dir=", *extra]))  # no persistent cache: its programs are this process's own
     t0 = time.perf_counter()

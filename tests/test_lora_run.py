@@ -169,7 +169,7 @@ def test_arithmetic_config_learns_with_lora(learning_runs) -> None:
     from scipy import stats
 
     before, after = np.asarray(learning_runs["before"]), np.asarray(learning_runs["after"]["lora"])
-    assert before.shape == after.shape == (160, 8)
+    assert before.shape == after.shape == (320, 8)
     p = stats.ttest_rel(after.mean(1), before.mean(1), alternative="greater").pvalue
     print(f"LoRA: held-out accuracy {before.mean():.3f} -> {after.mean():.3f} (p = {p:.2g})")
     assert after.mean() - before.mean() > 0.03 and p < 0.01, (before.mean(), after.mean(), p)

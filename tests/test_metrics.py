@@ -128,6 +128,24 @@ def test_start_up_imports_no_torch(toy_env, tmp_path):
     assert "torch" in r.stdout and list((tmp_path / "tb").glob("events.out.tfevents.*"))
 
 
+def test_a_trainer_that_grades_in_its_workers_never_imports_math_verify():
+    """math-verify imports sympy (~0.35 s per process): ``rewards/answers.py`` loads it on the first parse, so the
+    trainer's process, whose reward workers grade, never pays for it; the workers' fork server preloads it."""
+    code = ("import sys\nimport poer_jax.train.loop\nfrom poer_jax.train.reward_pool import RewardPool\n"
+            "with RewardPool(['accuracy'], num_workers=1) as pool:\n"
+            "    res = pool.compute(['q', 'q'], ['so \\\\boxed{4}', '\\\\boxed{5}'],"
+            " columns={'solution': ['\\\\boxed{4}'] * 2, 'answer': ['4'] * 2})\n"
+            "assert list(res['accuracy']) == [1.0, 0.0], res['accuracy']\n"
+            "assert 'math_verify' not in sys.modules and 'sympy' not in sys.modules, 'math-verify was imported'\n"
+            "from poer_jax.rewards.answers import PRED_EXTRACTION_CONFIG, grade_completion\n"
+            "assert PRED_EXTRACTION_CONFIG[0].boxed_match_priority == 0\n"
+            "print(grade_completion('\\\\boxed{4}', '\\\\boxed{4}', '4').correct)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "True"
+
+
 def test_the_test_environment_keeps_ml_dtypes_below_0_7():
     """pyproject.toml's test extra holds ml-dtypes below 0.7: 0.7.0's import registers numpy ufunc promoters one by
     one (0.55 s more for every process that imports JAX, ~90 of them in this suite). When a later ml-dtypes or numpy

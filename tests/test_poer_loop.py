@@ -160,6 +160,82 @@ def test_dynamic_truncation_from_the_command_line_follows_the_shortest_response(
     np.testing.assert_array_equal(second.truncation_L, [shortest[int(k)] // 2 for k in second.indices])
 
 
+def test_a_sampled_cache_pool_is_the_same_in_any_chunks_of_one_shape(run):
+    """``cache.init=sample`` (train/cache_init.py): question q's answer is drawn from fold_in(key', q), so the
+    pool is the same in whatever ``questions_per_step x group_size`` chunks it is sampled; the chunks are of
+    equal size, so every sampler call of a pool has one batch shape (4 questions in chunks of at most 3: 2 + 2,
+    where 3 + 1 would compile a second decode program)."""
+    import ml_collections
+
+    from poer_jax.system.cache_pool import build_empty_pool
+    from poer_jax.train.cache_init import initial_cache_pool
+
+    trainer = run["trainer"]
+    sampler, real = trainer.sampler, trainer.sampler.generate
+    pools, calls = {}, {}
+    for chunk in (4, 3, 1):  # questions_per_step x group_size
+        cfg = ml_collections.ConfigDict(trainer.cfg.to_dict())  # the run's, sampled in other chunks
+        cfg.cache.init, cfg.data.questions_per_step, cfg.rollout.group_size = "sample", chunk, 1
+        calls[chunk] = []
+
+        def generate(*args, _seen=calls[chunk], **kwargs):
+            out = real(*args, **kwargs)
+            _seen.append((sampler.last_plan.shapes.rows, sampler.last_plan.shapes.out_groups))
+            return out
+
+        sampler.generate = generate
+        try:
+            empty = build_empty_pool(len(trainer.prompts), trainer.pool.max_len, trainer.pad_id, trainer.mesh)
+            pools[chunk] = jax.device_get(initial_cache_pool(
+                cfg, empty, trainer.prompts, trainer.tokenizer, trainer.eos_ids[0], trainer.pad_id, trainer.mesh,
+                sampler=sampler, key=jax.random.key(7), rows=trainer.rows))
+        finally:
+            del sampler.generate
+    assert [len(calls[c]) for c in (4, 3, 1)] == [1, 2, 4]
+    assert len(set(calls[3])) == 1 and len(set(calls[1])) == 1, calls
+    assert (pools[4].lengths > 0).all()
+    for chunk in (3, 1):
+        np.testing.assert_array_equal(pools[chunk].tokens, pools[4].tokens)
+        np.testing.assert_array_equal(pools[chunk].lengths, pools[4].lengths)
+
+
+def test_evaluation_batches_are_of_one_shape_and_change_no_sample(run):
+    """``evaluate`` splits the problems into equal batches (4 problems at a batch size of 3: 2 + 2, where 3 + 1
+    would compile a second decode program); problem j's samples come from fold_in(key, j) in any split."""
+    from poer_jax.eval.evaluator import evaluate
+
+    trainer = run["trainer"]
+    sampler, real = trainer.sampler, trainer.sampler.generate
+    rows = trainer.prompts.rows(range(len(trainer.prompts)))
+    results, calls = {}, {}
+    for size in (4, 3):
+        calls[size] = []
+
+        def generate(*args, _seen=calls[size], **kwargs):
+            out = real(*args, **kwargs)
+            _seen.append((sampler.last_plan.shapes.rows, sampler.last_plan.shapes.out_groups))
+            return out
+
+        sampler.generate = generate
+        try:
+            results[size] = evaluate(sampler, trainer.tokenizer, list(trainer.prompts.ids),
+                                     [r.get("solution") for r in rows], [r.get("answer") for r in rows], k=2,
+                                     max_new_tokens=16, sampling=trainer.eval_sampling, key=jax.random.key(3),
+                                     grader=_AllRight(), batch_size=size)
+        finally:
+            del sampler.generate
+    assert len(calls[4]) == 1 and len(calls[3]) == 2 and len(set(calls[3])) == 1, calls
+    assert results[3].completions == results[4].completions
+    np.testing.assert_array_equal(results[3].lengths, results[4].lengths)
+
+
+class _AllRight:
+    """A grader that calls every completion right (the test is about sampling, not grading)."""
+
+    def compute(self, prompts, completions, *, columns=None):
+        return {"accuracy": np.ones(len(completions))}
+
+
 def test_truncation_keys_are_validated():
     base = [f"--config={ROOT / 'configs' / 'arithmetic.py'}"]
     with pytest.raises(ConfigError, match="'cache.truncation' must be one of"):

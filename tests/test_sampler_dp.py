@@ -319,3 +319,18 @@ def test_kv_budget_keys_size_the_pool_per_device():
     for key in ("rollout.kv_cache_gb", "rollout.kv_cache_fraction"):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             config(**{key: 0})
+
+
+@pytest.mark.parametrize("n, size", [(160, 64), (129, 64), (128, 64), (8, 64), (1, 1), (7, 3), (0, 5)])
+def test_even_batches_cover_every_item_in_the_fewest_batches_of_near_equal_size(n, size):
+    """``pages.even_batches``: consecutive, covering 0..n once, ceil(n / size) batches, none over ``size``, sizes
+    within one of each other (a short last batch would compile a program of its own)."""
+    from poer_jax.sampler.pages import even_batches
+
+    batches = even_batches(n, size)
+    assert len(batches) == -(-n // size)
+    assert [i for a, b in batches for i in range(a, b)] == list(range(n))
+    sizes = [b - a for a, b in batches]
+    assert all(0 < s <= size for s in sizes) and (not sizes or max(sizes) - min(sizes) <= 1)
+    with pytest.raises(ValueError, match="batch_size"):
+        even_batches(n, 0)

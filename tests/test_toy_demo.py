@@ -54,7 +54,7 @@ def test_arithmetic_config_learns(learning_runs):
     from scipy import stats
 
     before, after = np.asarray(learning_runs["before"]), np.asarray(learning_runs["after"]["full"])
-    assert before.shape == after.shape == (160, 8)
+    assert before.shape == after.shape == (320, 8)
     gain = after.mean() - before.mean()
     # one-sided paired t-test over problems (each problem's accuracy over its 8 samples)
     p = stats.ttest_rel(after.mean(1), before.mean(1), alternative="greater").pvalue

@@ -16,6 +16,7 @@ import numpy as np
 
 from poer_jax.eval.passk import avg_at_k, pass_at_k_from_matrix
 from poer_jax.sampler import GroupSampler, SamplingParams
+from poer_jax.sampler.pages import even_batches
 
 
 class Grader(Protocol):
@@ -67,17 +68,18 @@ def evaluate(
     batch_size: int = 64,
     first_index: int = 0,
 ) -> EvalResult:
-    """Sample k completions per prompt (batches of ``batch_size`` prompts) and grade them.
+    """Sample k completions per prompt (batches of at most ``batch_size`` prompts) and grade them.
 
     Prompt j's samples come from fold_in(key, first_index + j) (see ``GroupSampler.generate``): the same
     whatever the batch size, and, with ``first_index`` its position in a larger set, however that set is
-    split (over processes)."""
+    split (over processes). The batches are of equal size (``even_batches``), so a set that does not divide by
+    ``batch_size`` compiles no program of its own for a short last batch."""
     t0 = time.perf_counter()
     n = len(prompt_ids)
     texts: list[list[str]] = []
     lengths = np.zeros((n, k), np.int32)
-    for start in range(0, n, batch_size):
-        chunk = [list(map(int, p)) for p in prompt_ids[start: start + batch_size]]
+    for start, stop in even_batches(n, batch_size):
+        chunk = [list(map(int, p)) for p in prompt_ids[start: stop]]
         out = sampler.generate(chunk, k, max_new_tokens, key, sampling=sampling, group_offset=first_index + start)
         for g in range(len(chunk)):
             row = []

@@ -41,17 +41,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from typing import Any
-
-from math_verify import LatexExtractionConfig, LatexNormalizationConfig, parse, verify
 
 from poer_jax.rewards.answer_text import is_word_answer, normalize_answer, plain_to_latex, split_unit, strip_boxes
 
 __all__ = [
-    "GOLD_EXTRACTION_CONFIG",
-    "NUMBER_EXTRACTION_CONFIG",
-    "PRED_EXTRACTION_CONFIG",
     "Grade",
     "extract_last_boxed",
     "gold_texts",
@@ -62,31 +57,54 @@ __all__ = [
     "wrap_boxed",
 ]
 
-# open-rs gold config: math-verify's default LaTeX extraction on the full reference solution.
-GOLD_EXTRACTION_CONFIG = (LatexExtractionConfig(),)
+_CONFIG_NAMES = ("GOLD_EXTRACTION_CONFIG", "PRED_EXTRACTION_CONFIG", "NUMBER_EXTRACTION_CONFIG")
 
-# open-rs prediction config (its `equations=True` is deprecated in latex2sympy2_extended and left out).
-PRED_EXTRACTION_CONFIG = (
-    LatexExtractionConfig(
-        normalization_config=LatexNormalizationConfig(
-            nits=False, malformed_operators=False, basic_latex=True, boxed="all", units=True
-        ),
-        boxed_match_priority=0,
-        try_extract_without_anchor=False,
-    ),
-)
 
-# The numbers of answers with units (the units are compared before): math-verify's own unit stripping off,
-# so that "10m" stays the product 10 m rather than 10.
-NUMBER_EXTRACTION_CONFIG = (
-    LatexExtractionConfig(
-        normalization_config=LatexNormalizationConfig(
-            nits=False, malformed_operators=False, basic_latex=True, boxed="all", units=False
-        ),
-        boxed_match_priority=0,
-        try_extract_without_anchor=False,
-    ),
-)
+@cache
+def _math_verify() -> Any:
+    """math-verify, imported on the first parse: it imports sympy (~0.35 s), and a process that only hands
+    rewards to its worker processes (the trainer, ``python -m poer_jax.evaluate``) never grades itself. The
+    reward pool's fork server preloads it once (``reward_pool._PRELOAD``)."""
+    import math_verify
+
+    return math_verify
+
+
+@cache
+def _extraction_configs() -> dict[str, tuple[Any, ...]]:
+    from math_verify import LatexExtractionConfig, LatexNormalizationConfig
+
+    def latex(units: bool) -> Any:
+        return LatexExtractionConfig(
+            normalization_config=LatexNormalizationConfig(
+                nits=False, malformed_operators=False, basic_latex=True, boxed="all", units=units
+            ),
+            boxed_match_priority=0,
+            try_extract_without_anchor=False,
+        )
+
+    return {
+        # open-rs gold config: math-verify's default LaTeX extraction on the full reference solution.
+        "GOLD_EXTRACTION_CONFIG": (LatexExtractionConfig(),),
+        # open-rs prediction config (its `equations=True` is deprecated in latex2sympy2_extended and left out).
+        "PRED_EXTRACTION_CONFIG": (latex(units=True),),
+        # The numbers of answers with units (the units are compared before): math-verify's own unit stripping
+        # off, so that "10m" stays the product 10 m rather than 10.
+        "NUMBER_EXTRACTION_CONFIG": (latex(units=False),),
+    }
+
+
+def __getattr__(name: str) -> Any:
+    """The three extraction configs (``GOLD_``, ``PRED_``, ``NUMBER_EXTRACTION_CONFIG``), made on first use."""
+    if name in _CONFIG_NAMES:
+        return _extraction_configs()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _parse(text: str, config: str) -> list[Any]:
+    return _math_verify().parse(text, extraction_config=_extraction_configs()[config],
+                                extraction_mode="first_match", parsing_timeout=None)
+
 
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
 
@@ -169,19 +187,9 @@ def wrap_boxed(answer: str) -> str:
 def _parse_gold_cached(solution: str | None, answer: str | None) -> tuple[Any, ...]:
     parsed: list[Any] = []
     if solution:
-        parsed += parse(
-            solution,
-            extraction_config=GOLD_EXTRACTION_CONFIG,
-            extraction_mode="first_match",
-            parsing_timeout=None,
-        )
+        parsed += _parse(solution, "GOLD_EXTRACTION_CONFIG")
     if answer is not None and answer.strip():
-        parsed += parse(
-            wrap_boxed(plain_to_latex(answer)),
-            extraction_config=GOLD_EXTRACTION_CONFIG,
-            extraction_mode="first_match",
-            parsing_timeout=None,
-        )
+        parsed += _parse(wrap_boxed(plain_to_latex(answer)), "GOLD_EXTRACTION_CONFIG")
     return tuple(parsed)
 
 
@@ -220,19 +228,14 @@ def parse_prediction(completion: str, fallback_unboxed: bool = False) -> list[An
         text = completion
     else:
         return []
-    return parse(
-        text,
-        extraction_config=PRED_EXTRACTION_CONFIG,
-        extraction_mode="first_match",
-        parsing_timeout=None,
-    )
+    return _parse(text, "PRED_EXTRACTION_CONFIG")
 
 
 def verify_answer(gold: Sequence[Any], prediction: Sequence[Any]) -> bool:
     """``math_verify.verify(gold, prediction)`` in the documented order; False if either is empty."""
     if not gold or not prediction:
         return False
-    return bool(verify(list(gold), list(prediction), timeout_seconds=None))
+    return bool(_math_verify().verify(list(gold), list(prediction), timeout_seconds=None))
 
 
 @dataclass(frozen=True)
@@ -248,8 +251,7 @@ class Grade:
 
 
 def _parse_number(text: str) -> list[Any]:
-    return parse("\\boxed{" + plain_to_latex(text) + "}", extraction_config=NUMBER_EXTRACTION_CONFIG,
-                 extraction_mode="first_match", parsing_timeout=None)
+    return _parse("\\boxed{" + plain_to_latex(text) + "}", "NUMBER_EXTRACTION_CONFIG")
 
 
 def _units_verdict(primary: str, predicted: str) -> bool | None:

@@ -65,6 +65,18 @@ def shape_bucket(n: int, minimum: int = 1) -> int:
     return 3 * p // 4 if p >= 4 and 3 * p // 4 >= max(int(n), int(minimum)) else p
 
 
+def even_batches(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of the fewest batches of at most ``batch_size`` of n items, their sizes as equal as can
+    be (they differ by at most one): 160 prompts in batches of 64 -> 53, 53, 54 rather than 64, 64, 32. The
+    sampler's shapes are buckets of the batch's size (``shape_bucket``), so equal batches share one
+    compiled program where a short last batch would compile its own."""
+    if batch_size < 1:
+        raise ValueError(f"pages.py: batch_size must be >= 1, got {batch_size}")
+    count = -(-n // batch_size)
+    bounds = [i * n // count for i in range(count + 1)] if count else [0]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
 def cached_positions(prompt_len: int, budget: int) -> int:
     """KV positions a sample needs: the prompt plus every generated token but the last."""
     return prompt_len + budget - 1

@@ -3,8 +3,10 @@
 * ``solutions``: each question's reference solution, written as the warm start writes its answers (a built-in
   task's R1 format: a cut then falls where the policy's own answers could be cut), else the dataset's solution;
 * ``file``: answers from ``cache.init_file`` (``poer.load_answers_file``: by row or by problem text);
-* ``sample``: one answer per question from the initial policy; on several processes each samples its share of
-  every chunk of ``questions_per_step x group_size`` questions on its own devices.
+* ``sample``: one answer per question from the initial policy, in chunks of at most ``questions_per_step x
+  group_size`` questions of equal size (one compiled program for every chunk); on several processes each samples
+  its share of every chunk on its own devices. Question q's answer is drawn from ``fold_in(key', q)``, so the pool
+  does not depend on the chunks or the number of processes.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import numpy as np
 
 from poer_jax import poer
 from poer_jax.console import TaskProgress
-from poer_jax.sampler.pages import cdiv
+from poer_jax.sampler.pages import cdiv, even_batches
 from poer_jax.system.multihost import ProcessRows, is_main_process
 from poer_jax.system.start import warm_start_target
 
@@ -52,22 +54,21 @@ def initial_cache_pool(cfg: ml_collections.ConfigDict, pool: poer.CachePool, pro
     key = jax.random.fold_in(key, -1 & 0x7FFFFFFF)
     width, P, p = pool.max_len, rows.count, rows.index
     bar = TaskProgress("cache pool", n, unit="answers", quiet=not is_main_process())
-    for start in range(0, n, chunk):
-        idx = np.arange(start, min(n, start + chunk))
+    for start, stop in even_batches(n, chunk):
+        idx = np.arange(start, stop)
         share = cdiv(len(idx), P)
         mine = idx[p * share: (p + 1) * share]
         tokens = np.full((share, width), pad_id, np.int32)
         lengths = np.zeros((share,), np.int32)
         if mine.size:
-            out = sampler.generate([prompts.ids[i].tolist() for i in mine], 1, width,
-                                   jax.random.fold_in(key, start), group_offset=p * share)
+            out = sampler.generate([prompts.ids[i].tolist() for i in mine], 1, width, key, group_offset=int(mine[0]))
             tokens[: mine.size, : out.tokens.shape[1]] = out.tokens[:, :width]
             lengths[: mine.size] = out.lengths
         which = np.full((share,), -1, np.int32)  # -1: a padding row, dropped by the pool's writers
         which[: mine.size] = mine
         pool = _insert(pool, rows.to_global(which, fill=-1), rows.to_global(tokens, fill=pad_id),
                        rows.to_global(lengths))
-        bar.update(min(n, start + chunk))
+        bar.update(stop)
     bar.close()
     log.info("cache pool: %d answers sampled in %.1fs", n, time.perf_counter() - t0)
     return pool

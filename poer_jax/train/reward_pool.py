@@ -59,7 +59,7 @@ from poer_jax.train.reward_result import RewardFunctionError, RewardResult, Rewa
 
 __all__ = ["RewardFunctionError", "RewardPool", "RewardResult", "RewardSpec"]
 
-_PRELOAD = ["poer_jax.train.reward_pool"]
+_PRELOAD = ["poer_jax.train.reward_pool", "math_verify"]  # answers.py imports math-verify on first use
 
 
 def _worker_main(conn: Any, specs: list[tuple[str, dict[str, Any]]], sys_path: list[str]) -> None:
