@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--answer-key", default=None)
     ap.add_argument("--solution-key", default=None)
     ap.add_argument("--limit", type=int, default=None)
-    ap.add_argument("--batch-size", type=int, default=32, help="problems per sampler call")
+    ap.add_argument("--batch-size", type=int, default=32,
+                    help="the most problems per sampler call (the problems are split into calls of equal size)")
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
     ap.add_argument("--seed", type=int, default=None, help="sampling seed (default: the run's seed, whose draws the "
