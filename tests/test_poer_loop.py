@@ -10,6 +10,7 @@ temperature 0.6.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import jax
@@ -171,26 +172,16 @@ def test_a_sampled_cache_pool_is_the_same_in_any_chunks_of_one_shape(run):
     from poer_jax.train.cache_init import initial_cache_pool
 
     trainer = run["trainer"]
-    sampler, real = trainer.sampler, trainer.sampler.generate
+    sampler = trainer.sampler
     pools, calls = {}, {}
     for chunk in (4, 3, 1):  # questions_per_step x group_size
         cfg = ml_collections.ConfigDict(trainer.cfg.to_dict())  # the run's, sampled in other chunks
         cfg.cache.init, cfg.data.questions_per_step, cfg.rollout.group_size = "sample", chunk, 1
-        calls[chunk] = []
-
-        def generate(*args, _seen=calls[chunk], **kwargs):
-            out = real(*args, **kwargs)
-            _seen.append((sampler.last_plan.shapes.rows, sampler.last_plan.shapes.out_groups))
-            return out
-
-        sampler.generate = generate
-        try:
+        with _call_shapes(sampler) as calls[chunk]:
             empty = build_empty_pool(len(trainer.prompts), trainer.pool.max_len, trainer.pad_id, trainer.mesh)
             pools[chunk] = jax.device_get(initial_cache_pool(
                 cfg, empty, trainer.prompts, trainer.tokenizer, trainer.eos_ids[0], trainer.pad_id, trainer.mesh,
                 sampler=sampler, key=jax.random.key(7), rows=trainer.rows))
-        finally:
-            del sampler.generate
     assert [len(calls[c]) for c in (4, 3, 1)] == [1, 2, 4]
     assert len(set(calls[3])) == 1 and len(set(calls[1])) == 1, calls
     assert (pools[4].lengths > 0).all()
@@ -205,28 +196,34 @@ def test_evaluation_batches_are_of_one_shape_and_change_no_sample(run):
     from poer_jax.eval.evaluator import evaluate
 
     trainer = run["trainer"]
-    sampler, real = trainer.sampler, trainer.sampler.generate
     rows = trainer.prompts.rows(range(len(trainer.prompts)))
     results, calls = {}, {}
     for size in (4, 3):
-        calls[size] = []
-
-        def generate(*args, _seen=calls[size], **kwargs):
-            out = real(*args, **kwargs)
-            _seen.append((sampler.last_plan.shapes.rows, sampler.last_plan.shapes.out_groups))
-            return out
-
-        sampler.generate = generate
-        try:
-            results[size] = evaluate(sampler, trainer.tokenizer, list(trainer.prompts.ids),
+        with _call_shapes(trainer.sampler) as calls[size]:
+            results[size] = evaluate(trainer.sampler, trainer.tokenizer, list(trainer.prompts.ids),
                                      [r.get("solution") for r in rows], [r.get("answer") for r in rows], k=2,
                                      max_new_tokens=16, sampling=trainer.eval_sampling, key=jax.random.key(3),
                                      grader=_AllRight(), batch_size=size)
-        finally:
-            del sampler.generate
     assert len(calls[4]) == 1 and len(calls[3]) == 2 and len(set(calls[3])) == 1, calls
     assert results[3].completions == results[4].completions
     np.testing.assert_array_equal(results[3].lengths, results[4].lengths)
+
+
+@contextlib.contextmanager
+def _call_shapes(sampler):
+    """The (decode rows, output groups) of each ``sampler.generate`` call made inside the block."""
+    real, seen = sampler.generate, []
+
+    def generate(*args, **kwargs):
+        out = real(*args, **kwargs)
+        seen.append((sampler.last_plan.shapes.rows, sampler.last_plan.shapes.out_groups))
+        return out
+
+    sampler.generate = generate
+    try:
+        yield seen
+    finally:
+        del sampler.generate
 
 
 class _AllRight:
