@@ -170,8 +170,8 @@ def finished_run(toy_env, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def learning_runs(tmp_path_factory):
-    """tests/learning_run.py's two 40-step runs from the arithmetic config's committed warm start, full weights and
-    rank-8 LoRA, in one process of their own (XLA's default optimisation) that grades the start once:
+    """tests/learning_run.py's two runs (80 and 60 steps) from the arithmetic config's committed warm start, full
+    weights and rank-8 LoRA, in one process of their own (XLA's default optimisation) that grades the start once:
     ``{"before": problems x samples, "after": {"full": ..., "lora": ...}}``."""
     import subprocess
     import sys

@@ -49,8 +49,8 @@ def test_demo_runs_in_poers_regime_from_a_warm_start_rl_can_improve(tmp_path):
 @pytest.mark.slow
 @pytest.mark.xdist_group(LEARNING)
 def test_arithmetic_config_learns(learning_runs):
-    """40 POER steps from the committed warm start, in a process of its own compiled at XLA's default level
-    (tests/learning_run.py says why)."""
+    """80 POER steps at learning rate 5e-5 from the committed warm start (tests/learning_run.py's ``FULL``), in a
+    process of its own compiled at XLA's default level (tests/learning_run.py says why)."""
     from scipy import stats
 
     before, after = np.asarray(learning_runs["before"]), np.asarray(learning_runs["after"]["full"])
